@@ -1,0 +1,33 @@
+"""Byte-capacity expert-cache policies behind one interface (see sim/cache/base.py).
+
+Policies are registered by name; which ones run is data: `make_policy(name, capacity_bytes, ...)`
+for name in POLICY_NAMES. `sim.cache.fast.replay_hits` replays a key stream with numba (lru, slru).
+"""
+from sim.cache import belady, hobbit, lfu, lru, s3fifo, slru, static  # noqa: F401  (registers them)
+from sim.cache.base import (
+    CachePolicy,
+    CacheStats,
+    _REGISTRY,
+    key_expert,
+    key_expert_id,
+    key_fmt,
+    key_layer,
+    make_key,
+    make_policy,
+    register_policy,
+)
+
+POLICY_NAMES: tuple[str, ...] = tuple(sorted(_REGISTRY))
+
+__all__ = [
+    "CachePolicy",
+    "CacheStats",
+    "POLICY_NAMES",
+    "key_expert",
+    "key_expert_id",
+    "key_fmt",
+    "key_layer",
+    "make_key",
+    "make_policy",
+    "register_policy",
+]
