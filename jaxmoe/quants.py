@@ -53,7 +53,7 @@ _F32 = np.float32
 
 # Blocks handled per vectorised step: bounds temporaries (quantize) and keeps them in cache (dequantize).
 QUANT_CHUNK_BLOCKS = 2048
-DEQUANT_CHUNK_BLOCKS = 512
+DEQUANT_CHUNK_BLOCKS = 1024
 
 QUANT_TYPES: dict[str, type["QuantFormat"]] = {}
 
@@ -227,22 +227,6 @@ def _u16_bytes(bits: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Byte-level LUTs for fast dequantization (float32 values of bit fields; exact small integers)
-# ----------------------------------------------------------------------------------------------------
-_BYTE = np.arange(256, dtype=np.uint8)
-# (4, 256): 2-bit field k of a byte
-_CRUMB = np.stack([((_BYTE >> (2 * k)) & 3).astype(_F32) for k in range(4)])
-# (4, 256): 2-bit field k of a byte minus 4 (Q3_K low bits with the high bit clear)
-_CRUMB_M4 = _CRUMB - _F32(4)
-# (8, 256): 4.0 where bit b of a byte is set (Q3_K high bit)
-_BIT4 = np.stack([(((_BYTE >> b) & 1) * 4).astype(_F32) for b in range(8)])
-# (2, 256): low / high nibble of a byte
-_NIBBLE = np.stack([(_BYTE & 0xF).astype(_F32), (_BYTE >> 4).astype(_F32)])
-# (4, 256): Q6_K high bits k of a qh byte, as 16*bits - 32
-_QH6 = np.stack([(((_BYTE >> (2 * k)) & 3).astype(_F32) * 16 - 32) for k in range(4)])
-
-
-# ----------------------------------------------------------------------------------------------------
 # Formats
 # ----------------------------------------------------------------------------------------------------
 class QuantFormat:
@@ -307,8 +291,10 @@ class QuantFormat:
             raise ValueError(f"{cls.name}: {raw.size} bytes given, shape {shape} needs {n_bytes}")
         blocks = raw.reshape(-1, cls.type_size)
         out = np.empty((blocks.shape[0], cls.block_weights), dtype=_F32)
-        for start in range(0, blocks.shape[0], DEQUANT_CHUNK_BLOCKS):
-            out[start:start + DEQUANT_CHUNK_BLOCKS] = cls.dequantize_blocks(blocks[start:start + DEQUANT_CHUNK_BLOCKS])
+        with np.errstate(invalid="ignore", over="ignore"):  # Inf/NaN half-float scales decode as ggml's do
+            for start in range(0, blocks.shape[0], DEQUANT_CHUNK_BLOCKS):
+                out[start:start + DEQUANT_CHUNK_BLOCKS] = cls.dequantize_blocks(
+                    blocks[start:start + DEQUANT_CHUNK_BLOCKS])
         return out.reshape(shape)
 
 
@@ -355,7 +341,8 @@ class Q2_K(QuantFormat, name="q2_k", ggml_type=10):
         ml = (dmin * (scales >> 4).astype(_F32)).reshape(nb, 2, 4, 2, 1)
         y = np.empty((nb, 2, 4, 2, 16), dtype=_F32)
         for k in range(4):
-            y[:, :, k] = _CRUMB[k][qs[:, :, 0]].reshape(nb, 2, 2, 16)
+            # shift k: bits 2k..2k+1 of each qs byte (uint8 bit ops, then one cast to float32)
+            y[:, :, k] = ((qs[:, :, 0] >> (2 * k)) & 3).reshape(nb, 2, 2, 16)
         y *= dl
         y -= ml
         return y.reshape(nb, QK_K)
@@ -416,8 +403,9 @@ class Q3_K(QuantFormat, name="q3_k", ggml_type=11):
         y = np.empty((nb, 2, 4, 32), dtype=_F32)
         for h in range(2):
             for k in range(4):
-                # q - 4 + 4*hbit, exact in float32; hmask bit 4h + k
-                np.add(_CRUMB_M4[k][qs[:, h]], _BIT4[4 * h + k][hmask], out=y[:, h, k])
+                # 3-bit q: bits 2k..2k+1 of qs byte, bit 2 from hmask bit 4h + k
+                y[:, h, k] = ((qs[:, h] >> (2 * k)) & 3) | (((hmask >> (4 * h + k)) & 1) << 2)
+        y -= _F32(4)  # q - (hmask bit ? 0 : 4), exact
         y5 = y.reshape(nb, 2, 4, 2, 16)
         y5 *= dl
         return y.reshape(nb, QK_K)
@@ -482,8 +470,8 @@ class Q4_K(QuantFormat, name="q4_k", ggml_type=12):
         ml = (dmin * m.astype(_F32)).reshape(nb, 4, 2, 1)
         qs = blocks[:, 16:144].reshape(nb, 4, 32)  # (nb, pair, 32)
         y = np.empty((nb, 4, 2, 32), dtype=_F32)
-        y[:, :, 0] = _NIBBLE[0][qs]
-        y[:, :, 1] = _NIBBLE[1][qs]
+        y[:, :, 0] = qs & 0xF
+        y[:, :, 1] = qs >> 4
         y *= dl
         y -= ml
         return y.reshape(nb, QK_K)
@@ -535,8 +523,9 @@ class Q6_K(QuantFormat, name="q6_k", ggml_type=14):
         dl = (d * sc).reshape(nb, 2, 4, 2, 1)  # (nb, half, quarter, group, 1)
         y = np.empty((nb, 2, 4, 32), dtype=_F32)
         for k in range(4):
-            # quarter k: nibble k // 2 of ql byte (l + 32*(k % 2)), crumb k of qh byte l
-            np.add(_NIBBLE[k // 2][ql[:, :, k % 2]], _QH6[k][qh], out=y[:, :, k])
+            # quarter k: nibble k // 2 of ql byte (l + 32*(k % 2)), bits 2k..2k+1 of qh byte l
+            y[:, :, k] = ((ql[:, :, k % 2] >> (4 * (k // 2))) & 0xF) | (((qh >> (2 * k)) & 3) << 4)
+        y -= _F32(32)  # q - 32, exact
         y5 = y.reshape(nb, 2, 4, 2, 16)
         y5 *= dl
         return y.reshape(nb, QK_K)
