@@ -19,6 +19,7 @@ import json
 import math
 import os
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -375,20 +376,33 @@ def save_trace(trace: Trace, path: str | os.PathLike) -> None:
                 zf.writestr(info, buf.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
 
 
-def load_trace(path: str | os.PathLike) -> Trace:
-    """Read and validate an npz trace; every problem raises one-line InputError(path, …)."""
+def open_npz(path: str | os.PathLike, what: str = "npz trace") -> "np.lib.npyio.NpzFile":
+    """np.load an npz without pickle; a missing, unreadable or non-npz file raises one-line InputError."""
     try:
-        z = np.load(path, allow_pickle=False)
+        with open(path, "rb") as fh:
+            magic = fh.read(6)
     except FileNotFoundError:
         raise InputError(path, "no such file") from None
     except IsADirectoryError:
-        raise InputError(path, "is a directory, not an npz trace") from None
-    except PermissionError:
-        raise InputError(path, "permission denied") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
-        raise InputError(path, f"not an npz trace ({_one_line(exc)})") from None
+        raise InputError(path, f"is a directory, not an {what}") from None
+    except OSError as exc:
+        raise InputError(path, f"cannot read ({_one_line(exc)})") from None
+    if magic.startswith(b"\x93NUMPY"):
+        raise InputError(path, f"not an {what}: a single .npy array (np.save), expected an npz archive")
+    if not magic.startswith(b"PK"):
+        raise InputError(path, f"not an {what}: no zip signature (expected an npz archive)")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise InputError(path, f"not an {what} ({_one_line(exc)})") from None
     if not isinstance(z, np.lib.npyio.NpzFile):
-        raise InputError(path, "not an npz trace (a single .npy array)")
+        raise InputError(path, f"not an {what}")
+    return z
+
+
+def load_trace(path: str | os.PathLike) -> Trace:
+    """Read and validate an npz trace; every problem raises one-line InputError(path, …)."""
+    z = open_npz(path, "npz trace")
     with z:
         keys = set(z.files)
         missing = [k for k in REQUIRED_KEYS if k not in keys]
@@ -402,7 +416,7 @@ def load_trace(path: str | os.PathLike) -> Trace:
         for k in sorted(keys):
             try:
                 arrays[k] = z[k]
-            except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+            except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
                 raise InputError(path, f"cannot read key {k!r} ({_one_line(exc)})") from None
     m = arrays.pop("meta")
     if m.shape != () or m.dtype.kind != "U":

@@ -321,7 +321,7 @@ def test_loader_cli_rejects(tmp_path, name, mutate, expected):
     assert r.stdout == ""
 
 
-@pytest.mark.parametrize("kind", ["text", "npy", "missing", "directory", "pickled"])
+@pytest.mark.parametrize("kind", ["text", "npy", "missing", "directory", "pickled", "truncated", "corrupt"])
 def test_loader_cli_rejects_non_npz(tmp_path, kind):
     p = tmp_path / "x.npz"
     if kind == "text":
@@ -335,6 +335,15 @@ def test_loader_cli_rejects_non_npz(tmp_path, kind):
         d = _good_raw()
         d["experts"] = np.array([{"a": 1}], dtype=object)
         np.savez(p, **d)
+    elif kind in ("truncated", "corrupt"):
+        rng = np.random.default_rng(8)
+        save_trace(Trace.from_arrays(meta=TraceMeta("m", 4, 8, 2), **make_arrays(rng, 50, 4, 2, 8)), p)
+        data = bytearray(p.read_bytes())
+        if kind == "truncated":
+            data = data[: len(data) // 2]
+        else:  # flip bytes inside the first member's compressed data
+            data[200:260] = bytes(60)
+        p.write_bytes(bytes(data))
     r = _run("sim.trace", str(p))
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
