@@ -1,0 +1,370 @@
+"""Logical replay: trace → access groups → precision policy → cache policy → per-group costs.
+
+The engine decides, in trace order, what each expert access does (hit, load at high or low
+precision, or skip) and what the copy engine and compute stream must do for each access group;
+`sim.timeline` then turns those per-group costs into time. Cache decisions do not depend on
+time (a prefetched expert counts as resident from its admission; the timeline makes the compute
+wait for its copy), so this split keeps the data flowing one way.
+
+Access groups. A decode group is one (token step, layer): its top-k experts, each with one token.
+A prefill group is one (micro-batch of up to `ubatch` prefill tokens of a sequence, layer): the
+distinct experts the batch routes to, each with its token count, its summed gate weight and its
+best (lowest) HOBBIT score; the engine loads each distinct expert once per batch, as llama.cpp
+does. Prefetch runs in decode only: after serving layer l of a token, the experts predicted for
+layer l+1 (the trace's own predictions, or an oracle with accuracy p) are admitted to the cache.
+
+Calibration. The first `calib_fraction` of the trace (whole sequences when there are several,
+else steps) is the calibration window: static precision policies and static pinning learn from
+it, and it is replayed to warm the cache, but only the evaluation window is counted.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sim import cost
+from sim.precision import PrecisionPolicy, demoted_experts, hobbit_scores, importance
+from sim.profiles import LOW_FORMATS, HardwareProfile, ModelProfile
+from sim.trace import ABSENT, DECODE, PREFILL, Trace
+
+SLOTS = ("native",) + LOW_FORMATS  # format slot of a cache entry: 0 = native, then the low formats
+HIT, LOADED, SKIPPED = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class AccessGroups:
+    """The trace as the engine replays it: groups of accesses, in order."""
+
+    layer: np.ndarray  # int32 [G]
+    seq: np.ndarray  # int32 [G]
+    step: np.ndarray  # int32 [G]  first token step of the group
+    phase: np.ndarray  # uint8 [G]
+    tokens: np.ndarray  # int32 [G]  tokens that pass through this layer in this group
+    token_end: np.ndarray  # bool [G]  last layer of a decode token: the output head runs after it
+    calib: np.ndarray  # bool [G]  in the calibration window (replayed, not counted)
+    start: np.ndarray  # int64 [G+1] access range of each group
+    expert: np.ndarray  # int32 [N]
+    score: np.ndarray  # float64 [N] HOBBIT score (summed weight of higher-ranked experts; batch minimum)
+    mass: np.ndarray  # float64 [N] gate weight (summed over the batch's tokens)
+    acc_tokens: np.ndarray  # int32 [N] tokens routed to this expert in this group
+    predicted: np.ndarray  # int32 [G, k] experts to prefetch after group g for the next layer; -1 none
+
+    @property
+    def n_groups(self) -> int:
+        return int(self.layer.size)
+
+
+def calibration_steps(trace: Trace, fraction: float) -> np.ndarray:
+    """bool [steps]: the calibration window (first whole sequences, or first steps of one sequence)."""
+    calib = np.zeros(trace.n_steps, dtype=bool)
+    if fraction <= 0:
+        return calib
+    seqs = list(dict.fromkeys(trace.seq.tolist()))  # in order of appearance
+    if len(seqs) >= 2:
+        n = min(len(seqs) - 1, max(1, int(round(fraction * len(seqs)))))
+        calib[np.isin(trace.seq, seqs[:n])] = True
+    else:
+        calib[: min(trace.n_steps - 1, max(1, int(fraction * trace.n_steps)))] = True
+    return calib
+
+
+def oracle_predictions(trace: Trace, accuracy: float, seed: int) -> np.ndarray:
+    """int16 like trace.experts: each true expert kept with prob `accuracy`, else a wrong random one."""
+    rng = np.random.default_rng(seed)
+    true = trace.experts.astype(np.int64)
+    n_experts = trace.meta.n_experts
+    keep = rng.random(true.shape) < accuracy
+    out = np.where(keep | (true == ABSENT), true, ABSENT)
+    # Each dropped prediction becomes a random expert outside the true top-k and distinct from the
+    # other predictions of its group: draw for all at once, redraw the collisions, repeat.
+    todo = np.argwhere((out == ABSENT) & (true != ABSENT))
+    while todo.size:
+        t, l, r = todo.T
+        cand = rng.integers(n_experts, size=t.size)
+        clash = (true[t, l] == cand[:, None]).any(1) | (out[t, l] == cand[:, None]).any(1)
+        # two draws for the same group in one round may pick the same id: keep only the first
+        order = np.lexsort((r, cand, l, t))
+        dup = np.zeros(t.size, dtype=bool)
+        same = (t[order][1:] == t[order][:-1]) & (l[order][1:] == l[order][:-1]) & (cand[order][1:] == cand[order][:-1])
+        dup[order[1:][same]] = True
+        ok = ~clash & ~dup
+        out[t[ok], l[ok], r[ok]] = cand[ok]
+        todo = todo[~ok]
+    return out.astype(np.int16)
+
+
+def build_groups(trace: Trace, calib_steps: np.ndarray, *, ubatch: int = 512, predicted: np.ndarray | None = None) -> AccessGroups:
+    """Turn a trace into access groups (see the module docstring)."""
+    n_layers, k = trace.meta.n_layers, trace.meta.top_k
+    parts: list[dict] = []
+    bounds = np.flatnonzero(np.diff(trace.seq.astype(np.int64)) | np.diff(trace.phase.astype(np.int64))) + 1
+    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, trace.n_steps]):
+        if trace.phase[lo] == DECODE:
+            parts.append(_decode_groups(trace, lo, hi, calib_steps, predicted))
+        else:
+            for b in range(lo, hi, ubatch):
+                parts.append(_prefill_group(trace, b, min(hi, b + ubatch), calib_steps))
+    cat = {key: np.concatenate([p[key] for p in parts]) for key in parts[0] if key != "counts"}
+    counts = np.concatenate([p["counts"] for p in parts])
+    start = np.zeros(counts.size + 1, dtype=np.int64)
+    np.cumsum(counts, out=start[1:])
+    del n_layers, k
+    return AccessGroups(start=start, **cat)
+
+
+def _decode_groups(trace: Trace, lo: int, hi: int, calib_steps, predicted) -> dict:
+    experts = trace.experts[lo:hi].astype(np.int32)  # [T, L, k]
+    weights = trace.weights[lo:hi].astype(np.float64)
+    present = experts[:, :, 0] != ABSENT  # [T, L]
+    t_idx, l_idx = np.nonzero(present)  # row-major: token by token, layer by layer
+    k = experts.shape[2]
+    n_layers = experts.shape[1]
+    # the last present layer of each token ends the token (the output head runs after it)
+    last_layer = np.where(present.any(1), n_layers - 1 - np.argmax(present[:, ::-1], axis=1), -1)
+    pred = np.full((t_idx.size, k), ABSENT, dtype=np.int32)
+    source = trace.predicted if predicted is None else predicted
+    if source is not None:
+        nxt = l_idx + 1 < n_layers
+        nxt_present = np.zeros_like(nxt)
+        nxt_present[nxt] = present[t_idx[nxt], l_idx[nxt] + 1]
+        sel = np.flatnonzero(nxt_present)
+        pred[sel] = source[lo + t_idx[sel], l_idx[sel] + 1].astype(np.int32)
+    return dict(
+        layer=l_idx.astype(np.int32),
+        seq=trace.seq[lo + t_idx].astype(np.int32),
+        step=(lo + t_idx).astype(np.int32),
+        phase=np.full(t_idx.size, DECODE, dtype=np.uint8),
+        tokens=np.ones(t_idx.size, dtype=np.int32),
+        token_end=l_idx == last_layer[t_idx],
+        calib=calib_steps[lo + t_idx],
+        expert=experts[t_idx, l_idx].reshape(-1),
+        score=hobbit_scores(weights[t_idx, l_idx]).reshape(-1),
+        mass=weights[t_idx, l_idx].reshape(-1),
+        acc_tokens=np.ones(t_idx.size * k, dtype=np.int32),
+        predicted=pred,
+        counts=np.full(t_idx.size, k, dtype=np.int64),
+    )
+
+
+def _prefill_group(trace: Trace, lo: int, hi: int, calib_steps) -> dict:
+    experts = trace.experts[lo:hi].astype(np.int64)
+    weights = trace.weights[lo:hi].astype(np.float64)
+    scores = hobbit_scores(weights)
+    n_experts, k = trace.meta.n_experts, trace.meta.top_k
+    out = {key: [] for key in ("layer", "tokens", "expert", "score", "mass", "acc_tokens", "counts")}
+    for layer in range(experts.shape[1]):
+        ids = experts[:, layer].reshape(-1)
+        ok = ids != ABSENT
+        if not ok.any():
+            continue
+        ids, w, s = ids[ok], weights[:, layer].reshape(-1)[ok], scores[:, layer].reshape(-1)[ok]
+        uniq = np.unique(ids)
+        best = np.full(n_experts, np.inf)
+        np.minimum.at(best, ids, s)
+        out["layer"].append(layer)
+        out["tokens"].append(int(ok.sum()) // k)
+        out["expert"].append(uniq.astype(np.int32))
+        out["score"].append(best[uniq])
+        out["mass"].append(np.bincount(ids, weights=w, minlength=n_experts)[uniq])
+        out["acc_tokens"].append(np.bincount(ids, minlength=n_experts)[uniq].astype(np.int32))
+        out["counts"].append(uniq.size)
+    g = len(out["layer"])
+    return dict(
+        layer=np.array(out["layer"], dtype=np.int32),
+        seq=np.full(g, trace.seq[lo], dtype=np.int32),
+        step=np.full(g, lo, dtype=np.int32),
+        phase=np.full(g, PREFILL, dtype=np.uint8),
+        tokens=np.array(out["tokens"], dtype=np.int32),
+        token_end=np.zeros(g, dtype=bool),
+        calib=np.full(g, bool(calib_steps[lo]), dtype=bool),
+        expert=np.concatenate(out["expert"]),
+        score=np.concatenate(out["score"]),
+        mass=np.concatenate(out["mass"]),
+        acc_tokens=np.concatenate(out["acc_tokens"]),
+        predicted=np.full((g, k), ABSENT, dtype=np.int32),
+        counts=np.array(out["counts"], dtype=np.int64),
+    )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What the logical replay decided, per access and per group."""
+
+    result: np.ndarray  # int8 [N]: HIT, LOADED or SKIPPED
+    slot: np.ndarray  # int8 [N]: format slot served (or loaded); -1 when skipped
+    prefetch_bytes: np.ndarray  # int64 [G]: bytes admitted by prefetch after group g
+    prefetch_loads: np.ndarray  # int64 [G]: experts admitted by prefetch after group g
+    prefetch_link_s: np.ndarray  # float64 [G]: copy-engine time of those admissions
+    wait_group: np.ndarray  # int64 [G]: the group whose prefetch copy must land before g computes; -1 none
+
+
+def static_slots(trace_calib: Trace | None, policy: PrecisionPolicy, n_layers: int, n_experts: int, seed: int) -> np.ndarray:
+    """int8 [layers, experts]: the high-precision slot of each expert under `policy`'s static part."""
+    slots = np.zeros((n_layers, n_experts), dtype=np.int8)
+    if policy.is_static:
+        if trace_calib is None or trace_calib.n_steps == 0:
+            raise ValueError("a static precision policy needs a calibration window (calib_fraction > 0)")
+        demoted = demoted_experts(importance(trace_calib, policy.static_signal, seed), policy.static_fraction)
+        slots[demoted] = SLOTS.index(policy.static_format)
+    return slots
+
+
+def replay(
+    groups: AccessGroups,
+    caches: tuple,  # (high-precision pool, low-precision pool) — the same object for one shared pool
+    policy: PrecisionPolicy,
+    hi_slots: np.ndarray,
+    sizes: np.ndarray,  # int64 [layers, slots] bytes of one expert per format slot
+    link_s: np.ndarray,  # float64 [layers, slots] copy-engine seconds of one expert per slot
+) -> Outcome:
+    """Reference replay: per access, the precision decision and the cache's answer (pure Python)."""
+    from sim.cache.base import make_key
+
+    hi_cache, lo_cache = caches
+    shared = hi_cache is lo_cache
+    pool_of = (hi_cache, lo_cache, lo_cache)  # slot 0 → high pool, low slots → low pool
+    dyn = policy.is_dynamic
+    t1, t2 = (policy.t1, policy.t2) if dyn else (1.0, 1.0)
+    dyn_slot = SLOTS.index(policy.dynamic_format) if dyn else 0
+    n = groups.expert.size
+    result = np.zeros(n, dtype=np.int8)
+    slot_out = np.zeros(n, dtype=np.int8)
+    g_count = groups.n_groups
+    pf_bytes = np.zeros(g_count, dtype=np.int64)
+    pf_loads = np.zeros(g_count, dtype=np.int64)
+    pf_link = np.zeros(g_count, dtype=np.float64)
+    wait = np.full(g_count, -1, dtype=np.int64)
+    admitted_at: dict[int, int] = {}
+    start = groups.start.tolist()
+    experts = groups.expert.tolist()
+    scores = groups.score.tolist()
+    layers, seqs, steps = groups.layer.tolist(), groups.seq.tolist(), groups.step.tolist()
+    for g in range(g_count):
+        layer = layers[g]
+        lo, hi = start[g], start[g + 1]
+        ids = experts[lo:hi]
+        hs = [int(hi_slots[layer, e]) for e in ids]
+        keys_hi = [make_key(layer, e, s) for e, s in zip(ids, hs)]
+        keys_lo = [make_key(layer, e, dyn_slot) for e in ids] if dyn else []
+        if shared:
+            hi_cache.begin_group(layer, seqs[g], steps[g], keys_hi + keys_lo)
+        else:
+            hi_cache.begin_group(layer, seqs[g], steps[g], [kk for kk, s in zip(keys_hi, hs) if s == 0])
+            lo_cache.begin_group(layer, seqs[g], steps[g], [kk for kk, s in zip(keys_hi, hs) if s != 0] + keys_lo)
+        dep = -1
+        for i in range(hi - lo):
+            a = lo + i
+            s_hi, k_hi, score = hs[i], keys_hi[i], scores[a]
+            c_hi = pool_of[s_hi]
+            if c_hi.contains(k_hi):
+                c_hi.access(k_hi, int(sizes[layer, s_hi]), high_precision=s_hi == 0)
+                result[a], slot_out[a] = HIT, s_hi
+                key_used = k_hi
+            elif dyn and score > t1 and lo_cache.contains(keys_lo[i]):
+                lo_cache.access(keys_lo[i], int(sizes[layer, dyn_slot]), high_precision=False)
+                result[a], slot_out[a] = HIT, dyn_slot
+                key_used = keys_lo[i]
+            elif score <= t1:
+                c_hi.access(k_hi, int(sizes[layer, s_hi]), high_precision=s_hi == 0)
+                result[a], slot_out[a] = LOADED, s_hi
+                admitted_at.pop(k_hi, None)
+                key_used = None
+                if dyn and shared and keys_lo[i] != k_hi and hi_cache.contains(keys_lo[i]):
+                    hi_cache.remove(keys_lo[i])  # the high copy supersedes the low one
+            elif score <= t2:
+                lo_cache.access(keys_lo[i], int(sizes[layer, dyn_slot]), high_precision=False)
+                result[a], slot_out[a] = LOADED, dyn_slot
+                admitted_at.pop(keys_lo[i], None)
+                key_used = None
+            else:
+                result[a], slot_out[a] = SKIPPED, -1
+                key_used = None
+            if key_used is not None and key_used in admitted_at:
+                dep = max(dep, admitted_at[key_used])
+        wait[g] = dep
+        # Prefetch the experts predicted for the next layer, at their high precision.
+        pred = groups.predicted[g]
+        if pred[0] != ABSENT:
+            nl = layer + 1
+            for e in pred.tolist():
+                if e == ABSENT:
+                    continue
+                s = int(hi_slots[nl, e])
+                key = make_key(nl, e, s)
+                c = pool_of[s]
+                if not c.contains(key) and c.admit(key, int(sizes[nl, s])):
+                    pf_bytes[g] += sizes[nl, s]
+                    pf_loads[g] += 1
+                    pf_link[g] += link_s[nl, s]
+                    admitted_at[key] = g
+    return Outcome(result, slot_out, pf_bytes, pf_loads, pf_link, wait)
+
+
+def replay_fast(
+    groups: AccessGroups,
+    policy_name: str,
+    policy_params: dict,
+    partition: str,
+    n_layers: int,
+    capacity_bytes: int,
+    policy: PrecisionPolicy,
+    hi_slots: np.ndarray,
+    sizes: np.ndarray,
+) -> Outcome | None:
+    """The compiled path (numba LRU/SLRU) when the outcome cannot depend on Python-only rules.
+
+    Applies to a fixed format per expert (native or static precision), one shared pool and no
+    prefetch: every access is then a hit or a load, and the cache's hit stream decides all.
+    Returns None when it does not apply; tests hold it equal to `replay`.
+    """
+    from sim.cache.fast import FAST_POLICIES, replay_hits
+
+    if (policy_name not in FAST_POLICIES or policy.is_dynamic or policy.low_pool_share is not None
+            or np.any(groups.predicted != ABSENT)):
+        return None
+    acc_layer = np.repeat(groups.layer, np.diff(groups.start))
+    slot = hi_slots[acc_layer, groups.expert]
+    keys = make_keys(acc_layer, groups.expert, slot)
+    acc_sizes = sizes[acc_layer, slot]
+    hits = np.zeros(keys.size, dtype=bool)
+    if partition == "global":
+        hits[:] = replay_hits(policy_name, keys, acc_sizes, groups.start[:-1], capacity_bytes, **policy_params)
+    else:  # independent sub-caches of capacity // n_layers: replay each layer's own stream
+        share = int(capacity_bytes) // n_layers
+        for layer in range(n_layers):
+            sel_g = np.flatnonzero(groups.layer == layer)
+            if sel_g.size == 0:
+                continue
+            counts = np.diff(groups.start)[sel_g]
+            idx = np.concatenate([np.arange(groups.start[g], groups.start[g + 1]) for g in sel_g.tolist()])
+            starts = np.r_[0, np.cumsum(counts)[:-1]]
+            hits[idx] = replay_hits(policy_name, keys[idx], acc_sizes[idx], starts, share, **policy_params)
+    g_count = groups.n_groups
+    return Outcome(
+        result=np.where(hits, HIT, LOADED).astype(np.int8),
+        slot=slot.astype(np.int8),
+        prefetch_bytes=np.zeros(g_count, dtype=np.int64),
+        prefetch_loads=np.zeros(g_count, dtype=np.int64),
+        prefetch_link_s=np.zeros(g_count),
+        wait_group=np.full(g_count, -1, dtype=np.int64),
+    )
+
+
+def make_keys(layer: np.ndarray, expert: np.ndarray, slot: np.ndarray) -> np.ndarray:
+    """Vectorised `sim.cache.base.make_key` (int64 keys)."""
+    from sim.cache.base import EXPERT_SHIFT, LAYER_SHIFT
+
+    return (layer.astype(np.int64) << LAYER_SHIFT) | (expert.astype(np.int64) << EXPERT_SHIFT) | slot.astype(np.int64)
+
+
+def slot_tables(model: ModelProfile, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes and copy-engine seconds of one expert of each layer in each format slot."""
+    sizes = np.array(
+        [[model.expert_bytes(layer)] + [model.expert_bytes(layer, f) for f in LOW_FORMATS] for layer in range(model.n_layers)],
+        dtype=np.int64,
+    )
+    # Several copy engines overlap the fixed per-copy cost; the link's bandwidth stays shared.
+    overlap = hw.transfer_fixed_s * (1 - 1 / hw.copy_engines)
+    link = np.asarray(cost.transfer_s(hw, sizes.astype(np.float64))) - overlap
+    return sizes, link

@@ -1,0 +1,170 @@
+"""Precision policies: in which format each expert access is served, loaded, or skipped.
+
+`native`: every expert at its GGUF format (Q4_K_M: Q4_K gate/up, Q4_K or Q6_K down).
+
+`static:SIGNAL:X%:FMT`: in every layer, the bottom X % of experts by an importance SIGNAL learned
+on a calibration window are held and moved in FMT (q2_k or q3_k) for the whole evaluation window.
+Signals: `freq` (times selected), `weight` (mean gate weight when selected), `mass` (frequency ×
+mean weight = summed gate weight), `random` (a seeded control). Unselected experts rank lowest;
+ties break by expert id. Ranking is per layer, so every layer demotes the same number of experts
+(early layers route almost uniformly, so one global ranking would demote whole layers).
+
+`dynamic:T1:T2[:FMT]`: HOBBIT's token-level rule (Tang et al., arXiv 2411.01433, §4.2): rank the
+step's experts by gate weight; an expert's score is the summed weight of the experts ranked above
+it (the top expert scores 0). On a miss, score ≤ T1 loads the expert at its high precision,
+T1 < score ≤ T2 loads it in FMT (default q2_k), score > T2 skips it. A resident copy is always used:
+the high one first, the low one when score > T1. HOBBIT used T1 = 0.6, T2 = 0.9 on Mixtral.
+
+Combinations join with `+`: `static:mass:20%:q3_k+dynamic:0.6:0.9`. `+pools:split:S` keeps
+low-precision copies in a pool of share S of the capacity (HOBBIT's separate caches) instead of
+one shared byte pool.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sim.io import InputError
+from sim.profiles import LOW_FORMATS
+from sim.trace import ABSENT, Trace
+
+SIGNALS = ("freq", "weight", "mass", "random")
+NATIVE = "native"
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """A parsed precision policy (see the module docstring for the grammar)."""
+
+    static_signal: str | None = None
+    static_fraction: float = 0.0
+    static_format: str | None = None
+    t1: float | None = None
+    t2: float | None = None
+    dynamic_format: str = "q2_k"
+    low_pool_share: float | None = None  # None: one shared byte pool
+
+    @property
+    def is_static(self) -> bool:
+        return self.static_signal is not None and self.static_fraction > 0
+
+    @property
+    def is_dynamic(self) -> bool:
+        return self.t1 is not None
+
+    @property
+    def name(self) -> str:
+        parts = []
+        if self.static_signal is not None:
+            parts.append(f"static:{self.static_signal}:{self.static_fraction * 100:g}%:{self.static_format}")
+        if self.is_dynamic:
+            parts.append(f"dynamic:{self.t1:g}:{self.t2:g}:{self.dynamic_format}")
+        if self.low_pool_share is not None:
+            parts.append(f"pools:split:{self.low_pool_share:g}")
+        return "+".join(parts) or NATIVE
+
+    def low_formats(self) -> tuple[str, ...]:
+        """Formats below native this policy may use, in a fixed order."""
+        out = []
+        for f in (self.static_format if self.is_static else None, self.dynamic_format if self.is_dynamic else None):
+            if f is not None and f not in out:
+                out.append(f)
+        return tuple(out)
+
+
+def _fraction(text: str, spec: str) -> float:
+    s = text.strip()
+    try:
+        value = float(s[:-1]) / 100 if s.endswith("%") else float(s)
+    except ValueError:
+        raise InputError(None, f"precision {spec!r}: cannot parse fraction {text!r} (use 30% or 0.3)") from None
+    if not 0 <= value <= 1:
+        raise InputError(None, f"precision {spec!r}: fraction {text!r} outside 0..100%")
+    return value
+
+
+def _low_format(text: str, spec: str) -> str:
+    fmt = text.strip().lower()
+    if fmt not in LOW_FORMATS:
+        raise InputError(None, f"precision {spec!r}: low format {text!r} must be one of {', '.join(LOW_FORMATS)}")
+    return fmt
+
+
+def parse_precision(spec: str) -> PrecisionPolicy:
+    """Parse one precision policy such as `static:weight:30%:q2_k+dynamic:0.6:0.9`."""
+    fields: dict = {}
+    for part in spec.strip().lower().split("+"):
+        bits = part.split(":")
+        kind = bits[0]
+        if kind == NATIVE and len(bits) == 1:
+            continue
+        if kind == "static" and len(bits) == 4:
+            if bits[1] not in SIGNALS:
+                raise InputError(None, f"precision {spec!r}: signal {bits[1]!r} must be one of {', '.join(SIGNALS)}")
+            fields.update(static_signal=bits[1], static_fraction=_fraction(bits[2], spec),
+                          static_format=_low_format(bits[3], spec))
+        elif kind == "dynamic" and len(bits) in (3, 4):
+            try:
+                t1, t2 = float(bits[1]), float(bits[2])
+            except ValueError:
+                raise InputError(None, f"precision {spec!r}: thresholds must be numbers") from None
+            if not 0 <= t1 <= t2 <= 1:
+                raise InputError(None, f"precision {spec!r}: need 0 ≤ T1 ≤ T2 ≤ 1")
+            fields.update(t1=t1, t2=t2)
+            if len(bits) == 4:
+                fields["dynamic_format"] = _low_format(bits[3], spec)
+        elif kind == "pools" and len(bits) == 3 and bits[1] == "split":
+            share = _fraction(bits[2], spec)
+            if not 0 < share < 1:
+                raise InputError(None, f"precision {spec!r}: split pool share must be strictly between 0 and 1")
+            fields["low_pool_share"] = share
+        else:
+            raise InputError(
+                None,
+                f"cannot parse precision {spec!r}: use native, static:SIGNAL:X%:FMT, dynamic:T1:T2[:FMT], "
+                "pools:split:S, joined with +",
+            )
+    policy = PrecisionPolicy(**fields)
+    if policy.low_pool_share is not None and not policy.low_formats():
+        raise InputError(None, f"precision {spec!r}: a split pool needs a static or dynamic low format")
+    return policy
+
+
+def importance(trace: Trace, signal: str, seed: int = 0) -> np.ndarray:
+    """float64 [layers, experts]: the importance of each expert on `trace` (higher = keep precise)."""
+    n_layers, n_experts = trace.meta.n_layers, trace.meta.n_experts
+    ids = trace.experts.astype(np.int64)
+    present = ids != ABSENT
+    layer = np.broadcast_to(np.arange(n_layers)[None, :, None], ids.shape)
+    flat = (layer * n_experts + np.where(present, ids, 0))[present]
+    freq = np.bincount(flat, minlength=n_layers * n_experts).astype(np.float64)
+    mass = np.bincount(flat, weights=trace.weights[present].astype(np.float64), minlength=n_layers * n_experts)
+    if signal == "freq":
+        out = freq
+    elif signal == "mass":
+        out = mass
+    elif signal == "weight":
+        out = np.divide(mass, freq, out=np.zeros_like(mass), where=freq > 0)
+    elif signal == "random":
+        out = np.random.default_rng(seed).random(n_layers * n_experts)
+    else:
+        raise ValueError(f"unknown signal {signal!r}")
+    return out.reshape(n_layers, n_experts)
+
+
+def demoted_experts(scores: np.ndarray, fraction: float) -> np.ndarray:
+    """bool [layers, experts]: the bottom `fraction` of each layer's experts by score (ties → lower id)."""
+    n_layers, n_experts = scores.shape
+    n_low = int(round(fraction * n_experts))
+    # stable sort on score ascending; equal scores keep expert-id order
+    order = np.argsort(scores, axis=1, kind="stable")
+    out = np.zeros_like(scores, dtype=bool)
+    np.put_along_axis(out, order[:, :n_low], True, axis=1)
+    return out
+
+
+def hobbit_scores(weights: np.ndarray) -> np.ndarray:
+    """Summed gate weight of the higher-ranked experts, for weights in rank order along the last axis."""
+    w = np.asarray(weights, dtype=np.float64)
+    return np.cumsum(w, axis=-1) - w
