@@ -1,7 +1,9 @@
 """Dequantization speed of jaxmoe.quants per format, against gguf-py's `gguf.quants.dequantize` in the same run.
 
 Both run single-threaded numpy on the same bytes (quantized from seeded N(0, 1) weights); the best of
-`--repeats` timings is reported as weights per second. Also prints our quantizer's speed.
+`--repeats` timings is reported as weights per second. Times are this process's CPU time
+(`time.process_time`: numpy's element-wise work is single-threaded, and on a shared machine wall time
+also counts other processes). Also prints our quantizer's speed.
 
 Examples:
     python benchmarks/bench_dequant.py
@@ -24,12 +26,12 @@ from sim.io import InputError, exit_on_input_error, write_text_atomic  # noqa: E
 
 
 def best_time_s(fn, repeats: int) -> float:
-    """Smallest wall time of `repeats` calls of `fn`."""
+    """Smallest CPU time of `repeats` calls of `fn`."""
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.process_time() - t0)
     return best
 
 
@@ -43,9 +45,9 @@ def run(n_weights: int, repeats: int, formats: list[str], seed: int = 0) -> list
     rows = []
     for name in formats:
         cls = QUANT_TYPES[name]
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         q = cls.quantize(x)
-        quant_s = time.perf_counter() - t0
+        quant_s = time.process_time() - t0
         qtype = gguf.GGMLQuantizationType[name.upper()]
         ours_s = best_time_s(lambda: cls.dequantize(q, x.shape), repeats)
         gguf_s = best_time_s(lambda: gguf_dequantize(q, qtype), repeats)

@@ -69,7 +69,15 @@ def nearest_int(fval: np.ndarray) -> np.ndarray:
 
 def _nint_f32(fval: np.ndarray, lo: int, hi: int) -> np.ndarray:
     """`MAX(lo, MIN(hi, nearest_int(fval)))` as float32 (small exact integers, ready for float math)."""
-    return np.clip(nearest_int(fval), lo, hi).astype(_F32)
+    f = np.asarray(fval, dtype=_F32)
+    r = f + _MAGIC  # rounds to an integer, ties to even, for |f| < 2**22 ...
+    r -= _MAGIC
+    big = ~(np.abs(f) < _F32(4194303))  # ... beyond (and NaN) take ggml's bit trick literally
+    if big.any():
+        r[big] = nearest_int(f[big])
+    np.maximum(r, _F32(lo), out=r)
+    np.minimum(r, _F32(hi), out=r)
+    return r
 
 
 def _seqsum(a: np.ndarray) -> np.ndarray:
@@ -112,7 +120,7 @@ def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float,
     sum_x = _seqsum(w * x)
     mn = np.minimum(mn, _F32(0))  # if (min > 0) min = 0
     flat = mx == mn  # such groups return at once: L = 0, scale = 0, the_min = -min
-    mn_flat = mn
+    mn_flat = mn.copy()
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         iscale = _F32(nmax) / (mx - mn)
         scale = _F32(1) / iscale
@@ -135,10 +143,10 @@ def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float,
             diff = this_scale * laux + this_min - x
             cur_error = _seqsum(w * (np.abs(diff) if use_mad else diff * diff))
             better = (D > 0) & (cur_error < best_error)
-            L = np.where(better, laux, L)
-            best_error = np.where(better, cur_error, best_error)
-            scale = np.where(better, this_scale, scale)
-            mn = np.where(better, this_min, mn)
+            np.copyto(L, laux, where=better)
+            np.copyto(best_error, cur_error, where=better)
+            np.copyto(scale, this_scale, where=better)
+            np.copyto(mn, this_min, where=better)
     L = np.where(flat, _F32(0), L)
     scale = np.where(flat, _F32(0), scale)
     mn = np.where(flat, mn_flat, mn)
