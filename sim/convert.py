@@ -24,8 +24,9 @@ import os
 import re
 import zipfile
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,8 @@ def _int(text: str, what: str, path: Path, lineno: int) -> int:
     try:
         return int(text)
     except ValueError:
-        raise InputError(path, f"line {lineno}: {what} {text.strip()!r} is not an integer") from None
+        where = f"line {lineno}: " if lineno else "header: "
+        raise InputError(path, f"{where}{what} {text.strip()!r} is not an integer") from None
 
 
 def _model_from_path(p: str) -> str:
@@ -349,7 +351,7 @@ def read_jsonl(path: str | os.PathLike, *, n_experts: int | None = None, model: 
             raise InputError(path, f"line {lineno}: layer {layer} outside [0, {L})")
         if filled[st, layer]:
             raise InputError(path, f"line {lineno}: duplicate record for seq {step_seq[st]} token "
-                                   f"{[k for k, v in step_of.items() if v == st][0][1]} layer {layer}")
+                                   f"{next(k for k, v in step_of.items() if v == st)[1]} layer {layer}")
         filled[st, layer] = True
         for x in ids:
             if not ABSENT <= x < meta.n_experts:
@@ -464,15 +466,17 @@ def read_router_logits(path: str | os.PathLike, *, top_k: int | None = None, nor
     else:
         ph = np.full(T, PREFILL, dtype=np.int64)
 
-    ids, w = topk_from_logits(logits, top_k, norm_topk)  # [L, T, k]
+    ids = np.empty((T, L, top_k), dtype=np.int64)
+    w = np.empty((T, L, top_k), dtype=np.float64)
+    for li in range(L):  # one layer at a time keeps the float64 softmax small
+        ids[:, li], w[:, li] = topk_from_logits(logits[li], top_k, norm_topk)
     meta = TraceMeta(
         model=model, n_layers=L, n_experts=E, top_k=top_k,
         provenance=f"{path.name}: router logits, softmax top-{top_k}"
                    f"{', renormalised over the k' if norm_topk else ''}",
         extra={"source_format": "router_logits", "norm_topk": bool(norm_topk)},
     )
-    return Trace.from_arrays(ids.transpose(1, 0, 2), w.transpose(1, 0, 2), ph, seq, meta, path=path,
-                             copy=True)
+    return Trace.from_arrays(ids, w, ph, seq, meta, path=path, copy=False)
 
 
 # ------------------------------------------------------------------------------------------- CLI

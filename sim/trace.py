@@ -16,12 +16,12 @@ import argparse
 import dataclasses
 import io
 import json
-import math
 import os
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -70,7 +70,7 @@ class TraceMeta:
         return json.dumps(d, sort_keys=False, allow_nan=False)
 
     @classmethod
-    def from_dict(cls, d: Any, path: str | os.PathLike | None = None) -> "TraceMeta":
+    def from_dict(cls, d: Any, path: str | os.PathLike | None = None) -> TraceMeta:
         """Build and check a TraceMeta from a JSON-style dict; problems raise InputError(path, …)."""
         if not isinstance(d, dict):
             raise InputError(path, f"meta must be a JSON object, got {type(d).__name__}")
@@ -166,7 +166,7 @@ class Trace:
         *,
         path: str | os.PathLike | None = None,
         copy: bool = True,
-    ) -> "Trace":
+    ) -> Trace:
         """Validate arrays of any integer/float dtype, then build a Trace of read-only schema-dtype copies."""
         raw = Trace(
             experts=np.asarray(experts),
@@ -207,7 +207,7 @@ class Trace:
         """Number of (step, layer, expert) selections in present groups."""
         return int(self.present.sum()) * self.meta.top_k
 
-    def select(self, steps: np.ndarray | slice) -> "Trace":
+    def select(self, steps: np.ndarray | slice) -> Trace:
         """A trace of a subset of steps (e.g. one phase, or a calibration window)."""
         return Trace(
             experts=_readonly(self.experts[steps]),
@@ -218,17 +218,17 @@ class Trace:
             predicted=None if self.predicted is None else _readonly(self.predicted[steps]),
         )
 
-    def only_phase(self, phase: int) -> "Trace":
+    def only_phase(self, phase: int) -> Trace:
         """The steps of one phase (PREFILL or DECODE), in order."""
         if phase not in PHASE_NAMES:
             raise ValueError(f"phase must be {PREFILL} (prefill) or {DECODE} (decode), got {phase!r}")
         return self.select(np.flatnonzero(self.phase == phase))
 
-    def decode_only(self) -> "Trace":
+    def decode_only(self) -> Trace:
         """The decode steps, in order."""
         return self.only_phase(DECODE)
 
-    def prefill_only(self) -> "Trace":
+    def prefill_only(self) -> Trace:
         """The prefill steps, in order."""
         return self.only_phase(PREFILL)
 
@@ -366,17 +366,16 @@ def save_trace(trace: Trace, path: str | os.PathLike) -> None:
         arrays["predicted"] = trace.predicted
     arrays = {k: np.ascontiguousarray(a, dtype=ARRAY_DTYPES[k]) for k, a in arrays.items()}
     arrays["meta"] = np.array(meta_json)  # 0-d unicode array
-    with atomic_path(path) as tmp:
-        with zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
-            for key, a in arrays.items():
-                buf = io.BytesIO()
-                np.lib.format.write_array(buf, a, allow_pickle=False)
-                info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE)
-                info.external_attr = 0o644 << 16
-                zf.writestr(info, buf.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
+    with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
+        for key, a in arrays.items():
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, a, allow_pickle=False)
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE)
+            info.external_attr = 0o644 << 16
+            zf.writestr(info, buf.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
 
 
-def open_npz(path: str | os.PathLike, what: str = "npz trace") -> "np.lib.npyio.NpzFile":
+def open_npz(path: str | os.PathLike, what: str = "npz trace") -> np.lib.npyio.NpzFile:
     """np.load an npz without pickle; a missing, unreadable or non-npz file raises one-line InputError."""
     try:
         with open(path, "rb") as fh:

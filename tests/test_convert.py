@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run_convert(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sim.convert", *map(str, args)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, check=False, timeout=120)
 
 
 def known_arrays(seed: int, S: int, L: int, K: int, E: int) -> dict:
@@ -40,7 +40,7 @@ def known_arrays(seed: int, S: int, L: int, K: int, E: int) -> dict:
     absent[S - 1, 1] = True
     ids[absent] = ABSENT
     w[absent] = 0
-    return dict(experts=ids, weights=w, phase=phase, seq=seq, absent=absent)
+    return {"experts": ids, "weights": w, "phase": phase, "seq": seq, "absent": absent}
 
 
 # ------------------------------------------------------------------------------------------- CSV

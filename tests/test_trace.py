@@ -14,8 +14,18 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sim.io import InputError
-from sim.trace import (ABSENT, DECODE, PREFILL, Trace, TraceMeta, concat_traces, describe, load_trace,
-                       save_trace, validate)
+from sim.trace import (
+    ABSENT,
+    DECODE,
+    PREFILL,
+    Trace,
+    TraceMeta,
+    concat_traces,
+    describe,
+    load_trace,
+    save_trace,
+    validate,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +47,7 @@ def make_arrays(rng: np.random.Generator, S: int, L: int, K: int, E: int, absent
     for s in np.unique(seq):  # each sequence: prefill then decode
         idx = np.flatnonzero(seq == s)
         phase[idx[len(idx) // 2:]] = DECODE
-    out = dict(experts=ids.astype(np.int16), weights=w, phase=phase, seq=seq.astype(np.int32))
+    out = {"experts": ids.astype(np.int16), "weights": w, "phase": phase, "seq": seq.astype(np.int32)}
     if predicted:
         p = rng.integers(-1, E, (S, L, K))
         p[:, 0] = ABSENT
@@ -296,7 +306,7 @@ LOADER_CASES = [
 
 def _run(module: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+                          check=False, timeout=120)
 
 
 def test_good_raw_file_loads(tmp_path):
