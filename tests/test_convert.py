@@ -227,8 +227,7 @@ def test_jsonl_without_meta_line(tmp_path):
 # ---------------------------------------------------------------------------------------- logits
 def torch_reference(logits: np.ndarray, k: int, norm: bool) -> tuple[np.ndarray, np.ndarray]:
     """transformers' Qwen3-MoE router, in float64: softmax, topk, optional renormalisation."""
-    import torch
-
+    torch = pytest.importorskip("torch")
     p = torch.softmax(torch.from_numpy(logits.astype(np.float64)), dim=-1)
     w, i = torch.topk(p, k, dim=-1)
     if norm:
