@@ -21,8 +21,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from jaxmoe.quants import QUANT_TYPES  # noqa: E402
-from sim.io import InputError, exit_on_input_error, write_text_atomic  # noqa: E402
+from jaxmoe.quants import QUANT_TYPES
+from sim.io import InputError, exit_on_input_error, write_text_atomic
 
 
 def best_time_s(fn, repeats: int) -> float:
@@ -49,8 +49,8 @@ def run(n_weights: int, repeats: int, formats: list[str], seed: int = 0) -> list
         q = cls.quantize(x)
         quant_s = time.process_time() - t0
         qtype = gguf.GGMLQuantizationType[name.upper()]
-        ours_s = best_time_s(lambda: cls.dequantize(q, x.shape), repeats)
-        gguf_s = best_time_s(lambda: gguf_dequantize(q, qtype), repeats)
+        ours_s = best_time_s(lambda cls=cls, q=q: cls.dequantize(q, x.shape), repeats)
+        gguf_s = best_time_s(lambda q=q, qtype=qtype: gguf_dequantize(q, qtype), repeats)
         rows.append({
             "format": name,
             "n_weights": int(x.size),

@@ -39,7 +39,8 @@ ggml/src/ggml-common.h. Class layout after gguf-py's gguf/quants.py.
 """
 from __future__ import annotations
 
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 
@@ -55,7 +56,7 @@ _F32 = np.float32
 QUANT_CHUNK_BLOCKS = 2048
 DEQUANT_CHUNK_BLOCKS = 1024
 
-QUANT_TYPES: dict[str, type["QuantFormat"]] = {}
+QUANT_TYPES: dict[str, type[QuantFormat]] = {}
 
 
 # ----------------------------------------------------------------------------------------------------

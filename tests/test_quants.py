@@ -12,10 +12,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from jaxmoe import quants
-from jaxmoe.quants import QUANT_TYPES, Q8_0, get_quant, nearest_int, requantize
+from jaxmoe.quants import Q8_0, QUANT_TYPES, get_quant, nearest_int, requantize
 
 gguf = pytest.importorskip("gguf")
-from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
+from gguf.quants import dequantize as gguf_dequantize
 
 NAMES = list(QUANT_TYPES)
 K_NAMES = ["q2_k", "q3_k", "q4_k", "q6_k"]

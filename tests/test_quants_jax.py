@@ -7,7 +7,7 @@ import pytest
 from jaxmoe.quants import QUANT_TYPES
 
 jax = pytest.importorskip("jax")
-from jaxmoe.quants_jax import dequantize_jnp  # noqa: E402
+from jaxmoe.quants_jax import dequantize_jnp
 
 NAMES = list(QUANT_TYPES)
 
