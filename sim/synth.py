@@ -36,7 +36,8 @@ order (per sequence, in chunks of `_CHUNK_TOKENS` tokens), so a config maps to e
 6. Prefetch hint (optional). predicted[t, l] for l >= 1 keeps each true expert of (t, l) in its
    rank slot with probability predict_accuracy; the other slots get distinct draws from pi that
    exclude every true expert, so the expected fraction of true experts predicted is exactly
-   predict_accuracy. Row l = 0 is ABSENT.
+   predict_accuracy. Row l = 0 is ABSENT; so is a slot no non-true expert is left for (only when
+   top_k > n_experts / 2).
 
 Grounding: "45 % of selections repeat at the next token" and "LRU holding 40 % of experts hits
 ≈ 90-95 %" on Qwen3-30B-A3B decode (docs/architecture.md, Facts); per-layer entropy, lagged reuse,
@@ -321,12 +322,15 @@ def _route_chunk(
                             predicted[c, l, j] = sel[j]
                     for j in range(K):
                         if not u[c, l, _U_HIT, j] < predict_p:
+                            # -1 (unknown) only when every expert is already taken (top_k near n_experts)
                             e = _draw_excluding(wl, total[l] - excl, mark, u[c, l, _U_REPL, j])
                             predicted[c, l, j] = e
-                            mark[e] = True
-                            excl += wl[e]
+                            if e >= 0:
+                                mark[e] = True
+                                excl += wl[e]
                     for j in range(K):
-                        mark[predicted[c, l, j]] = False
+                        if predicted[c, l, j] >= 0:
+                            mark[predicted[c, l, j]] = False
             for j in range(K):
                 mark[sel[j]] = False
         has_prev[0] = True
