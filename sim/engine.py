@@ -8,7 +8,7 @@ wait for its copy), so this split keeps the data flowing one way.
 
 Access groups. A decode group is one (token step, layer): its top-k experts, each with one token.
 A prefill group is one (micro-batch of up to `ubatch` prefill tokens of a sequence, layer): the
-distinct experts the batch routes to, each with its token count, its summed gate weight and its
+distinct experts the batch routes to (in the order of their last use within the batch, so recency matches a token-by-token pass), each with its token count, its summed gate weight and its
 best (lowest) HOBBIT score; the engine loads each distinct expert once per batch, as llama.cpp
 does. Prefetch runs in decode only: after serving layer l of a token, the experts predicted for
 layer l+1 (the trace's own predictions, or an oracle with accuracy p) are admitted to the cache.
@@ -159,7 +159,8 @@ def _prefill_group(trace: Trace, lo: int, hi: int, calib_steps) -> dict:
         if not ok.any():
             continue
         ids, w, s = ids[ok], weights[:, layer].reshape(-1)[ok], scores[:, layer].reshape(-1)[ok]
-        uniq = np.unique(ids)
+        _, last_rev = np.unique(ids[::-1], return_index=True)
+        uniq = ids[np.sort(ids.size - 1 - last_rev)]  # distinct experts in order of their last touch
         best = np.full(n_experts, np.inf)
         np.minimum.at(best, ids, s)
         out["layer"].append(layer)

@@ -130,6 +130,9 @@ def run_prepared(prep: Prepared, cfg: ReplayConfig) -> dict:
         hi_slots = static_slots(prep.calib_trace, policy, model.n_layers, model.n_experts, cfg.seed)
     except ValueError as exc:
         raise InputError(None, f"precision {cfg.precision!r}: {exc}") from None
+    if cfg.policy == "belady" and policy.is_dynamic:
+        raise InputError(None, "belady needs the whole future access sequence, which dynamic precision "
+                               "changes online (skips); use native or static precision with belady")
     try:
         caches = _make_caches(prep, cfg, capacity, policy.low_pool_share)
         fast = None if not cfg.fast else replay_fast(g, cfg.policy, dict(cfg.policy_params), cfg.partition,
