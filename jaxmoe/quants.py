@@ -73,8 +73,8 @@ def _nint_f32(fval: np.ndarray, lo: int, hi: int) -> np.ndarray:
     f = np.asarray(fval, dtype=_F32)
     r = f + _MAGIC  # rounds to an integer, ties to even, for |f| < 2**22 ...
     r -= _MAGIC
-    big = ~(np.abs(f) < _F32(4194303))  # ... beyond (and NaN) take ggml's bit trick literally
-    if big.any():
+    if f.size and not np.abs(f).max() < _F32(4194303):  # ... beyond (and NaN) take ggml's bit trick literally
+        big = ~(np.abs(f) < _F32(4194303))
         r[big] = nearest_int(f[big])
     np.maximum(r, _F32(lo), out=r)
     np.minimum(r, _F32(hi), out=r)

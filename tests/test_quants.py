@@ -313,6 +313,19 @@ def test_nearest_int_is_round_half_even(v):
     np.testing.assert_array_equal(nearest_int(v), np.rint(v).astype(np.int32))
 
 
+def test_nearest_int_out_of_range_follows_ggml_bit_trick():
+    # 4194303.5 + 1.5*2^23 rounds (ties to even) to 2^24, whose mantissa is 0 → 0 - 2^22 in ggml's C;
+    # 1e30f is 0x7149F2CA: mantissa 0x49F2CA - 0x400000 = 651978; NaN's mantissa 0x400000 → 0
+    v = np.array([4194303.5, -4194303.5, 1e30, np.nan], np.float32)
+    np.testing.assert_array_equal(nearest_int(v), [-4194304, -4194304, 651978, 0])
+
+
+@settings(max_examples=40, deadline=None)
+@given(hnp.arrays(np.float32, 32, elements=st.floats(-1e9, 1e9, width=32) | st.just(np.float32(np.nan))))
+def test_fast_clipped_rounding_equals_clipped_nearest_int(v):
+    np.testing.assert_array_equal(quants._nint_f32(v, -4, 3), np.clip(nearest_int(v), -4, 3).astype(np.float32))
+
+
 @settings(max_examples=25, deadline=None)
 @given(name=st.sampled_from(NAMES),
        x=hnp.arrays(np.float32, 512, elements=st.floats(-1e3, 1e3, width=32)))
