@@ -61,7 +61,7 @@ import numba
 import numpy as np
 
 from sim.io import InputError, exit_on_input_error
-from sim.trace import ABSENT, DECODE, PREFILL, Trace, TraceMeta, describe, save_trace
+from sim.trace import ABSENT, DECODE, PREFILL, Trace, TraceMeta, describe, load_trace, save_trace
 
 
 @dataclass(frozen=True)
@@ -460,25 +460,39 @@ def lru_hit_rates(trace: Trace, fractions: Sequence[float], phase: int | None = 
     return out
 
 
-def reuse_by_layer(trace: Trace, phase: int | None = DECODE) -> tuple[np.ndarray, float]:
-    """Fraction of each group's experts also selected by the same layer at the previous token.
+def reuse_by_layer(trace: Trace, phase: int | None = DECODE, lag: int = 1) -> tuple[np.ndarray, float]:
+    """Fraction of each group's experts also selected by the same layer `lag` tokens earlier.
 
-    Pairs are consecutive steps of one sequence, the later one in `phase` (None: any), both present.
-    Returns (per-layer fraction [layers], overall fraction).
+    Pairs are steps t - lag, t of one sequence with t in `phase` (None: any), both groups present.
+    Returns (per-layer fraction [layers], overall fraction); NaN where there is no pair.
     """
     ex = trace.experts
-    pair = trace.seq[1:] == trace.seq[:-1]
+    L, k = trace.meta.n_layers, trace.meta.top_k
+    if lag < 1 or lag >= trace.n_steps:
+        return np.full(L, np.nan), float("nan")
+    pair = trace.seq[lag:] == trace.seq[:-lag]
     if phase is not None:
-        pair &= trace.phase[1:] == phase
-    cur, prv = ex[1:][pair], ex[:-1][pair]  # [P, L, K]
+        pair &= trace.phase[lag:] == phase
+    cur, prv = ex[lag:][pair], ex[:-lag][pair]  # [P, L, K]
     ok = (cur[:, :, 0] != ABSENT) & (prv[:, :, 0] != ABSENT)
-    hits = (cur[:, :, :, None] == prv[:, :, None, :]).any(axis=3).sum(axis=2)  # [P, L]
-    k = trace.meta.top_k
+    hits = np.where(ok, (cur[:, :, :, None] == prv[:, :, None, :]).any(axis=3).sum(axis=2), 0)  # [P, L]
     n = ok.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
-        per_layer = np.where(ok, hits, 0).sum(axis=0) / (n * k)
-    overall = float(np.where(ok, hits, 0).sum() / max(1, ok.sum() * k)) if ok.any() else float("nan")
+        per_layer = hits.sum(axis=0) / (n * k)
+    overall = float(hits.sum() / (ok.sum() * k)) if ok.any() else float("nan")
     return per_layer, overall
+
+
+def distinct_experts(trace: Trace, phase: int | None = DECODE) -> float:
+    """Distinct (layer, expert) pairs a sequence selects during `phase`, averaged over sequences."""
+    m = trace.meta
+    sel = np.ones(trace.n_steps, bool) if phase is None else trace.phase == phase
+    counts = []
+    for s in np.unique(trace.seq[sel]):
+        ex = trace.experts[sel & (trace.seq == s)].astype(np.int64)  # [steps, L, K]
+        keys = (np.arange(m.n_layers)[None, :, None] * m.n_experts + ex)[ex != ABSENT]
+        counts.append(np.unique(keys).size)
+    return float(np.mean(counts)) if counts else float("nan")
 
 
 def popularity_entropy(trace: Trace, phase: int | None = DECODE) -> np.ndarray:
@@ -507,6 +521,9 @@ def prediction_accuracy(trace: Trace) -> float:
     return float(found.mean()) if found.size else float("nan")
 
 
+REUSE_LAGS = (1, 2, 4, 8, 16, 32, 64)
+
+
 def stats(trace: Trace, lru_fractions: Sequence[float] = (0.2, 0.3, 0.4, 0.5), phase: int = DECODE) -> dict:
     """Locality, skew, gate-weight and LRU statistics of a trace (JSON-ready dict)."""
     reuse_l, reuse = reuse_by_layer(trace, phase)
@@ -522,14 +539,56 @@ def stats(trace: Trace, lru_fractions: Sequence[float] = (0.2, 0.3, 0.4, 0.5), p
         "steps": int(sel.sum()),
         "reuse": reuse,
         "reuse_by_layer": [round(float(x), 4) for x in reuse_l],
+        "reuse_at_lag": {str(g): reuse_by_layer(trace, phase, g)[1] for g in REUSE_LAGS},
         "entropy_by_layer": [round(float(x), 4) for x in ent],
         "entropy_early": float(np.nanmean(ent[early])),
         "entropy_deep": float(np.nanmean(ent[deep])),
+        "distinct_experts_per_seq": distinct_experts(trace, phase),
         "weight_mean_by_rank": [round(float(x), 4) for x in (w.mean(axis=0) if w.size else [])],
         "lru_hit_rate": {f"{f:g}": v for f, v in lru_hit_rates(trace, lru_fractions, phase).items()},
     }
     if trace.predicted is not None:
         out["prediction_accuracy"] = prediction_accuracy(trace)
+    return out
+
+
+def _summary_row(trace: Trace) -> dict[str, float]:
+    """The flat statistics `compare` puts side by side (decode phase)."""
+    ent = popularity_entropy(trace, DECODE)
+    L = trace.meta.n_layers
+    row = {f"reuse lag {g}": reuse_by_layer(trace, DECODE, g)[1] for g in REUSE_LAGS}
+    row["entropy layer 0"] = float(ent[0])
+    row[f"entropy layers 1-{min(5, L - 1)}"] = float(np.nanmean(ent[1:6])) if L > 1 else float("nan")
+    row[f"entropy layers 6-{L - 1}"] = float(np.nanmean(ent[6:])) if L > 6 else float("nan")
+    row[f"entropy sd over layers 8-{L - 1}"] = float(np.nanstd(ent[8:])) if L > 9 else float("nan")
+    row["distinct experts per sequence"] = distinct_experts(trace, DECODE)
+    for f, v in lru_hit_rates(trace, (0.2, 0.3, 0.4, 0.5), DECODE).items():
+        row[f"LRU hit rate at {f:.0%} of experts"] = v
+    w = trace.weights[trace.phase == DECODE][trace.present[trace.phase == DECODE]]
+    for r, v in enumerate(w.mean(axis=0) if w.size else []):
+        row[f"gate weight rank {r + 1}"] = float(v)
+    return row
+
+
+def compare(real: Trace, model: str = "qwen3-30b-a3b", seeds: int = 8, **overrides: Any) -> list[dict]:
+    """Statistics of `real` beside those of synthetic traces of the same shape (mean, sd over seeds).
+
+    The synthetic config is the preset of `model` with the real trace's geometry (layers, experts,
+    top-k) and workload (number of sequences; prefill and decode steps of its first sequence).
+    """
+    m = real.meta
+    first = real.seq == real.seq[0]
+    base = preset(
+        model, n_layers=m.n_layers, n_experts=m.n_experts, top_k=m.top_k, n_seqs=len(np.unique(real.seq)),
+        prefill_tokens=int((real.phase[first] == PREFILL).sum()),
+        decode_tokens=int((real.phase[first] == DECODE).sum()), **overrides,
+    )
+    real_row = _summary_row(real)
+    syn_rows = [_summary_row(synthesize(dataclasses.replace(base, seed=s))) for s in range(seeds)]
+    out = []
+    for key, v in real_row.items():
+        vals = np.array([r.get(key, np.nan) for r in syn_rows], dtype=np.float64)
+        out.append({"statistic": key, "real": v, "synth_mean": float(np.mean(vals)), "synth_sd": float(np.std(vals))})
     return out
 
 
@@ -542,6 +601,8 @@ examples:
   python -m sim.synth -o /tmp/long.npz --seqs 1 --prefill 0 --decode 10000 --seed 3
   python -m sim.synth -o /tmp/mixtral.npz --model mixtral-8x7b --predict-accuracy 0.8
   python -m sim.synth -o /tmp/sticky.npz --reuse-p 0.5 --stats     # also print full stats JSON
+  python -m sim.convert ../shared/traces/bigmoeonedge/qwen.route.csv -o /tmp/real.npz
+  python -m sim.synth --compare /tmp/real.npz    # real vs synthetic statistics, same shape, 8 seeds
 """
 
 
@@ -556,7 +617,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         epilog=_EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("-o", "--output", required=True, help="output npz trace (written atomically)")
+    ap.add_argument("-o", "--output", help="output npz trace (written atomically); required unless --compare")
     ap.add_argument("--model", default="qwen3-30b-a3b", choices=sorted(PRESETS), help="preset (default %(default)s)")
     ap.add_argument("--seqs", type=int, help="number of sequences (default 4)")
     ap.add_argument("--prefill", type=int, help="prefill tokens per sequence (default 64)")
@@ -571,11 +632,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--prefill-skip-last-layer", action="store_true", default=None,
                     help="mark the last layer absent on prefill steps but each prompt's last (as llama.cpp)")
     ap.add_argument("--stats", action="store_true", help="print the full stats() JSON after the summary")
+    ap.add_argument("--compare", metavar="REAL.npz", help="instead of writing a trace: print REAL's statistics "
+                    "beside synthetic traces of the same shape (model knobs above apply)")
+    ap.add_argument("--seeds", type=int, default=8, help="--compare: synthetic traces to average (default 8)")
     a = ap.parse_args(argv)
+    knobs = dict(reuse_p=a.reuse_p, skew_deep=a.skew_deep, topic_share=a.topic_share)
+    if a.compare:
+        real = load_trace(a.compare)
+        if not (real.phase == DECODE).any():
+            raise InputError(a.compare, "has no decode steps to compare")
+        if a.seeds < 1:
+            raise InputError(None, f"--seeds must be >= 1, got {a.seeds}")
+        rows = compare(real, a.model, a.seeds, **knobs)
+        print(f"{a.compare} ({describe(real)}) vs sim.synth --model {a.model}, {a.seeds} seeds, decode phase:")
+        print(f"{'statistic':<36} {'real':>8} {'synth':>8} {'sd':>7}")
+        for r in rows:
+            print(f"{r['statistic']:<36} {r['real']:>8.3f} {r['synth_mean']:>8.3f} {r['synth_sd']:>7.3f}")
+        return
+    if not a.output:
+        ap.error("-o/--output is required (unless --compare)")
     cfg = preset(
         a.model, n_seqs=a.seqs, prefill_tokens=a.prefill, decode_tokens=a.decode, seed=a.seed,
-        reuse_p=a.reuse_p, skew_deep=a.skew_deep, topic_share=a.topic_share,
-        predict_accuracy=a.predict_accuracy, prefill_skip_last_layer=a.prefill_skip_last_layer,
+        predict_accuracy=a.predict_accuracy, prefill_skip_last_layer=a.prefill_skip_last_layer, **knobs,
     )
     t0 = time.perf_counter()
     trace = synthesize(cfg)

@@ -16,6 +16,8 @@ from hypothesis import strategies as st
 from sim.io import InputError
 from sim.synth import (
     PRESETS,
+    compare,
+    distinct_experts,
     SynthConfig,
     gate_weights,
     lru_hit_rates,
@@ -366,3 +368,43 @@ def test_cli_bad_argument_is_one_line_exit_2_and_no_file(tmp_path):
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "reuse_p" in r.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_lagged_reuse_and_distinct_counts_match_python_sets():
+    cfg = dataclasses.replace(SMALL, n_seqs=2, prefill_tokens=5, decode_tokens=30, n_layers=5)
+    tr = synthesize(cfg)
+    for lag in (1, 3, 7):
+        hit = n = 0
+        for t in range(lag, tr.n_steps):
+            if tr.seq[t] != tr.seq[t - lag] or tr.phase[t] != DECODE:
+                continue
+            for layer in range(5):
+                hit += len(set(tr.experts[t, layer].tolist()) & set(tr.experts[t - lag, layer].tolist()))
+                n += cfg.top_k
+        assert reuse_by_layer(tr, DECODE, lag)[1] == pytest.approx(hit / n, abs=1e-12)
+    per_seq = [len({(layer, int(e)) for t in range(tr.n_steps) if tr.seq[t] == s and tr.phase[t] == DECODE
+                    for layer in range(5) for e in tr.experts[t, layer]}) for s in range(2)]
+    assert distinct_experts(tr) == pytest.approx(np.mean(per_seq))
+
+
+def test_compare_cli_prints_real_beside_synthetic(tmp_path):
+    real = tmp_path / "real.npz"
+    save_trace(synthesize(dataclasses.replace(SMALL, n_seqs=1, prefill_tokens=4, decode_tokens=40, top_k=6)), real)
+    r = _cli("--compare", str(real), "--seeds", "2")
+    assert r.returncode == 0, r.stderr
+    lines = {ln.split("  ")[0].strip(): ln.split()[-3:] for ln in r.stdout.splitlines()[2:]}
+    assert "reuse lag 1" in lines and "gate weight rank 6" in lines and "gate weight rank 7" not in lines
+    r = _cli("--compare", str(tmp_path / "missing.npz"))
+    assert r.returncode == 2 and "missing.npz" in r.stderr
+
+
+def test_default_preset_matches_real_qwen3_trace(shared_qwen_csv):
+    """Calibration regression: the real Qwen3-30B-A3B route trace vs the preset at the same shape."""
+    from sim.convert import read_route_csv
+
+    rows = {r["statistic"]: r for r in compare(read_route_csv(shared_qwen_csv), seeds=3)}
+    for key, tol in [("reuse lag 1", 0.04), ("reuse lag 8", 0.04), ("entropy layer 0", 0.06),
+                     ("entropy layers 6-47", 0.03), ("LRU hit rate at 40% of experts", 0.03),
+                     ("gate weight rank 1", 0.01)]:
+        assert abs(rows[key]["real"] - rows[key]["synth_mean"]) < tol, rows[key]
+    assert abs(rows["distinct experts per sequence"]["synth_mean"] / rows["distinct experts per sequence"]["real"] - 1) < 0.1
