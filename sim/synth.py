@@ -54,8 +54,9 @@ import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numba
 import numpy as np
@@ -455,7 +456,7 @@ def lru_hit_rates(trace: Trace, fractions: Sequence[float], phase: int | None = 
     dist = _stack_distances(np.ascontiguousarray(keys), m.n_layers * m.n_experts)[counted]
     out = {}
     for f in fractions:
-        cap = int(round(f * m.n_layers * m.n_experts))
+        cap = round(f * m.n_layers * m.n_experts)
         out[float(f)] = float(((dist >= 0) & (dist < cap)).mean())
     return out
 
@@ -636,7 +637,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "beside synthetic traces of the same shape (model knobs above apply)")
     ap.add_argument("--seeds", type=int, default=8, help="--compare: synthetic traces to average (default 8)")
     a = ap.parse_args(argv)
-    knobs = dict(reuse_p=a.reuse_p, skew_deep=a.skew_deep, topic_share=a.topic_share)
+    knobs = {"reuse_p": a.reuse_p, "skew_deep": a.skew_deep, "topic_share": a.topic_share}
     if a.compare:
         real = load_trace(a.compare)
         if not (real.phase == DECODE).any():

@@ -16,9 +16,9 @@ from hypothesis import strategies as st
 from sim.io import InputError
 from sim.synth import (
     PRESETS,
+    SynthConfig,
     compare,
     distinct_experts,
-    SynthConfig,
     gate_weights,
     lru_hit_rates,
     popularity_entropy,
@@ -47,7 +47,7 @@ def small_trace():
 def brute_lru_hit_rate(trace, fraction: float, phase: int = DECODE) -> float:
     """Global LRU over (layer, expert) keys with an OrderedDict; hits counted on `phase` accesses."""
     m = trace.meta
-    cap = int(round(fraction * m.n_layers * m.n_experts))
+    cap = round(fraction * m.n_layers * m.n_experts)
     cache: OrderedDict = OrderedDict()
     hits = n = 0
     for t in range(trace.n_steps):
@@ -345,7 +345,8 @@ def test_stats_reports_the_documented_keys(small_trace):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "sim.synth", *args], cwd=ROOT, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "sim.synth", *args], cwd=ROOT, capture_output=True, text=True,
+                          check=False)
 
 
 def test_cli_writes_a_loadable_trace_and_prints_reuse(tmp_path):
