@@ -406,8 +406,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     prep = prepare(base)
     policies = _split(args.policy)
     precisions = _split(args.precision)
-    for p in precisions:
-        parse_precision(p)  # fail fast on a typo
+    from sim.cache import POLICY_NAMES
+
+    for pol in policies:
+        if pol not in POLICY_NAMES:
+            raise InputError(None, f"unknown cache policy {pol!r}; known: {', '.join(sorted(POLICY_NAMES))}")
+    for prec in precisions:
+        parsed = parse_precision(prec)  # fail fast on a typo
+        if parsed.is_static and prep.calib_trace is None:
+            raise InputError(None, f"precision {prec!r} needs a calibration window (--calib-fraction > 0)")
+        if parsed.is_dynamic and "belady" in policies:
+            raise InputError(None, "belady needs the whole future access sequence, which dynamic precision "
+                                   "changes online (skips); use native or static precision with belady")
     budgets = _budget_values(prep, args)
     configs = [replace(base, policy=pol, precision=prec, capacity_bytes=cap)
                for cap, _ in budgets for pol in policies for prec in precisions]
