@@ -202,6 +202,7 @@ def _gate_weights_row(u: np.ndarray, n: int, tail: float, temperature: float, ou
     s = 0.0
     for i in range(k):
         x += -math.log(1.0 - u[i]) / (n - i)  # i-th smallest of n Exp(1) (exponential spacings)
+        x = max(x, 1e-300)  # u == 0 exactly (probability 2**-53) would give log(0)
         logit = -math.log(x) if tail == 0.0 else (1.0 - x**tail) / tail
         if i == 0:
             top = logit
