@@ -535,6 +535,13 @@ def iter_source_documents(source: Source, root: Path) -> Iterator[tuple[str, str
 # Build
 # ----------------------------------------------------------------------------------------------
 
+def _display_path(path: Path) -> str:
+    """A path as written in meta.json: relative to the repository when inside it."""
+    path = Path(path).resolve()
+    repo = TOKENIZER_PATH.parent.parent
+    return path.relative_to(repo).as_posix() if path.is_relative_to(repo) else str(path)
+
+
 def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -602,7 +609,7 @@ def build(out_dir: Path, cache_dir: Path, tokenizer_path: Path, retrain: bool, a
         "command": COMMAND,
         "format": {"dtype": "uint16 little-endian", "layout": "documents concatenated in split "
                    "order; each document's tokens are followed by eos_id"},
-        "tokenizer": {"path": "jaxmoe/tokenizer.json", "sha256": sha256_file(tokenizer_path),
+        "tokenizer": {"path": _display_path(tokenizer_path), "sha256": sha256_file(tokenizer_path),
                       "type": "byte-level BPE (tokenizers)", "vocab_size": tok.get_vocab_size(),
                       "special_tokens": ids, "eos_id": eos_id, "pad_id": ids[PAD_TOKEN]},
         "split": {"seed": seed, "fractions": dict(SPLIT_FRACTIONS),
