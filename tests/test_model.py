@@ -18,7 +18,7 @@ FWD = jax.jit(M.forward, static_argnames=("cfg", "return_router_probs", "expert_
 PREFILL = jax.jit(M.prefill, static_argnames=("cfg",))
 DECODE = jax.jit(M.decode_step, static_argnames=("cfg",))
 
-TINY = M.Config(vocab=97, hidden=64, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=16, n_experts=8, top_k=3,
+TINY = M.Config(vocab=97, hidden=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, n_experts=8, top_k=3,
                 expert_ffn=32, rope_theta=10000.0, max_seq=32)
 
 
