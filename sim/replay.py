@@ -62,6 +62,7 @@ class Prepared:
         self.trace, self.model, self.hw, self.seed, self.context = trace, model, hw, seed, context
         self.prefetch = prefetch
         calib = calibration_steps(trace, calib_fraction)
+        self.calib_steps = calib
         self.calib_trace = trace.select(np.flatnonzero(calib)) if calib.any() else None
         predicted = None
         if prefetch == "none":
@@ -169,7 +170,7 @@ def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: 
     counted_g = ~g.calib & np.isin(g.phase, PHASES[cfg.phase])
     counted = counted_g[group_of]
     low = served & (slot > 0)
-    decode_tokens = int((counted_g & g.token_end & (g.phase == DECODE)).sum())
+    tokens = int(np.isin(prep.trace.phase[~prep.calib_steps], PHASES[cfg.phase]).sum())
     hits = int((counted & (out.result == HIT)).sum())
     accesses = int(counted.sum())
     demand_bytes = int(acc_bytes[counted].sum())
@@ -196,8 +197,8 @@ def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: 
         demand_bytes=demand_bytes,
         prefetch_bytes=prefetch_bytes,
         bytes_moved=demand_bytes + prefetch_bytes,
-        decode_tokens=decode_tokens,
-        bytes_per_token=(demand_bytes + prefetch_bytes) / decode_tokens if decode_tokens else float("nan"),
+        tokens=tokens,
+        bytes_per_token=(demand_bytes + prefetch_bytes) / tokens if tokens else float("nan"),
         low_precision_mass=float(g.mass[counted & low].sum()) / mass_total if mass_total else 0.0,
         skipped_mass=float(g.mass[counted & ~served].sum()) / mass_total if mass_total else 0.0,
         per_layer_hit_rate=[round(float(h) / a, 6) if a else None for h, a in zip(layer_hit, layer_acc)],
@@ -215,14 +216,12 @@ def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: 
         )
         sched = simulate(costs)
         span = np.diff(np.r_[0.0, sched.end_s])
-        dec = counted_g & (g.phase == DECODE) if cfg.phase != "prefill" else ~g.calib & (g.phase == DECODE)
-        decode_s = float(span[dec].sum())
-        pre = ~g.calib & (g.phase == PREFILL)
+        counted_s = float(span[counted_g].sum())
         rec.update(
-            tokens_per_s=decode_tokens / decode_s if decode_s > 0 and decode_tokens else float("nan"),
-            decode_s=decode_s,
-            prefill_s=float(span[pre].sum()),
-            stall_fraction=float(sched.stall_s[dec].sum()) / decode_s if decode_s > 0 else float("nan"),
+            tokens_per_s=tokens / counted_s if counted_s > 0 and tokens else float("nan"),
+            stall_fraction=float(sched.stall_s[counted_g].sum()) / counted_s if counted_s > 0 else float("nan"),
+            decode_s=float(span[~g.calib & (g.phase == DECODE)].sum()),
+            prefill_s=float(span[~g.calib & (g.phase == PREFILL)].sum()),
         )
     return rec
 
