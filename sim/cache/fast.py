@@ -243,13 +243,27 @@ def replay_hits(
     is_admit=None,
     **params,
 ) -> np.ndarray:
-    """Replay a key stream through a fresh `policy` cache; bool per entry (hit, or resident after admit)."""
+    """Replay a key stream through a fresh `policy` cache; bool per entry (hit, or resident after admit).
+
+    Policies other than lru/slru run the Python class; belady is prepared with the stream itself
+    (its accesses and group starts); static needs `calibration=(calibration_keys, sizes)`.
+    """
     keys, sizes, starts, admit = _check_stream(keys, sizes, group_starts, is_admit)
     capacity = int(capacity_bytes)
     if capacity < 0:
         raise ValueError(f"capacity_bytes must be >= 0, got {capacity}")
     if policy not in FAST_POLICIES:
-        return replay_hits_python(make_policy(policy, capacity, **params), keys, sizes, starts, is_admit=admit)
+        calibration = params.pop("calibration", None)
+        cache = make_policy(policy, capacity, **params)
+        if policy == "belady":
+            access = ~admit
+            n_before = np.cumsum(np.r_[0, access.astype(np.int64)])  # accesses before each index
+            cache.prepare(keys[access], sizes[access], n_before[starts])
+        elif policy == "static":
+            if calibration is None:
+                raise TypeError("static needs calibration=(calibration_keys, sizes)")
+            cache.fit(*calibration)
+        return replay_hits_python(cache, keys, sizes, starts, is_admit=admit)
     ids, n_ids = _dense_ids(keys)
     grp, ends = _group_index(keys.shape[0], starts)
     if policy == "lru":

@@ -88,13 +88,31 @@ class PerLayerCache(CachePolicy):
         """Drop `key` from its layer's sub-cache."""
         return self._sub(key).remove(key)
 
-    def prepare(self, future_keys: Iterable[int]) -> "PerLayerCache":
-        """Belady: give each layer's sub-cache its own part of the future."""
+    def prepare(self, future_keys: Iterable[int], sizes=None, group_starts=None) -> "PerLayerCache":
+        """Belady: give each layer's sub-cache its own part of the future (and of sizes and groups)."""
+        keys = [int(k) for k in future_keys]
+        sizes = None if sizes is None else [int(s) for s in sizes]
+        starts = [] if group_starts is None else sorted(int(s) for s in group_starts)
         parts: list[list[int]] = [[] for _ in self.subs]
-        for k in future_keys:
-            parts[key_layer(k)].append(k)
-        for s, part in zip(self.subs, parts):
-            s.prepare(part)
+        part_sizes: list[list[int]] = [[] for _ in self.subs]
+        part_starts: list[list[int]] = [[] for _ in self.subs]
+        last_gid = [None] * self.n_layers
+        gid = 0
+        for i, k in enumerate(keys):
+            layer = key_layer(k)
+            if layer >= self.n_layers:
+                raise ValueError(f"key {k} is in layer {layer}, outside the {self.n_layers} partitions")
+            while gid < len(starts) and starts[gid] <= i:
+                gid += 1  # gid = number of group starts <= i
+            if last_gid[layer] != gid:  # this layer's accesses of a new group begin here
+                part_starts[layer].append(len(parts[layer]))
+                last_gid[layer] = gid
+            parts[layer].append(k)
+            if sizes is not None:
+                part_sizes[layer].append(sizes[i])
+        for layer, s in enumerate(self.subs):
+            s.prepare(parts[layer], None if sizes is None else part_sizes[layer],
+                      None if group_starts is None else part_starts[layer])
         return self
 
     def fit(self, calibration_keys: Iterable[int], sizes: Mapping[int, int] | Iterable[int], **kw) -> "PerLayerCache":
