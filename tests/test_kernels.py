@@ -1,0 +1,146 @@
+"""Expert FFN: jnp reference against float64 numpy (gguf dequantizer), Pallas kernel in interpret mode, GPU runs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+gguf = pytest.importorskip("gguf")
+import jax.numpy as jnp  # noqa: E402
+from gguf import GGMLQuantizationType as T  # noqa: E402
+
+from jaxmoe.kernels import expert_ffn as ef  # noqa: E402
+from jaxmoe.kernels import repack  # noqa: E402
+
+QTYPE = {"q2_k": T.Q2_K, "q3_k": T.Q3_K, "q4_k": T.Q4_K}
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.all(np.isfinite(a)), "non-finite output"
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def make_case(fmt, n_experts, hidden, ffn, seed):
+    rng = np.random.default_rng(seed)
+    raw = {"gate": repack.random_gguf(fmt, ffn, hidden, rng, lead=(n_experts,)),
+           "up": repack.random_gguf(fmt, ffn, hidden, rng, lead=(n_experts,)),
+           "down": repack.random_gguf(fmt, hidden, ffn, rng, lead=(n_experts,))}
+    return raw, ef.bank_from_gguf(raw["gate"], raw["up"], raw["down"], fmt)
+
+
+def numpy_ffn(x, raw, ids, fmt):
+    """float64 oracle from the gguf package's dequantizer."""
+    out = []
+    for e in ids:
+        wg, wu, wd = (gguf.quants.dequantize(raw[k][e], QTYPE[fmt]).astype(np.float64) for k in ("gate", "up", "down"))
+        g, u = x @ wg.T, x @ wu.T
+        out.append((g / (1 + np.exp(-g)) * u) @ wd.T)
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("fmt", repack.FORMATS)
+def test_jnp_dequant_bit_exact(fmt):
+    raw, bank = make_case(fmt, 2, 512, 256, seed=5)
+    for k in ("gate", "up", "down"):
+        np.testing.assert_array_equal(np.asarray(ef.dequantize_jnp(bank[k], fmt)),
+                                      gguf.quants.dequantize(raw[k], QTYPE[fmt]))
+
+
+@pytest.mark.parametrize("act_bits", [8, 16])
+def test_activation_quantization_error_bound(act_bits):
+    x = jnp.asarray(np.random.default_rng(6).standard_normal((3, 512)) * np.geomspace(1e-3, 10, 512), jnp.float32)
+    hi, lo, step, bsum = ef.quantize_activations(x, act_bits)
+    back = np.asarray(ef.dequantize_activations(hi, lo, step))
+    amax = np.abs(np.asarray(x)).reshape(3, -1, 16).max(-1, keepdims=True)
+    bound = amax / 127 / (2 if act_bits == 8 else 256) * 1.001 + 1e-12  # lo clips at 127: one lo step
+    err = np.abs(back - np.asarray(x)).reshape(3, -1, 16)
+    assert np.all(err <= bound)
+    np.testing.assert_allclose(np.asarray(bsum), back.reshape(3, -1, 16).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", repack.FORMATS + ("bf16",))
+def test_reference_and_xla_against_float64(fmt):
+    if fmt == "bf16":
+        bank = ef.random_bank("bf16", 3, 256, 256, seed=1)
+        wts = {k: np.asarray(v.astype(jnp.float32), np.float64) for k, v in bank.items()}
+        x = np.random.default_rng(7).standard_normal((4, 256))
+        ids = [2, 0]
+        want = np.stack([((lambda g, u: g / (1 + np.exp(-g)) * u)(x @ wts["gate"][e].T, x @ wts["up"][e].T))
+                         @ wts["down"][e].T for e in ids])
+    else:
+        raw, bank = make_case(fmt, 3, 512, 256, seed=7)
+        x = np.random.default_rng(7).standard_normal((4, 512))
+        ids = [2, 0]
+        want = numpy_ffn(x, raw, ids, fmt)
+    xj = jnp.asarray(x, jnp.float32)
+    assert rel_err(ef.expert_ffn(xj, bank, jnp.array(ids), fmt=fmt), want) < 1e-5
+    assert rel_err(ef.expert_ffn(xj, bank, jnp.array(ids), fmt=fmt, implementation="xla"), want) < 2e-2
+
+
+@pytest.mark.parametrize("fmt", repack.FORMATS)
+def test_pallas_interpret_matches_reference(fmt):
+    raw, bank = make_case(fmt, 3, 256, 256, seed=11)
+    x = jnp.asarray(np.random.default_rng(12).standard_normal((3, 256)), jnp.bfloat16)
+    ids = jnp.array([2, 2, 0], jnp.int32)  # a repeated id must work too
+    cfg = ef.BlockConfig(block_n_up=128, block_n_down=128, block_m=2)
+    got = ef.expert_ffn(x, bank, ids, fmt=fmt, implementation="pallas", block_config=cfg, interpret=True)
+    assert got.shape == (3, 3, 256) and got.dtype == jnp.float32
+    # Same activation quantization as the kernel: agreement to float32 rounding.
+    assert rel_err(got, ef.ffn_reference(x, bank, ids, fmt, act_bits=16)) < 1e-4
+    assert rel_err(got, numpy_ffn(np.asarray(x, np.float64), raw, [2, 2, 0], fmt)) < 1e-3
+
+
+def test_pallas_interpret_int8_activations():
+    _, bank = make_case("q2_k", 2, 256, 256, seed=13)
+    x = jnp.asarray(np.random.default_rng(14).standard_normal((1, 256)), jnp.float32)
+    ids = jnp.array([1], jnp.int32)
+    cfg = ef.BlockConfig(block_n_up=256, block_n_down=256, act_bits=8)
+    got = ef.expert_ffn(x, bank, ids, fmt="q2_k", implementation="pallas", block_config=cfg, interpret=True)
+    assert rel_err(got, ef.ffn_reference(x, bank, ids, "q2_k", act_bits=8)) < 1e-4
+    assert rel_err(got, ef.ffn_reference(x, bank, ids, "q2_k")) < 5e-2
+
+
+def test_bad_arguments():
+    _, bank = make_case("q4_k", 1, 256, 256, seed=0)
+    x = jnp.ones((1, 256), jnp.float32)
+    with pytest.raises(ValueError, match="implementation"):
+        ef.expert_ffn(x, bank, jnp.array([0]), fmt="q4_k", implementation="cuda")
+    with pytest.raises(ValueError, match="power of 2"):
+        ef.expert_ffn(x, bank, jnp.array([0]), fmt="q4_k", implementation="pallas",
+                      block_config=ef.BlockConfig(block_n_up=48), interpret=True)
+    with pytest.raises(ValueError, match="format"):
+        ef.expert_ffn(x, bank, jnp.array([0]), fmt="q6_k")
+
+
+def _has_gpu() -> bool:
+    try:
+        return any(d.platform == "gpu" for d in jax.devices())
+    except RuntimeError:
+        return False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("fmt", repack.FORMATS)
+@pytest.mark.parametrize("act_bits", [16, 8])
+def test_gpu_kernel_matches_reference(fmt, act_bits):
+    # Full Qwen3-30B-A3B expert shapes, a 16-expert bank, fresh random inputs per case.
+    raw, bank = make_case(fmt, 16, 2048, 768, seed=100 + act_bits)
+    rng = np.random.default_rng(200 + act_bits)
+    cfg = ef.BlockConfig(act_bits=act_bits)
+    for m in (1, 3, 16, 64):
+        for ids in (rng.choice(16, 8, replace=False), rng.choice(16, 1)):
+            x = jnp.asarray(rng.standard_normal((m, 2048)), jnp.bfloat16)
+            idj = jnp.asarray(ids, jnp.int32)
+            got = jax.block_until_ready(ef.expert_ffn(x, bank, idj, fmt=fmt, implementation="pallas", block_config=cfg))
+            ref = ef.ffn_reference(x, bank, idj, fmt)
+            tol = 1e-3 if act_bits == 16 else 2.5e-2
+            assert rel_err(got, ref) < tol, (m, ids)
+            if act_bits == 16:
+                assert rel_err(got, ef.ffn_reference(x, bank, idj, fmt, act_bits=16)) < 1e-4
+    # one independent float64 check
+    x = rng.standard_normal((2, 2048))
+    got = ef.expert_ffn(jnp.asarray(x, jnp.float32), bank, jnp.array([3, 9]), fmt=fmt, implementation="pallas",
+                        block_config=cfg)
+    assert rel_err(got, numpy_ffn(x, raw, [3, 9], fmt)) < (1e-3 if act_bits == 16 else 2.5e-2)
