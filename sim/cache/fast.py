@@ -9,8 +9,8 @@ start the non-admit keys of the group become protected; an access is a hit or a 
 it fits, or bypass); an admit inserts if absent. The result is one bool per entry: for an access,
 hit; for an admit, whether the key is resident afterwards.
 
-Kernels: keys are first mapped to dense ids `(layer * n_experts + expert) * 16 + fmt` (numpy,
-vectorised; np.unique when that space would be too large). LRU is a circular doubly linked list
+Kernels: keys are first mapped to dense ids `(layer * n_experts + expert) * 16 + fmt` (one numba
+pass; np.unique when that space would be too large); the replay then walks the groups in order. LRU is a circular doubly linked list
 over the ids (arrays prev/next, sentinel = n_ids), most recent at the tail; SLRU has two such
 lists (probation, protected) and the same rules as sim/cache/slru.py. Group protection is a stamp
 array: id is protected iff stamp[id] == current group index. The kernels are compiled on first
@@ -27,185 +27,181 @@ FAST_POLICIES = ("lru", "slru")
 _DENSE_LIMIT = 1 << 24  # largest dense id space before falling back to np.unique
 
 
+@numba.njit(cache=True)
+def _dense_ids_nb(keys):  # pragma: no cover - compiled
+    """(layer * n_experts + expert) * 16 + fmt, with n_experts = max expert + 1; and the id count."""
+    max_layer = 0
+    max_expert = 0
+    for k in keys:
+        max_layer = max(max_layer, k >> 20)
+        max_expert = max(max_expert, (k >> 4) & 0xFFFF)
+    n_experts = max_expert + 1
+    n_ids = (max_layer + 1) * n_experts * 16
+    ids = np.empty(keys.shape[0], np.int32)
+    if n_ids > _DENSE_LIMIT:
+        return ids, -1
+    for i in range(keys.shape[0]):
+        k = keys[i]
+        ids[i] = ((k >> 20) * n_experts + ((k >> 4) & 0xFFFF)) * 16 + (k & 0xF)
+    return ids, n_ids
+
+
 def _dense_ids(keys: np.ndarray) -> tuple[np.ndarray, int]:
     if keys.size == 0:
-        return keys.astype(np.int64), 0
-    layer = keys >> 20
-    expert = (keys >> 4) & 0xFFFF
-    fmt = keys & 0xF
-    n_experts = int(expert.max()) + 1
-    n_ids = (int(layer.max()) + 1) * n_experts * 16
-    if n_ids <= _DENSE_LIMIT:
-        return (layer * n_experts + expert) * 16 + fmt, n_ids
+        return np.zeros(0, np.int32), 0
+    ids, n_ids = _dense_ids_nb(keys)
+    if n_ids >= 0:
+        return ids, n_ids
     uniq, inv = np.unique(keys, return_inverse=True)
-    return inv.astype(np.int64), len(uniq)
+    return inv.astype(np.int32), len(uniq)
+
+
+@numba.njit(cache=True, inline="always")
+def _unlink(prv, nxt, k):  # pragma: no cover - compiled
+    p = prv[k]
+    q = nxt[k]
+    nxt[p] = q
+    prv[q] = p
+
+
+@numba.njit(cache=True, inline="always")
+def _append(prv, nxt, head, k):  # pragma: no cover - compiled
+    """Put k at the most recent end (just before the sentinel `head`)."""
+    t = prv[head]
+    nxt[t] = k
+    prv[k] = t
+    nxt[k] = head
+    prv[head] = k
+
+
+@numba.njit(cache=True, inline="always")
+def _protect(ids, admit, lo, hi, g, stamp, resident, size_of):  # pragma: no cover - compiled
+    """Stamp group g's accessed ids; return the bytes of those already resident."""
+    gbytes = 0
+    for j in range(lo, hi):
+        if not admit[j]:
+            k = ids[j]
+            if stamp[k] != g:
+                stamp[k] = g
+                if resident[k]:
+                    gbytes += size_of[k]
+    return gbytes
 
 
 @numba.njit(cache=True)
-def _lru_kernel(ids, sizes, grp, grp_end, admit, n_ids, capacity):  # pragma: no cover - compiled
+def _lru_kernel(ids, sizes, starts, admit, n_ids, capacity):  # pragma: no cover - compiled
     n = ids.shape[0]
+    n_groups = starts.shape[0]
     hits = np.zeros(n, np.bool_)
     head = n_ids  # sentinel: nxt[head] = least recent, prv[head] = most recent
-    prv = np.empty(n_ids + 1, np.int64)
-    nxt = np.empty(n_ids + 1, np.int64)
+    prv = np.empty(n_ids + 1, np.int32)
+    nxt = np.empty(n_ids + 1, np.int32)
     prv[head] = head
     nxt[head] = head
-    res = np.zeros(n_ids, np.bool_)
-    size_of = np.zeros(n_ids, np.int64)
-    stamp = np.full(n_ids, -2, np.int64)
+    res = np.zeros(n_ids + 1, np.bool_)
+    size_of = np.zeros(n_ids + 1, np.int64)
+    stamp = np.full(n_ids + 1, -2, np.int64)
     used = 0
-    gbytes = 0
-    cur = -1
-    for i in range(n):
-        g = grp[i]
-        if g != cur:
-            cur = g
-            gbytes = 0
-            if g >= 0:
-                for j in range(i, grp_end[g]):
-                    if not admit[j]:
-                        k = ids[j]
-                        if stamp[k] != g:
-                            stamp[k] = g
-                            if res[k]:
-                                gbytes += size_of[k]
-        k = ids[i]
-        if res[k]:
-            hits[i] = True
-            if not admit[i]:  # move to most recent
-                p = prv[k]
-                q = nxt[k]
-                nxt[p] = q
-                prv[q] = p
-                t = prv[head]
-                nxt[t] = k
-                prv[k] = t
-                nxt[k] = head
-                prv[head] = k
-            continue
-        s = sizes[i]
-        if s > capacity - gbytes:
-            continue  # bypass
-        while used + s > capacity:
-            v = nxt[head]
-            while stamp[v] == cur:
-                v = nxt[v]
-            p = prv[v]
-            q = nxt[v]
-            nxt[p] = q
-            prv[q] = p
-            res[v] = False
-            used -= size_of[v]
-        t = prv[head]
-        nxt[t] = k
-        prv[k] = t
-        nxt[k] = head
-        prv[head] = k
-        res[k] = True
-        size_of[k] = s
-        used += s
-        if stamp[k] == cur:
-            gbytes += s
-        if admit[i]:
-            hits[i] = True
+    for g in range(-1, n_groups):  # g = -1: the entries before the first group
+        lo = 0 if g < 0 else starts[g]
+        hi = starts[g + 1] if g + 1 < n_groups else n
+        gbytes = 0 if g < 0 else _protect(ids, admit, lo, hi, g, stamp, res, size_of)
+        for i in range(lo, hi):
+            k = ids[i]
+            if res[k]:
+                hits[i] = True
+                if not admit[i]:
+                    _unlink(prv, nxt, k)
+                    _append(prv, nxt, head, k)
+                continue
+            s = sizes[i]
+            if s > capacity - gbytes:
+                continue  # bypass
+            while used + s > capacity:
+                v = nxt[head]
+                while stamp[v] == g:
+                    v = nxt[v]
+                _unlink(prv, nxt, v)
+                res[v] = False
+                used -= size_of[v]
+            _append(prv, nxt, head, k)
+            res[k] = True
+            size_of[k] = s
+            used += s
+            if stamp[k] == g:
+                gbytes += s
+            if admit[i]:
+                hits[i] = True
     return hits
 
 
 @numba.njit(cache=True)
-def _slru_kernel(ids, sizes, grp, grp_end, admit, n_ids, capacity, prot_cap):  # pragma: no cover
+def _slru_kernel(ids, sizes, starts, admit, n_ids, capacity, prot_cap):  # pragma: no cover - compiled
     n = ids.shape[0]
+    n_groups = starts.shape[0]
     hits = np.zeros(n, np.bool_)
     pb = n_ids  # probation sentinel
     pt = n_ids + 1  # protected sentinel
-    prv = np.empty(n_ids + 2, np.int64)
-    nxt = np.empty(n_ids + 2, np.int64)
+    prv = np.empty(n_ids + 2, np.int32)
+    nxt = np.empty(n_ids + 2, np.int32)
     prv[pb] = pb
     nxt[pb] = pb
     prv[pt] = pt
     nxt[pt] = pt
-    seg = np.zeros(n_ids, np.int8)  # 0 absent, 1 probation, 2 protected
-    size_of = np.zeros(n_ids, np.int64)
+    seg = np.zeros(n_ids + 2, np.int8)  # 0 absent, 1 probation, 2 protected
+    res = np.zeros(n_ids + 2, np.bool_)
+    size_of = np.zeros(n_ids + 2, np.int64)
     stamp = np.full(n_ids + 2, -2, np.int64)
     used = 0
     prot_bytes = 0
-    gbytes = 0
-    cur = -1
-    for i in range(n):
-        g = grp[i]
-        if g != cur:
-            cur = g
-            gbytes = 0
-            if g >= 0:
-                for j in range(i, grp_end[g]):
-                    if not admit[j]:
-                        k = ids[j]
-                        if stamp[k] != g:
-                            stamp[k] = g
-                            if seg[k] != 0:
-                                gbytes += size_of[k]
-        k = ids[i]
-        if seg[k] != 0:
-            hits[i] = True
-            if admit[i]:
+    for g in range(-1, n_groups):
+        lo = 0 if g < 0 else starts[g]
+        hi = starts[g + 1] if g + 1 < n_groups else n
+        gbytes = 0 if g < 0 else _protect(ids, admit, lo, hi, g, stamp, res, size_of)
+        for i in range(lo, hi):
+            k = ids[i]
+            if res[k]:
+                hits[i] = True
+                if admit[i]:
+                    continue
+                _unlink(prv, nxt, k)
+                if seg[k] == 1:
+                    prot_bytes += size_of[k]
+                    seg[k] = 2
+                _append(prv, nxt, pt, k)
+                while prot_bytes > prot_cap:  # demote protected LRU to probation MRU
+                    v = nxt[pt]
+                    _unlink(prv, nxt, v)
+                    prot_bytes -= size_of[v]
+                    seg[v] = 1
+                    _append(prv, nxt, pb, v)
                 continue
-            # unlink, then append to the protected tail
-            p = prv[k]
-            q = nxt[k]
-            nxt[p] = q
-            prv[q] = p
-            if seg[k] == 1:
-                prot_bytes += size_of[k]
-                seg[k] = 2
-            t = prv[pt]
-            nxt[t] = k
-            prv[k] = t
-            nxt[k] = pt
-            prv[pt] = k
-            while prot_bytes > prot_cap:
-                v = nxt[pt]
-                p = prv[v]
-                q = nxt[v]
-                nxt[p] = q
-                prv[q] = p
-                prot_bytes -= size_of[v]
-                seg[v] = 1
-                t = prv[pb]
-                nxt[t] = v
-                prv[v] = t
-                nxt[v] = pb
-                prv[pb] = v
-            continue
-        s = sizes[i]
-        if s > capacity - gbytes:
-            continue  # bypass
-        while used + s > capacity:
-            v = nxt[pb]
-            while v != pb and stamp[v] == cur:
-                v = nxt[v]
-            if v == pb:
-                v = nxt[pt]
-                while stamp[v] == cur:
+            s = sizes[i]
+            if s > capacity - gbytes:
+                continue  # bypass
+            while used + s > capacity:
+                v = nxt[pb]
+                while v != pb and stamp[v] == g:
                     v = nxt[v]
-            p = prv[v]
-            q = nxt[v]
-            nxt[p] = q
-            prv[q] = p
-            if seg[v] == 2:
-                prot_bytes -= size_of[v]
-            seg[v] = 0
-            used -= size_of[v]
-        t = prv[pb]
-        nxt[t] = k
-        prv[k] = t
-        nxt[k] = pb
-        prv[pb] = k
-        seg[k] = 1
-        size_of[k] = s
-        used += s
-        if stamp[k] == cur:
-            gbytes += s
-        if admit[i]:
-            hits[i] = True
+                if v == pb:
+                    v = nxt[pt]
+                    while stamp[v] == g:
+                        v = nxt[v]
+                _unlink(prv, nxt, v)
+                if seg[v] == 2:
+                    prot_bytes -= size_of[v]
+                seg[v] = 0
+                res[v] = False
+                used -= size_of[v]
+            _append(prv, nxt, pb, k)
+            seg[k] = 1
+            res[k] = True
+            size_of[k] = s
+            used += s
+            if stamp[k] == g:
+                gbytes += s
+            if admit[i]:
+                hits[i] = True
     return hits
 
 
@@ -224,13 +220,6 @@ def _check_stream(keys, sizes, group_starts, is_admit):
     if admit.shape != keys.shape:
         raise ValueError(f"is_admit {admit.shape} must match keys {keys.shape}")
     return keys, sizes, starts, admit
-
-
-def _group_index(n: int, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Group of each entry (-1 before the first start) and each group's end; empty groups vanish."""
-    grp = np.searchsorted(starts, np.arange(n), side="right") - 1
-    ends = np.append(starts[1:], n).astype(np.int64)
-    return grp.astype(np.int64), ends
 
 
 def replay_hits(
@@ -265,17 +254,16 @@ def replay_hits(
             cache.fit(*calibration)
         return replay_hits_python(cache, keys, sizes, starts, is_admit=admit)
     ids, n_ids = _dense_ids(keys)
-    grp, ends = _group_index(keys.shape[0], starts)
     if policy == "lru":
         if params:
             raise TypeError(f"lru takes no parameters, got {sorted(params)}")
-        return _lru_kernel(ids, sizes, grp, ends, admit, n_ids, capacity)
+        return _lru_kernel(ids, sizes, starts, admit, n_ids, capacity)
     share = params.pop("protected_share", 0.8)
     if params:
         raise TypeError(f"slru takes only protected_share, got {sorted(params)}")
     if not 0.0 <= share <= 1.0:
         raise ValueError(f"protected_share must be in [0, 1], got {share}")
-    return _slru_kernel(ids, sizes, grp, ends, admit, n_ids, capacity, int(share * capacity))
+    return _slru_kernel(ids, sizes, starts, admit, n_ids, capacity, int(share * capacity))
 
 
 def replay_hits_python(
