@@ -44,10 +44,10 @@ import subprocess
 import sys
 import tempfile
 import unicodedata
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -243,7 +243,7 @@ def html_to_text(html: str) -> str:
 
 
 _POD_CODE = re.compile(r"([BCEFILSXZ])<([^<>]*)>")
-_POD_CODE_MULTI = re.compile(r"([BCEFILSXZ])<<+\s+(.*?)\s+>>+", re.S)
+_POD_CODE_MULTI = re.compile(r"([BCEFILSXZ])<<+\s+(.*?)\s+>>+", re.DOTALL)
 _POD_ESCAPES = {"lt": "<", "gt": ">", "verbar": "|", "sol": "/", "quot": '"', "amp": "&",
                 "apos": "'", "nbsp": " "}
 
@@ -307,7 +307,7 @@ def rst_to_text(rst: str) -> str:
     return _RST_ROLE.sub("", rst)
 
 
-_HTML_COMMENT = re.compile(r"<!--.*?-->", re.S)
+_HTML_COMMENT = re.compile(r"<!--.*?-->", re.DOTALL)
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u200b\ufeff]")
 _SPECIALS_RE = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 
@@ -400,8 +400,8 @@ def split_documents(docs: Iterable[tuple[str, str]], seed: int = DEFAULT_SEED
     groups: dict[str, list[tuple[str, str]]] = {name: [] for name, _ in SPLIT_FRACTIONS}
     for doc_id, text in docs:
         groups[split_of(doc_id, seed)].append((doc_id, text))
-    for name in groups:
-        groups[name].sort(key=lambda d: (order_key(d[0], seed), d[0]))
+    for members in groups.values():
+        members.sort(key=lambda d: (order_key(d[0], seed), d[0]))
     return groups
 
 
@@ -432,7 +432,7 @@ def load_tokenizer(path: str | os.PathLike = TOKENIZER_PATH):
         raise InputError(path, "tokenizer file not found (build one with --retrain-tokenizer)")
     try:
         tok = Tokenizer.from_file(str(path))
-    except Exception as exc:  # the tokenizers package raises a bare Exception on bad JSON
+    except Exception as exc:  # noqa: BLE001 -- tokenizers raises a bare Exception on bad JSON
         raise InputError(path, f"not a tokenizers JSON file ({str(exc).splitlines()[0][:120]})") from None
     for i, name in enumerate(SPECIAL_TOKENS):
         if tok.token_to_id(name) != i:
@@ -490,7 +490,7 @@ def fetch_deb(source: Source, cache_dir: Path, any_version: bool) -> tuple[Path,
             break
     else:
         spec = source.package if version is None else f"{source.package}={version}"
-        proc = subprocess.run(["apt-get", "download", "-q", spec], cwd=cache_dir,
+        proc = subprocess.run(["apt-get", "download", "-q", spec], cwd=cache_dir, check=False,
                               capture_output=True, text=True)
         if proc.returncode != 0:
             detail = (proc.stderr.strip().splitlines() or ["no message"])[-1]
@@ -549,6 +549,8 @@ def _log(msg: str) -> None:
 def build(out_dir: Path, cache_dir: Path, tokenizer_path: Path, retrain: bool, any_version: bool,
           seed: int, vocab_size: int, sources: Sequence[Source] = SOURCES) -> dict:
     """Fetch, clean, split, tokenize; write .bin files, documents.tsv and meta.json → the meta."""
+    if not retrain:
+        load_tokenizer(tokenizer_path)  # fail before the slow part
     source_meta = []
     docs: list[tuple[str, str]] = []
     with tempfile.TemporaryDirectory(prefix="corpus-") as tmp:

@@ -13,9 +13,21 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from jaxmoe import corpus
-from jaxmoe.corpus import (EOS_TOKEN, PAD_TOKEN, Source, clean_document, filter_documents,
-                           html_to_text, load_tokenizer, normalize_text, pod_to_text,
-                           rst_to_text, split_documents, split_of, train_tokenizer)
+from jaxmoe.corpus import (
+    EOS_TOKEN,
+    PAD_TOKEN,
+    Source,
+    clean_document,
+    filter_documents,
+    html_to_text,
+    load_tokenizer,
+    normalize_text,
+    pod_to_text,
+    rst_to_text,
+    split_documents,
+    split_of,
+    train_tokenizer,
+)
 from sim.io import InputError
 
 ROOT = Path(__file__).resolve().parents[1]
