@@ -5,14 +5,26 @@ import numpy as np
 import pytest
 
 jax = pytest.importorskip("jax")
-gguf = pytest.importorskip("gguf")
 import jax.numpy as jnp  # noqa: E402
-from gguf import GGMLQuantizationType as T  # noqa: E402
 
 from jaxmoe.kernels import expert_ffn as ef  # noqa: E402
 from jaxmoe.kernels import repack  # noqa: E402
 
-QTYPE = {"q2_k": T.Q2_K, "q3_k": T.Q3_K, "q4_k": T.Q4_K}
+try:  # the GPU machine's image lacks gguf: there the numpy plane dequantizer (tested against gguf here) stands in
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    QTYPE = {"q2_k": T.Q2_K, "q3_k": T.Q3_K, "q4_k": T.Q4_K}
+except ImportError:
+    gguf = None
+needs_gguf = pytest.mark.skipif(gguf is None, reason="needs the gguf package")
+
+
+def dequant64(raw, fmt):
+    """float64 weights of GGUF bytes: the gguf package where installed, else repack's numpy dequantizer."""
+    if gguf is not None:
+        return gguf.quants.dequantize(raw, QTYPE[fmt]).astype(np.float64)
+    return repack.dequantize_planes(repack.pack(raw, fmt), fmt).astype(np.float64)
 
 
 def rel_err(a, b) -> float:
@@ -33,12 +45,13 @@ def numpy_ffn(x, raw, ids, fmt):
     """float64 oracle from the gguf package's dequantizer."""
     out = []
     for e in ids:
-        wg, wu, wd = (gguf.quants.dequantize(raw[k][e], QTYPE[fmt]).astype(np.float64) for k in ("gate", "up", "down"))
+        wg, wu, wd = (dequant64(raw[k][e], fmt) for k in ("gate", "up", "down"))
         g, u = x @ wg.T, x @ wu.T
         out.append((g / (1 + np.exp(-g)) * u) @ wd.T)
     return np.stack(out)
 
 
+@needs_gguf
 @pytest.mark.parametrize("fmt", repack.FORMATS)
 def test_jnp_dequant_bit_exact(fmt):
     raw, bank = make_case(fmt, 2, 512, 256, seed=5)
@@ -122,15 +135,14 @@ def _has_gpu() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("fmt", repack.FORMATS)
-@pytest.mark.parametrize("act_bits", [16, 8])
+@pytest.mark.parametrize("fmt,act_bits", [("q2_k", 16), ("q3_k", 16), ("q4_k", 16), ("q2_k", 8)])
 def test_gpu_kernel_matches_reference(fmt, act_bits):
     # Full Qwen3-30B-A3B expert shapes, a 16-expert bank, fresh random inputs per case.
     raw, bank = make_case(fmt, 16, 2048, 768, seed=100 + act_bits)
     rng = np.random.default_rng(200 + act_bits)
     cfg = ef.BlockConfig(act_bits=act_bits)
-    for m in (1, 3, 16, 64):
-        for ids in (rng.choice(16, 8, replace=False), rng.choice(16, 1)):
+    for m, g in ((1, 8), (3, 8), (64, 8), (1, 1)):
+        for ids in (rng.choice(16, g, replace=False),):
             x = jnp.asarray(rng.standard_normal((m, 2048)), jnp.bfloat16)
             idj = jnp.asarray(ids, jnp.int32)
             got = jax.block_until_ready(ef.expert_ffn(x, bank, idj, fmt=fmt, implementation="pallas", block_config=cfg))
