@@ -52,12 +52,13 @@ MASKH = 0x04040404
 class BlockConfig:
     """Tile sizes of the two launches (rows per program, tokens per program, warps)."""
 
-    block_n_up: int = 32  # gate/up rows per program (power of 2, divides F)
-    block_n_down: int = 32  # down rows per program (power of 2, divides H)
-    block_m: int = 16  # tokens per program (power of 2)
+    block_n_up: int = 32  # gate/up rows per program of launch A (power of 2, divides F)
     num_warps_up: int = 2
+    num_stages_up: int = 1
+    block_n_down: int = 32  # down rows per program of launch B (power of 2, divides H)
     num_warps_down: int = 2
-    num_stages: int = 1
+    num_stages_down: int = 1
+    block_m: int = 16  # tokens per program (power of 2)
     act_bits: int = 16  # activation precision: 16 (two int8 words, hi·256 + lo) or 8 (llama.cpp's q8_1)
 
 
@@ -428,7 +429,7 @@ def ffn_pallas(x: jax.Array, bank: dict, ids: jax.Array, fmt: str, block_config:
                               two=two),
             grid=(g, f // cfg.block_n_up, mp // mt),
             out_shape=jax.ShapeDtypeStruct((g, mp, f), F32),
-            compiler_params=plt.CompilerParams(num_warps=cfg.num_warps_up, num_stages=cfg.num_stages),
+            compiler_params=plt.CompilerParams(num_warps=cfg.num_warps_up, num_stages=cfg.num_stages_up),
             interpret=interpret, name=f"ffn_up_{fmt}")
         hmat = up_call(ids, *[bank["gate"][n] for n in names], *[bank["up"][n] for n in names], *acts(x, (mp,)))
         down_call = pl.pallas_call(
@@ -436,7 +437,7 @@ def ffn_pallas(x: jax.Array, bank: dict, ids: jax.Array, fmt: str, block_config:
                               use_asm=use_asm, two=two),
             grid=(g, h // cfg.block_n_down, mp // mt),
             out_shape=jax.ShapeDtypeStruct((g, mp, h), F32),
-            compiler_params=plt.CompilerParams(num_warps=cfg.num_warps_down, num_stages=cfg.num_stages),
+            compiler_params=plt.CompilerParams(num_warps=cfg.num_warps_down, num_stages=cfg.num_stages_down),
             interpret=interpret, name=f"ffn_down_{fmt}")
         y = down_call(ids, *[bank["down"][n] for n in names], *acts(hmat, (g, mp)))
     return y[:, :m]
