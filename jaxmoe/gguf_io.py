@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -312,6 +313,14 @@ def write_gguf(path: str | os.PathLike, weights: Weights, cfg: Config, *,
     formats = tensor_formats(cfg, expert_format, dense_format, overrides)
     floats = weights_to_tensors(weights, cfg)
     tok = None if tokenizer_json is None else tokenizer_metadata(tokenizer_json, cfg.vocab)
+    stored = dict(stored or {})
+    for tname, st in stored.items():
+        if tname in floats and tuple(st.shape) != floats[tname].shape:
+            raise ValueError(f"stored tensor {tname} has shape {st.shape}, weights have {floats[tname].shape}")
+    todo = [n for n in floats if n not in stored]
+    # numpy releases the GIL inside its array loops, so threads overlap the K-quant searches
+    with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
+        encoded = dict(zip(todo, pool.map(lambda n: encode(floats[n], formats[n]), todo)))
     ef = formats[expert_tensor_name(0, "gate")] if cfg.n_layers else "f32"
     with atomic_path(path) as tmp:
         w = gguf.GGUFWriter(tmp, ARCH_NAME)
@@ -343,15 +352,11 @@ def write_gguf(path: str | os.PathLike, weights: Weights, cfg: Config, *,
                 w.add_float64(k, v)
             else:
                 w.add_string(k, str(v))
-        for tname, arr in floats.items():
-            fmt = formats[tname]
-            if stored is not None and tname in stored:
-                st = stored[tname]
-                fmt, data = st.fmt, st.data
-                if tuple(st.shape) != arr.shape:
-                    raise ValueError(f"stored tensor {tname} has shape {st.shape}, weights have {arr.shape}")
+        for tname in floats:
+            if tname in stored:
+                fmt, data = stored[tname].fmt, stored[tname].data
             else:
-                data = encode(arr, fmt)
+                fmt, data = formats[tname], encoded[tname]
             if fmt in FLOAT_FORMATS:
                 w.add_tensor(tname, data)
             else:
