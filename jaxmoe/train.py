@@ -279,7 +279,7 @@ def run(data_dir: str | Path, out_dir: str | Path, cfg: M.Config, tcfg: TrainCon
     if steps_per_epoch == 0:
         raise InputError(Path(data_dir) / "train.bin",
                          f"{train_tokens.size} tokens: fewer than one batch of {tcfg.batch} × {tcfg.seq + 1}")
-    total = max(1, int(round(tcfg.epochs * steps_per_epoch)))
+    total = max(1, round(tcfg.epochs * steps_per_epoch))
     if tcfg.max_steps > 0:
         total = min(total, tcfg.max_steps)
     device = jax.devices()[0]
@@ -342,9 +342,8 @@ def run(data_dir: str | Path, out_dir: str | Path, cfg: M.Config, tcfg: TrainCon
 
     float_bytes = 4 * M.param_count(cfg)["total"]
     if save_float or (save_float is None and float_bytes <= MAX_FLOAT_NPZ_BYTES):
-        with atomic_path(out_dir / "weights.npz") as tmp:
-            with open(tmp, "wb") as fh:
-                np.savez(fh, **gguf_io.weights_to_tensors(params_np, cfg))
+        with atomic_path(out_dir / "weights.npz") as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, **gguf_io.weights_to_tensors(params_np, cfg))
     log = {
         "model": cfg.to_dict(), "train": dataclasses.asdict(tcfg), "params": M.param_count(cfg),
         "data": {"dir": str(data_dir), "train_tokens": int(train_tokens.size), "eval_tokens": int(corpus["eval"].size),
