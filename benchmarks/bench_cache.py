@@ -24,8 +24,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sim.cache import make_policy  # noqa: E402
-from sim.cache.fast import replay_hits, replay_hits_python  # noqa: E402
+from sim.cache import make_policy
+from sim.cache.fast import replay_hits, replay_hits_python
 
 N_LAYERS, N_EXPERTS, TOP_K = 48, 128, 8
 Q6_DOWN_BYTES, Q4_DOWN_BYTES = 3_059_712, 2_654_208  # per expert, Q4_K_M with ffn_down Q6_K / Q4_K

@@ -140,6 +140,12 @@ def test_hobbit_layer_distance_evicts_the_layer_just_computed():
     assert c.resident_keys() == sorted([K("A", 0), K("A", 2)])
 
 
+def test_make_policy_passes_n_layers_to_hobbit():
+    assert make_policy("hobbit", 10, n_layers=48).n_layers == 48
+    assert make_policy("hobbit", 96, partition="per-layer", n_layers=48).subs[0].n_layers == 48
+    assert make_policy("hobbit", 10).n_layers is None
+
+
 def test_hobbit_frequency_and_high_precision_terms():
     # cap 2, frequency only: A used 3 times this sequence, B once; C evicts B although A is older.
     c = make_policy("hobbit", 2, w_recency=0, w_frequency=1, w_high_precision=0, w_layer_distance=0)

@@ -168,7 +168,7 @@ class RefLRU(Ref):
     def hit(self, k, hp):
         self.ts[k] = self.now()
 
-    insert = lambda self, k, hp, pf: self.hit(k, hp)  # noqa: E731
+    insert = lambda self, k, hp, pf: self.hit(k, hp)
 
     def victim(self):
         return min(self.evictable(), key=self.ts.__getitem__)
@@ -505,7 +505,7 @@ def test_slru_with_no_protected_share_is_lru(w):
     assert slru.resident_keys() == lru.resident_keys() and slru.stats == lru.stats
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _optimum(future: tuple, groups: tuple, cap: int, pos: int, cache: frozenset) -> int:
     """Most hits achievable from `pos` on (equal sizes): try every bypass/eviction choice."""
     if pos == len(future):
@@ -552,7 +552,7 @@ def test_belady_beats_every_policy_on_equal_sizes(w):
 @EXAMPLES
 @given(w=workloads(equal_sizes=True, admits=False, removes=False, max_groups=16))
 def test_lru_hits_never_fall_as_capacity_grows(w):
-    hits = [sum(run_policy("lru", w, cap)[0]) for cap in range(0, 12)]
+    hits = [sum(run_policy("lru", w, cap)[0]) for cap in range(12)]
     assert hits == sorted(hits)
 
 

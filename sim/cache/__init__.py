@@ -5,9 +5,9 @@ for name in POLICY_NAMES. `sim.cache.fast.replay_hits` replays a key stream with
 """
 from sim.cache import belady, hobbit, lfu, lru, s3fifo, slru, static  # noqa: F401  (registers them)
 from sim.cache.base import (
+    _REGISTRY,
     CachePolicy,
     CacheStats,
-    _REGISTRY,
     key_expert,
     key_expert_id,
     key_fmt,
@@ -20,9 +20,9 @@ from sim.cache.base import (
 POLICY_NAMES: tuple[str, ...] = tuple(sorted(_REGISTRY))
 
 __all__ = [
+    "POLICY_NAMES",
     "CachePolicy",
     "CacheStats",
-    "POLICY_NAMES",
     "key_expert",
     "key_expert_id",
     "key_fmt",

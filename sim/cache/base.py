@@ -23,8 +23,10 @@ it counts as a miss and a bypass, nothing is evicted and nothing is inserted.
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
+import inspect
 from dataclasses import asdict, dataclass
-from typing import Callable, ClassVar, Iterable, Mapping
+from typing import ClassVar
 
 LAYER_SHIFT = 20  # key bits: layer << 20 | expert << 4 | fmt_id
 EXPERT_SHIFT = 4
@@ -82,7 +84,7 @@ class CacheStats:
         """The counters as a plain dict."""
         return asdict(self)
 
-    def __add__(self, other: "CacheStats") -> "CacheStats":
+    def __add__(self, other: CacheStats) -> CacheStats:
         return CacheStats(**{k: v + getattr(other, k) for k, v in asdict(self).items()})
 
 
@@ -275,8 +277,13 @@ def make_policy(
     n_layers: int | None = None,
     **params,
 ) -> CachePolicy:
-    """Build a policy by name; partition="per-layer" gives each of `n_layers` layers an equal share."""
+    """Build a policy by name; partition="per-layer" gives each of `n_layers` layers an equal share.
+
+    `n_layers` is also passed to policies whose constructor takes it (hobbit's layer distance).
+    """
     cls = policy_class(name)
+    if n_layers is not None and "n_layers" in inspect.signature(cls.__init__).parameters:
+        params.setdefault("n_layers", n_layers)  # policies that use the layer count (hobbit) get it
     if partition == "global":
         return cls(capacity_bytes, **params)
     if partition == "per-layer":

@@ -34,7 +34,7 @@ Ranks are compared lazily along the next-use chains (usually a step or two).
 from __future__ import annotations
 
 import heapq
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 
@@ -63,7 +63,7 @@ class Belady(CachePolicy):
         future_keys: Iterable[int],
         sizes: Iterable[int] | None = None,
         group_starts: Iterable[int] | None = None,
-    ) -> "Belady":
+    ) -> Belady:
         """Give the whole future access sequence (keys in order; optionally sizes and group starts)."""
         eids = np.asarray(list(future_keys), dtype=np.int64) >> EXPERT_SHIFT
         n = len(eids)
@@ -118,7 +118,7 @@ class Belady(CachePolicy):
                 return 0
             a, b = nxt[a], nxt[b]
 
-    def _rank(self, nu: int, size: int, key: int) -> "_Rank":
+    def _rank(self, nu: int, size: int, key: int) -> _Rank:
         return _Rank(self, nu, size, key)
 
     def _set_nu(self, key: int, nu: int) -> None:
@@ -224,12 +224,12 @@ class Belady(CachePolicy):
 class _Rank:
     """How soon an entry is needed: `a < b` means a is better to keep (see the module docstring)."""
 
-    __slots__ = ("owner", "nu", "size", "key")
+    __slots__ = ("key", "nu", "owner", "size")
 
     def __init__(self, owner: Belady, nu: int, size: int, key: int):
         self.owner, self.nu, self.size, self.key = owner, nu, size, key
 
-    def __lt__(self, other: "_Rank") -> bool:
+    def __lt__(self, other: _Rank) -> bool:
         c = self.owner._cmp_future(self.nu, other.nu)
         return c < 0 if c else (self.size, self.key) < (other.size, other.key)
 
@@ -242,5 +242,5 @@ class _Worst:
     def __init__(self, rank: _Rank):
         self.rank = rank
 
-    def __lt__(self, other: "_Worst") -> bool:
+    def __lt__(self, other: _Worst) -> bool:
         return other.rank < self.rank

@@ -9,7 +9,7 @@ sub-caches' stats. `prepare` (Belady) and `fit` (static) split their input by la
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from sim.cache.base import CachePolicy, CacheStats, key_layer, sizes_lookup
 
@@ -88,7 +88,7 @@ class PerLayerCache(CachePolicy):
         """Drop `key` from its layer's sub-cache."""
         return self._sub(key).remove(key)
 
-    def prepare(self, future_keys: Iterable[int], sizes=None, group_starts=None) -> "PerLayerCache":
+    def prepare(self, future_keys: Iterable[int], sizes=None, group_starts=None) -> PerLayerCache:
         """Belady: give each layer's sub-cache its own part of the future (and of sizes and groups)."""
         keys = [int(k) for k in future_keys]
         sizes = None if sizes is None else [int(s) for s in sizes]
@@ -115,7 +115,7 @@ class PerLayerCache(CachePolicy):
                       None if group_starts is None else part_starts[layer])
         return self
 
-    def fit(self, calibration_keys: Iterable[int], sizes: Mapping[int, int] | Iterable[int], **kw) -> "PerLayerCache":
+    def fit(self, calibration_keys: Iterable[int], sizes: Mapping[int, int] | Iterable[int], **kw) -> PerLayerCache:
         """Static: fit each layer's sub-cache on its own calibration keys."""
         keys = [int(k) for k in calibration_keys]
         size_of = sizes_lookup(keys, sizes)

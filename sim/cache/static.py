@@ -14,7 +14,7 @@ the stats: the cache starts warm). Access before `fit` raises RuntimeError.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 from sim.cache.base import CachePolicy, register_policy, sizes_lookup
 
@@ -38,7 +38,7 @@ class StaticPinned(CachePolicy):
         sizes: Mapping[int, int] | Iterable[int],
         *,
         preload: bool = False,
-    ) -> "StaticPinned":
+    ) -> StaticPinned:
         """Pin the most accessed calibration keys that fit; `sizes` maps key → bytes or aligns with keys."""
         keys = [int(k) for k in calibration_keys]
         size_of = sizes_lookup(keys, sizes)
