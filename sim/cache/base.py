@@ -23,8 +23,8 @@ it counts as a miss and a bypass, nothing is evicted and nothing is inserted.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
 import inspect
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
