@@ -17,11 +17,12 @@ used at high precision (LHU) and its layer distance to the layer being computed 
       smallest for the layer just computed (needed again only after a full pass).
 Uses count every access, hit or miss (an admit is not a use); both counts reset when begin_group
 brings a new sequence id. The victim is the lowest P; ties → least recently touched, then the
-smaller key. `n_layers=None` uses 1 + the largest layer seen so far. Scores are computed with
-numpy over slot arrays, one O(resident) pass per eviction.
+smaller key. `n_layers=None` uses 1 + the largest layer seen so far. The victim is found by one
+compiled (numba) O(resident) pass over slot arrays per eviction; `priorities()` shows the scores.
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from sim.cache.base import CachePolicy, key_expert_id, key_layer, register_policy
@@ -131,11 +132,16 @@ class HobbitPriority(CachePolicy):
         return slots, wr * r + wf * f + wh * h + wd * d
 
     def _victim(self):
-        slots, p = self._scores()
-        if slots.size == 0:
-            return None
-        best = np.lexsort((self._keys[slots], self._last[slots], p))[0]
-        return int(self._keys[slots[best]])
+        held = [s for s in (self._slot.get(k) for k in self._group) if s is not None]
+        self._valid[held] = False  # the group's entries are not candidates
+        try:
+            n_layers = self.n_layers or (self._max_layer + 1)
+            cur = self.layer if self.layer is not None else 0
+            best = _lowest_priority(self._valid, self._last, self._f, self._h, self._layer, self._keys,
+                                    cur, n_layers, *self.weights)
+        finally:
+            self._valid[held] = True
+        return None if best < 0 else int(self._keys[best])
 
     def _evict(self, key):
         s = self._slot.pop(key)
@@ -145,3 +151,33 @@ class HobbitPriority(CachePolicy):
         if not lst:
             del self._by_eid[key_expert_id(key)]
         self._free.append(s)
+
+
+@numba.njit(cache=True)
+def _lowest_priority(valid, last, f, h, layer, keys, cur, n_layers, wr, wf, wh, wd):  # pragma: no cover
+    """Slot of the lowest P among valid slots (ties: older last touch, then smaller key); -1 if none."""
+    lo = np.iinfo(np.int64).max
+    hi = np.iinfo(np.int64).min
+    fmax = 0
+    hmax = 0
+    for s in range(valid.shape[0]):
+        if valid[s]:
+            lo = min(lo, last[s])
+            hi = max(hi, last[s])
+            fmax = max(fmax, f[s])
+            hmax = max(hmax, h[s])
+    best = -1
+    best_p = 0.0
+    for s in range(valid.shape[0]):
+        if not valid[s]:
+            continue
+        r = (last[s] - lo) / (hi - lo) if hi > lo else 1.0
+        fv = f[s] / fmax if fmax > 0 else 0.0
+        hv = h[s] / hmax if hmax > 0 else 0.0
+        d = 1.0 - ((layer[s] - cur) % n_layers) / n_layers
+        p = wr * r + wf * fv + wh * hv + wd * d
+        if (best < 0 or p < best_p or (p == best_p and (last[s] < last[best]
+                                                         or (last[s] == last[best] and keys[s] < keys[best])))):
+            best = s
+            best_p = p
+    return best
