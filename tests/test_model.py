@@ -49,7 +49,7 @@ def _hf_model(cfg: M.Config, w: M.Weights):
         num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
         num_experts=cfg.n_experts, num_experts_per_tok=cfg.top_k, moe_intermediate_size=cfg.expert_ffn,
         norm_topk_prob=cfg.norm_topk_prob, rms_norm_eps=cfg.rms_eps, max_position_embeddings=cfg.max_seq,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_theta=cfg.rope_theta,  # transformers 4 reads rope_theta, 5 builds rope_parameters from it
         tie_word_embeddings=cfg.tie_embeddings, decoder_sparse_step=1, mlp_only_layers=[], intermediate_size=64)
     hc._attn_implementation = "eager"
     m = transformers.Qwen3MoeForCausalLM(hc).eval()
@@ -73,11 +73,18 @@ def _hf_model(cfg: M.Config, w: M.Weights):
             p + "self_attn.q_norm.weight": t(lw.q_norm),
             p + "self_attn.k_norm.weight": t(lw.k_norm),
             p + "mlp.gate.weight": t(np.asarray(lw.router).T),  # [D,E] -> [E,D]
-            # HF 5 fuses gate and up: [E, 2F, D], gate rows first (forward does .chunk(2))
-            p + "mlp.experts.gate_up_proj": t(np.concatenate(
-                [np.asarray(ex.gate).transpose(0, 2, 1), np.asarray(ex.up).transpose(0, 2, 1)], axis=1)),
-            p + "mlp.experts.down_proj": t(np.asarray(ex.down).transpose(0, 2, 1)),  # [E,F,D] -> [E,D,F]
         }
+        gate_t, up_t = np.asarray(ex.gate).transpose(0, 2, 1), np.asarray(ex.up).transpose(0, 2, 1)  # [E,F,D]
+        down_t = np.asarray(ex.down).transpose(0, 2, 1)  # [E,F,D] -> [E,D,F]
+        if p + "mlp.experts.gate_up_proj" in m.state_dict():
+            # transformers 5 stacks the experts and fuses gate and up: [E, 2F, D], gate rows first (.chunk(2))
+            sd[p + "mlp.experts.gate_up_proj"] = t(np.concatenate([gate_t, up_t], axis=1))
+            sd[p + "mlp.experts.down_proj"] = t(down_t)
+        else:  # transformers 4: one nn.Linear per expert
+            for e in range(cfg.n_experts):
+                sd[p + f"mlp.experts.{e}.gate_proj.weight"] = t(gate_t[e])
+                sd[p + f"mlp.experts.{e}.up_proj.weight"] = t(up_t[e])
+                sd[p + f"mlp.experts.{e}.down_proj.weight"] = t(down_t[e])
     missing, unexpected = m.load_state_dict(sd, strict=False)
     assert not unexpected and all("lm_head" in k for k in missing), (missing, unexpected)
     return m, torch
