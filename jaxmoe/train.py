@@ -262,7 +262,8 @@ def evaluate(params: M.Weights, tokens: np.ndarray, cfg: M.Config, seq: int, bat
 # ----------------------------------------------------------------------------- run
 
 def run(data_dir: str | Path, out_dir: str | Path, cfg: M.Config, tcfg: TrainConfig, *,
-        save_float: bool | None = None, tokenizer_json: str | Path | None = None, quiet: bool = False) -> dict:
+        save_float: bool | None = None, tokenizer_json: str | Path | None = None, quiet: bool = False,
+        direct_formats: Sequence[str] = ()) -> dict:
     """Train, evaluate, save GGUF/config/log (and float weights); returns the training log."""
     out_dir = Path(out_dir)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -340,6 +341,16 @@ def run(data_dir: str | Path, out_dir: str | Path, cfg: M.Config, tcfg: TrainCon
     final_q = evaluate(q.weights, corpus["eval"], cfg, tcfg.seq, tcfg.batch, tcfg.final_eval_windows)
     say(f"final held-out ppl (GGUF, experts Q4_K): {final_q['ppl']:.3f}; {gguf_path} {gguf_bytes / 1e6:.1f} MB")
 
+    direct = {}
+    for fmt in direct_formats:
+        # float → fmt directly, for the compounding comparison (Q4_K → fmt is re-quantized later from model.gguf)
+        path = out_dir / f"model-direct-{fmt}.gguf"
+        gguf_io.write_gguf(path, params_np, cfg, expert_format=fmt, dense_format="q8_0", tokenizer_json=tokenizer_json,
+                           name=f"jaxmoe-qwen3moe-small-direct-{fmt}",
+                           extra_metadata={"jaxmoe.train.steps": steps_done, "jaxmoe.train.seed": tcfg.seed})
+        direct[fmt] = {"path": path.name, "bytes": path.stat().st_size}
+        say(f"wrote {path} (experts quantized from float straight to {fmt}): {direct[fmt]['bytes'] / 1e6:.1f} MB")
+
     float_bytes = 4 * M.param_count(cfg)["total"]
     if save_float or (save_float is None and float_bytes <= MAX_FLOAT_NPZ_BYTES):
         with atomic_path(out_dir / "weights.npz") as tmp, open(tmp, "wb") as fh:
@@ -355,6 +366,7 @@ def run(data_dir: str | Path, out_dir: str | Path, cfg: M.Config, tcfg: TrainCon
         "curve": curve, "evals": evals, "final_eval_f32": final, "final_eval_gguf": final_q,
         "gguf": {"path": gguf_path.name, "bytes": gguf_bytes, "formats": sorted(set(formats.values())),
                  "expert_format": "q4_k", "dense_format": "q8_0"},
+        "direct_gguf": direct,
         "device": f"{device.platform}:{device.device_kind}", "jax": jax.__version__,
     }
     write_text_atomic(out_dir / "config.json", json.dumps({"model": cfg.to_dict(), "train": dataclasses.asdict(tcfg)},
@@ -394,6 +406,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget-s", type=float, default=None,
                    help=f"stop the training loop after this many seconds (default {TrainConfig.time_budget_s})")
     p.add_argument("--save-float", action="store_true", help="always write weights.npz (float32)")
+    p.add_argument("--direct-formats", default="",
+                   help="also write model-direct-FMT.gguf with experts quantized from float straight to each "
+                        "comma-separated FMT (e.g. q2_k): the float → low-bit side of the compounding comparison")
     p.add_argument("--tokenizer", default=None, help="tokenizer JSON to embed (default: the corpus meta's)")
     return p
 
@@ -409,7 +424,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     data = Path(a.data)
     if not data.is_dir():
         raise InputError(data, "corpus folder not found (make it with: python -m jaxmoe.corpus --out data/corpus)")
-    run(data, a.out, cfg, tcfg, save_float=True if a.save_float else None, tokenizer_json=a.tokenizer)
+    direct = [f.strip().lower() for f in a.direct_formats.split(",") if f.strip()]
+    for fmt in direct:
+        if fmt not in ("q2_k", "q3_k", "q4_k", "q6_k", "q8_0"):
+            raise InputError(None, f"--direct-formats: {fmt!r} is not a K-quant/Q8_0 format")
+    run(data, a.out, cfg, tcfg, save_float=True if a.save_float else None, tokenizer_json=a.tokenizer,
+        direct_formats=direct)
     return 0
 
 
