@@ -147,11 +147,12 @@ def run_prepared(prep: Prepared, cfg: ReplayConfig) -> dict:
     acc_slot_hi = hi_slots[acc_layer, g.expert]
     keys = make_keys(acc_layer, g.expert, acc_slot_hi)
     calib_acc = np.repeat(g.calib, np.diff(g.start))
+    acc_sizes = prep.sizes[acc_layer, acc_slot_hi]
     for c in {id(c): c for c in caches}.values():
-        if hasattr(c, "fit"):
-            c.fit(keys[calib_acc], prep.sizes[acc_layer[calib_acc], acc_slot_hi[calib_acc]])
-        if hasattr(c, "prepare"):
-            c.prepare(keys)
+        if cfg.policy == "static":  # pin the hottest entries of the calibration window
+            c.fit(keys[calib_acc], acc_sizes[calib_acc])
+        if cfg.policy == "belady":  # the whole future, with sizes and groups (exact for equal sizes)
+            c.prepare(keys, acc_sizes, g.start[:-1])
     out = replay(g, caches, policy, hi_slots, prep.sizes, prep.link_s)
     return summarize(prep, cfg, policy.name, capacity, out, acc_layer)
 

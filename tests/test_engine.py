@@ -217,3 +217,13 @@ def test_replays_shared_engine_residency(shared_qwen_csv, tmp_path):
     decode = rows[rows.phase == 1].sort_values(["step", "layer", "slot"], kind="stable")
     np.testing.assert_array_equal((outcome.result[decode_acc] == HIT).astype(int), decode.residency.to_numpy())
     assert run_prepared(prep, cfg)["hit_rate"] == pytest.approx(0.803, abs=5e-4)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_belady_bounds_every_online_policy_through_the_engine(seed):
+    trace = random_trace(seed=seed, n_steps=50)
+    hits = {}
+    for policy in ("belady", "lru", "slru", "lfu", "s3fifo", "hobbit"):
+        rec = run(ReplayConfig(trace=trace, policy=policy, capacity_bytes=8000, calib_fraction=0, timeline=False))
+        hits[policy] = rec["hits"]
+    assert all(hits["belady"] >= h for h in hits.values()), hits
