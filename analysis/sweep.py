@@ -1,0 +1,305 @@
+"""`python -m analysis.sweep TRACE --name NAME`: the decision document's grid of simulations.
+
+The trace is prepared once per GPU (`sim.replay.prepare`) and every configuration of the grid runs
+in-process (`sim.replay.run_prepared`). The grid is a union of panels, each a Cartesian product of
+GPUs × cache policies × precision policies × expert budgets; a configuration that two panels share
+runs once, and `belady` runs only with native/static precision (it needs the future access
+sequence, which dynamic skips change online).
+
+Default grid (`GRIDS["default"]`; PRIMARY is the first `--gpu`, default rtx3060-12gb):
+- `budget` (PRIMARY): slru × budgets 10 %…90 % of all experts and the VRAM-derived 12 GB budget ×
+  native, static:mass:30 %:{q2_k,q3_k}, dynamic:0.6:0.9, static:mass:20 %:q3_k+dynamic:0.6:0.9;
+  lru × the same budgets × native and the two static policies.
+- `policies` (PRIMARY): s3fifo and belady × budgets 20 %, 40 % and the derived one × native and
+  static:mass:30 %:{q2_k,q3_k}.
+- `precision` (PRIMARY): slru × the derived budget and 30 % × native, every
+  static:{mass,freq,weight,random}:{10,20,30,50}%:{q2_k,q3_k}, dynamic:0.6:0.9[:q3_k], and
+  static:mass:{20,30}%:q3_k+dynamic:0.6:0.9.
+- `gpus` (every `--gpu`): slru × budgets 10 %…90 % and the derived one × native,
+  static:mass:30 %:{q2_k,q3_k}, dynamic:0.6:0.9.
+
+`--quick` (`GRIDS["quick"]`, for tests): slru and lru × 30 % and the derived budget × native,
+static:mass:30 %:q2_k, dynamic:0.6:0.9, plus belady native at 30 %, on every `--gpu`.
+
+The derived budget (label `vram`) is VRAM − dense − head − KV cache at 4 k tokens − runtime reserve
+(`sim.profiles.derived_expert_budget`); a GPU whose VRAM holds every expert has none and skips it.
+
+Outputs (atomically, byte-identical for the same inputs): `results/sweeps/NAME.csv`, one row per
+configuration with the columns of `SWEEP_COLUMNS`; `NAME.per_layer.csv`, long form
+(config_id, layer, hit_rate); `NAME.json`, the provenance (trace, its metadata, grid, command).
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pandas as pd
+
+from sim.io import InputError, atomic_path, exit_on_input_error
+from sim.precision import parse_precision
+from sim.profiles import load_hardware
+from sim.replay import Prepared, ReplayConfig, prepare, run_prepared
+from sim.trace import load_trace
+
+OUT_DIR = Path("results/sweeps")
+FRACTIONS = tuple(f"{p}%" for p in range(10, 100, 10))
+VRAM = "vram"  # budget label of the VRAM-derived expert budget
+SIGNALS = ("mass", "freq", "weight", "random")
+STATIC_FRACTIONS = ("10%", "20%", "30%", "50%")
+LOW = ("q2_k", "q3_k")
+DYN = "dynamic:0.6:0.9"
+STATIC_GRID = tuple(f"static:{s}:{f}:{fmt}" for s in SIGNALS for f in STATIC_FRACTIONS for fmt in LOW)
+PRIMARY = "primary"  # a panel's gpus entry meaning "the first --gpu"
+ALL_GPUS = "all"  # "every --gpu"
+
+# Columns of NAME.csv in order: sweep bookkeeping, the parsed precision policy (to join with the
+# quality measurements), then sim.replay's record without its per-layer list.
+SWEEP_COLUMNS = (
+    "config_id", "trace", "budget", "budget_kind",
+    "policy", "precision", "static_signal", "static_fraction", "static_format", "t1", "t2", "dynamic_format",
+    "partition", "prefetch", "gpu", "model", "phase",
+    "capacity_bytes", "capacity_experts", "capacity_fraction",
+    "accesses", "hits", "misses", "skipped", "hit_rate",
+    "demand_bytes", "prefetch_bytes", "bytes_moved", "tokens", "bytes_per_token",
+    "low_precision_mass", "skipped_mass", "tokens_per_s", "stall_fraction", "decode_s", "prefill_s",
+)
+PER_LAYER_COLUMNS = ("config_id", "layer", "hit_rate")
+
+
+@dataclass(frozen=True)
+class Panel:
+    """One Cartesian block of the grid: gpus × policies × precisions × budgets."""
+
+    name: str
+    gpus: str  # PRIMARY or ALL_GPUS
+    policies: tuple[str, ...]
+    precisions: tuple[str, ...]
+    budgets: tuple[str, ...]  # "30%" (of all expert bytes) or VRAM
+
+
+BASIC = ("native", "static:mass:30%:q2_k", "static:mass:30%:q3_k")
+GRIDS: dict[str, tuple[Panel, ...]] = {
+    "default": (
+        Panel("budget", PRIMARY, ("slru",), BASIC + (DYN, f"static:mass:20%:q3_k+{DYN}"), FRACTIONS + (VRAM,)),
+        Panel("budget", PRIMARY, ("lru",), BASIC, FRACTIONS + (VRAM,)),
+        Panel("policies", PRIMARY, ("s3fifo", "belady"), BASIC, ("20%", "40%", VRAM)),
+        Panel("precision", PRIMARY, ("slru",),
+              ("native",) + STATIC_GRID + (DYN, f"{DYN}:q3_k", f"static:mass:20%:q3_k+{DYN}",
+                                           f"static:mass:30%:q3_k+{DYN}"),
+              (VRAM, "30%")),
+        Panel("gpus", ALL_GPUS, ("slru",), BASIC + (DYN,), FRACTIONS + (VRAM,)),
+    ),
+    "quick": (
+        Panel("quick", ALL_GPUS, ("slru", "lru"), ("native", "static:mass:30%:q2_k", DYN), ("30%", VRAM)),
+        Panel("quick", ALL_GPUS, ("belady",), ("native",), ("30%",)),
+    ),
+}
+DEFAULT_GPUS = ("rtx3060-12gb", "rtx4070-12gb")
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """One configuration of the grid, before its budget is turned into bytes."""
+
+    gpu: str
+    policy: str
+    precision: str
+    budget: str
+
+
+def expand_grid(panels: tuple[Panel, ...], gpus: tuple[str, ...]) -> list[SweepConfig]:
+    """The grid's configurations in a fixed order, duplicates and belady+dynamic removed."""
+    out: dict[SweepConfig, None] = {}
+    for p in panels:
+        for gpu in (gpus[:1] if p.gpus == PRIMARY else gpus):
+            for budget in p.budgets:
+                for pol in p.policies:
+                    for prec in p.precisions:
+                        if pol == "belady" and parse_precision(prec).is_dynamic:
+                            continue
+                        out.setdefault(SweepConfig(gpu, pol, prec, budget), None)
+    return list(out)
+
+
+def budget_bytes(prep: Prepared, budget: str) -> int | None:
+    """Expert budget in bytes for a label (`30%` of all expert bytes, or `vram`); None if not applicable."""
+    total = prep.model.total_expert_bytes()
+    if budget == VRAM:
+        cap, why = prep.default_capacity()
+        return cap if why.startswith("derived") else None
+    if budget.endswith("%"):
+        return int(float(budget[:-1]) / 100 * total)
+    raise InputError(None, f"budget label {budget!r}: use N% or {VRAM}")
+
+
+def precision_columns(spec: str) -> dict:
+    """The parsed fields of a precision policy as flat columns (NaN/None where not used)."""
+    p = parse_precision(spec)
+    return {
+        "static_signal": p.static_signal if p.is_static else None,
+        "static_fraction": p.static_fraction if p.is_static else float("nan"),
+        "static_format": p.static_format if p.is_static else None,
+        "t1": p.t1 if p.is_dynamic else float("nan"),
+        "t2": p.t2 if p.is_dynamic else float("nan"),
+        "dynamic_format": p.dynamic_format if p.is_dynamic else None,
+    }
+
+
+def _progress(total: int, quiet: bool):
+    """A context manager yielding `advance(label)`: a rich bar on a terminal, else sparse lines."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        if quiet:
+            yield lambda label: None
+            return
+        if sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                          TimeRemainingColumn(), transient=True) as bar:
+                task = bar.add_task("sweep", total=total)
+
+                def adv(label: str) -> None:
+                    bar.update(task, advance=1, description=label[:48])
+                yield adv
+            return
+        done = [0]
+        step = max(1, total // 20)
+
+        def adv(label: str) -> None:
+            done[0] += 1
+            if done[0] % step == 0 or done[0] == total:
+                print(f"  [{done[0]}/{total}] {label}", file=sys.stderr)
+        yield adv
+
+    return cm()
+
+
+def run_sweep(trace_path: str | Path, *, gpus: tuple[str, ...] = DEFAULT_GPUS, grid: str = "default",
+              quiet: bool = True, trace_label: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Run a grid on one trace; returns (configs frame, per-layer long frame, provenance dict)."""
+    if grid not in GRIDS:
+        raise InputError(None, f"unknown grid {grid!r}; known: {', '.join(GRIDS)}")
+    for g in gpus:
+        load_hardware(g)  # fail fast on an unknown GPU
+    trace = load_trace(trace_path)
+    label = trace_label or Path(trace_path).stem
+    configs = expand_grid(GRIDS[grid], tuple(gpus))
+    preps: dict[str, Prepared] = {}
+    rows, layer_rows = [], []
+    with _progress(len(configs), quiet) as advance:
+        for sc in configs:
+            if sc.gpu not in preps:
+                preps[sc.gpu] = prepare(ReplayConfig(trace=trace, gpu=sc.gpu))
+            prep = preps[sc.gpu]
+            cap = budget_bytes(prep, sc.budget)
+            if cap is None:
+                advance(f"{sc.gpu} {sc.budget} (n/a)")
+                continue
+            cfg = ReplayConfig(trace=trace, gpu=sc.gpu, policy=sc.policy, precision=sc.precision, capacity_bytes=cap)
+            rec = run_prepared(prep, replace(cfg))
+            cid = len(rows)
+            per_layer = rec.pop("per_layer_hit_rate")
+            row = dict(config_id=cid, trace=label, budget=sc.budget,
+                       budget_kind="derived" if sc.budget == VRAM else "fraction",
+                       **precision_columns(sc.precision), **rec)
+            rows.append({k: row.get(k) for k in SWEEP_COLUMNS})
+            layer_rows.extend({"config_id": cid, "layer": i, "hit_rate": h} for i, h in enumerate(per_layer))
+            advance(f"{sc.gpu} {sc.policy} {sc.budget} {sc.precision}")
+    frame = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
+    layers = pd.DataFrame(layer_rows, columns=list(PER_LAYER_COLUMNS))
+    m = trace.meta
+    prov = {
+        "trace": label,
+        "trace_file": Path(trace_path).name,
+        "trace_sha256": hashlib.sha256(Path(trace_path).read_bytes()).hexdigest(),
+        "model": m.model, "provenance": m.provenance, "n_layers": m.n_layers, "n_experts": m.n_experts, "top_k": m.top_k,
+        "n_steps": int(trace.n_steps), "n_seqs": len(set(trace.seq.tolist())),
+        "prefill_steps": int((trace.phase == 0).sum()), "decode_steps": int((trace.phase == 1).sum()),
+        "grid": grid, "gpus": list(gpus), "configs": len(frame),
+        "calib_fraction": ReplayConfig.calib_fraction, "context_tokens": ReplayConfig.context,
+        "gpu_sources": {g: load_hardware(g).source for g in gpus},
+    }
+    return frame, layers, prov
+
+
+def frame_to_csv(frame: pd.DataFrame) -> str:
+    """The CSV text of a frame, deterministic (fixed float format, LF line ends)."""
+    buf = io.StringIO()
+    frame.to_csv(buf, index=False, lineterminator="\n", float_format="%.10g")
+    return buf.getvalue()
+
+
+def write_sweep(out_dir: str | Path, name: str, frame: pd.DataFrame, layers: pd.DataFrame, prov: dict) -> list[Path]:
+    """Write NAME.csv, NAME.per_layer.csv and NAME.json atomically; returns their paths."""
+    out_dir = Path(out_dir)
+    paths = [out_dir / f"{name}.csv", out_dir / f"{name}.per_layer.csv", out_dir / f"{name}.json"]
+    texts = [frame_to_csv(frame), frame_to_csv(layers), json.dumps(prov, indent=1, sort_keys=True) + "\n"]
+    for path, text in zip(paths, texts):
+        with atomic_path(path) as tmp:
+            tmp.write_text(text)
+    return paths
+
+
+EPILOG = """examples:
+  python -m sim.synth -o /tmp/s.npz && python -m analysis.sweep /tmp/s.npz --name synth-qwen3
+  python -m sim.convert ../shared/traces/bigmoeonedge/qwen.route.csv -o /tmp/q.npz
+  python -m analysis.sweep /tmp/q.npz --name real-qwen3-phone \
+      --trace-cmd "python -m sim.convert ../shared/traces/bigmoeonedge/qwen.route.csv -o /tmp/q.npz"
+  python -m analysis.sweep /tmp/s.npz --name smoke --quick --gpu rtx3060-12gb --out /tmp/sweeps
+  python -m analysis.sweep /tmp/s.npz --name with-h200 --gpu rtx3060-12gb,rtx4070-12gb,h200
+
+The grid (panels, budgets, policies, precisions) is described in the module docstring:
+  python -c "import analysis.sweep as s; print(s.__doc__)"
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The analysis.sweep argument parser."""
+    ap = argparse.ArgumentParser(
+        prog="python -m analysis.sweep",
+        description="Run the decision document's grid of simulations on one trace and write tidy CSVs "
+                    "(NAME.csv, NAME.per_layer.csv, NAME.json) to results/sweeps/.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("trace", help="routing trace (.npz; import others with python -m sim.convert)")
+    ap.add_argument("--name", required=True, help="output name: results/sweeps/NAME.csv (letters, digits, - _ .)")
+    ap.add_argument("--gpu", default=",".join(DEFAULT_GPUS),
+                    help="hardware profiles, comma-separated; the first is the primary one (default: %(default)s)")
+    ap.add_argument("--quick", action="store_true", help="the small test grid instead of the default one")
+    ap.add_argument("--out", default=str(OUT_DIR), help="output folder (default: %(default)s)")
+    ap.add_argument("--trace-cmd", default="",
+                    help="how TRACE was made (e.g. the sim.synth / sim.convert command); recorded in NAME.json")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    return ap
+
+
+@exit_on_input_error
+def main(argv: list[str] | None = None) -> pd.DataFrame:
+    """CLI entry point."""
+    args = build_parser().parse_args(argv)
+    name = args.name.strip()
+    if not name or any(not (c.isalnum() or c in "-_.") for c in name) or name.startswith("."):
+        raise InputError(None, f"--name {args.name!r}: use letters, digits, '-', '_' and '.'")
+    gpus = tuple(g.strip() for g in args.gpu.split(",") if g.strip())
+    if not gpus:
+        raise InputError(None, "--gpu: give at least one hardware profile")
+    frame, layers, prov = run_sweep(args.trace, gpus=gpus, grid="quick" if args.quick else "default",
+                                    quiet=args.quiet, trace_label=name)
+    prov["command"] = (f"python -m analysis.sweep {args.trace} --name {name}" + (" --quick" if args.quick else "")
+                       + (f" --gpu {','.join(gpus)}" if gpus != DEFAULT_GPUS else ""))
+    prov["trace_command"] = args.trace_cmd
+    paths = write_sweep(args.out, name, frame, layers, prov)
+    if not args.quiet:
+        print(f"wrote {paths[0]} ({len(frame)} configurations), {paths[1].name}, {paths[2].name}", file=sys.stderr)
+    return frame
+
+
+if __name__ == "__main__":
+    main()
