@@ -106,23 +106,25 @@ def _attention_bytes(hidden: int, n_heads: int, n_kv: int, head_dim: int, n_expe
     return q + k + v + o + router + norms
 
 
-def qwen3_30b_a3b(variant: str = "q4_k_m") -> ModelProfile:
-    """Qwen3-30B-A3B: 48 layers, 128 experts, top-8; experts in Q4_K_M or uniformly in `variant`."""
-    n_layers, hidden, ffn, n_heads, n_kv, head_dim, n_experts, vocab = 48, 2048, 768, 32, 4, 128, 128, 151_936
+def _llama_cpp_moe(name: str, variant: str, *, n_layers: int, hidden: int, ffn: int, n_heads: int, n_kv: int,
+                   head_dim: int, n_experts: int, top_k: int, vocab: int, qk_norm: bool) -> ModelProfile:
+    """An MoE model as llama.cpp stores it: experts in Q4_K_M (or uniformly in `variant`)."""
     if variant == "q4_k_m":
         native = _q4_k_m(n_layers)
     else:
         get_format(variant)
         native = tuple((variant,) * 3 for _ in range(n_layers))
+    no_qk_norm = 0 if qk_norm else 4 * 2 * head_dim
     dense = tuple(
         _attention_bytes(hidden, n_heads, n_kv, head_dim, n_experts, "q6_k" if use_more_bits(i, n_layers) else "q4_k")
+        - no_qk_norm
         for i in range(n_layers)
     )
     return ModelProfile(
-        name=f"qwen3-30b-a3b:{variant}",
+        name=f"{name}:{variant}",
         n_layers=n_layers,
         n_experts=n_experts,
-        top_k=8,
+        top_k=top_k,
         hidden=hidden,
         expert_ffn=ffn,
         native_formats=native,
@@ -131,30 +133,18 @@ def qwen3_30b_a3b(variant: str = "q4_k_m") -> ModelProfile:
         kv_bytes_per_token=n_layers * 2 * n_kv * head_dim * 2,
         notes="GGUF Q4_K_M recipe; dense = attention + f32 router + norms per layer",
     )
+
+
+def qwen3_30b_a3b(variant: str = "q4_k_m") -> ModelProfile:
+    """Qwen3-30B-A3B: 48 layers, 128 experts, top-8; experts in Q4_K_M or uniformly in `variant`."""
+    return _llama_cpp_moe("qwen3-30b-a3b", variant, n_layers=48, hidden=2048, ffn=768, n_heads=32, n_kv=4,
+                          head_dim=128, n_experts=128, top_k=8, vocab=151_936, qk_norm=True)
 
 
 def mixtral_8x7b(variant: str = "q4_k_m") -> ModelProfile:
-    """Mixtral-8x7B: 32 layers, 8 experts, top-2, hidden 4096, ffn 14336."""
-    n_layers, hidden, ffn, n_heads, n_kv, head_dim, n_experts, vocab = 32, 4096, 14336, 32, 8, 128, 8, 32_000
-    native = _q4_k_m(n_layers) if variant == "q4_k_m" else tuple((variant,) * 3 for _ in range(n_layers))
-    dense = tuple(
-        _attention_bytes(hidden, n_heads, n_kv, head_dim, n_experts, "q6_k" if use_more_bits(i, n_layers) else "q4_k")
-        - 4 * 2 * head_dim  # Mixtral has no q/k norms
-        for i in range(n_layers)
-    )
-    return ModelProfile(
-        name=f"mixtral-8x7b:{variant}",
-        n_layers=n_layers,
-        n_experts=n_experts,
-        top_k=2,
-        hidden=hidden,
-        expert_ffn=ffn,
-        native_formats=native,
-        dense_bytes=dense,
-        head_bytes=get_format("q6_k").nbytes(vocab * hidden) + get_format("q4_k").nbytes(hidden),
-        kv_bytes_per_token=n_layers * 2 * n_kv * head_dim * 2,
-        notes="GGUF Q4_K_M recipe; dense = attention + f32 router + norms per layer",
-    )
+    """Mixtral-8x7B: 32 layers, 8 experts, top-2, hidden 4096, ffn 14336 (no q/k norms)."""
+    return _llama_cpp_moe("mixtral-8x7b", variant, n_layers=32, hidden=4096, ffn=14336, n_heads=32, n_kv=8,
+                          head_dim=128, n_experts=8, top_k=2, vocab=32_000, qk_norm=False)
 
 
 MODEL_BUILDERS = {"qwen3-30b-a3b": qwen3_30b_a3b, "mixtral-8x7b": mixtral_8x7b}
