@@ -10,6 +10,7 @@ import contextlib
 import math
 
 import altair as alt
+import numpy as np
 import pandas as pd
 
 from sim.io import InputError
@@ -134,6 +135,8 @@ def low_mass_vs_gain(frame: pd.DataFrame) -> alt.Chart | alt.FacetChart:
         signal=[_signal_of(p) for p in data["precision"]],
         low_format=[_format_of(p) for p in data["precision"]],
     )
+    order = {"random": 0, "dynamic": 1, "freq": 2, "weight": 3, "mass": 4}  # drawn last = on top
+    data = data.sort_values("signal", key=lambda s: s.map(lambda v: order.get(v, 1.5)), kind="stable")
     pts = alt.Chart().mark_point(filled=True, size=70, opacity=0.85).encode(
         x=alt.X("degraded_pct:Q", title="gate mass served at low precision or skipped (%)"),
         y=alt.Y("gain_pct:Q", title="decode tokens/s gain over native (%)"),
@@ -190,17 +193,18 @@ def _num(v) -> float:
 
 
 def quality_precision(row: dict | pd.Series) -> str | None:
-    """The canonical precision-policy name of one quality row (its `policy` if parsable, else its fields)."""
-    pol = row.get("policy")
-    if isinstance(pol, str) and pol.strip():
-        with contextlib.suppress(InputError):  # a free-text label: fall back to the fields
-            return parse_precision(pol).name
+    """The canonical precision-policy name of one quality row: its `precision`, else `policy`, else its fields."""
+    for key in ("precision", "policy"):
+        val = row.get(key)
+        if isinstance(val, str) and val.strip():
+            with contextlib.suppress(InputError):  # a label such as "static": fall back to the fields
+                return parse_precision(val).name
     signal, fmt = row.get("signal"), row.get("format")
     fraction, t1, t2 = _num(row.get("fraction")), _num(row.get("t1")), _num(row.get("t2"))
     if fraction > 1:
         fraction /= 100
     fields: dict = {}
-    has_static = isinstance(signal, str) and signal and not math.isnan(fraction) and fraction > 0
+    has_static = isinstance(signal, str) and signal and not math.isnan(fraction)
     has_dyn = not math.isnan(t1) and not math.isnan(t2)
     fmt = fmt.lower() if isinstance(fmt, str) and fmt else None
     if has_static:
@@ -210,21 +214,40 @@ def quality_precision(row: dict | pd.Series) -> str | None:
         if fmt:
             fields["dynamic_format"] = fmt
     if not has_static and not has_dyn:
-        return "native" if (pol in (None, "native") or not fmt) else None
+        return "native"
     return PrecisionPolicy(**fields).name
 
 
+def _blank(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def main_quality_rows(quality: pd.DataFrame) -> pd.DataFrame:
+    """Quality rows comparable with the simulator: low-bit copies re-quantized from Q4_K, scored against
+    the Q4_K model (drops jaxmoe.quality's float-reference and float→low compounding rows)."""
+    q = quality
+    keep = np.ones(len(q), dtype=bool)
+    for col in ("source", "reference"):
+        if col in q.columns:
+            keep &= np.array([_blank(v) or str(v).lower() == "q4_k" for v in q[col]], dtype=bool)
+    if "format" in q.columns and "precision" in q.columns:
+        keep &= np.array([not (p == "native" and not _blank(f) and str(f).lower() not in ("q4_k", "q4_k_m"))
+                          for p, f in zip(q["precision"], q["format"])], dtype=bool)
+    return q[keep]
+
+
 def join_quality(sim: pd.DataFrame, quality: pd.DataFrame) -> pd.DataFrame:
-    """Inner-join simulator rows (with `speedup`) and quality rows on the canonical precision policy."""
+    """Inner-join simulator rows (with `speedup`) and the main quality rows on the canonical precision."""
     q = quality.copy()
     q["precision"] = [quality_precision(r) for r in q.to_dict("records")]
-    q = q.dropna(subset=["precision"])
+    q = main_quality_rows(q.dropna(subset=["precision"]))
     q = q.rename(columns={c: f"q_{c}" for c in ("policy", "low_mass", "skipped_mass") if c in q.columns})
     return sim.merge(q, on="precision", how="inner", suffixes=("", "_quality"))
 
 
-def quality_vs_speed(joined: pd.DataFrame) -> alt.LayerChart:
-    """Δ decode tokens/s (simulator) against KLD to the Q4_K baseline (quality), one point per policy."""
+def quality_vs_speed(joined: pd.DataFrame) -> alt.Chart | alt.FacetChart:
+    """Δ decode tokens/s (simulator) against KLD to the Q4_K baseline (quality), one point per policy;
+    one panel per trace when the joined frame holds several."""
     data = _labelled(joined[joined["precision"] != "native"].dropna(subset=["kld", "delta_tokens_per_s"]))
     data = data.assign(signal=[_signal_of(p) for p in data["precision"]],
                        low_format=[_format_of(p) for p in data["precision"]])
@@ -232,16 +255,18 @@ def quality_vs_speed(joined: pd.DataFrame) -> alt.LayerChart:
     for extra in ("ppl", "top1"):
         if extra in data.columns:
             tips.append(alt.Tooltip(f"{extra}:Q", format=".4f"))
-    pts = alt.Chart(data).mark_point(filled=True, size=80).encode(
-        x=alt.X("kld:Q", title="KLD vs Q4_K baseline (nats/token, measured on the small model)"),
+    pts = alt.Chart().mark_point(filled=True, size=70, opacity=0.85).encode(
+        x=alt.X("kld:Q", title="KLD vs the Q4_K model (nats/token, small model)"),
         y=alt.Y("delta_tokens_per_s:Q", title="Δ decode tokens/s vs native (simulated)"),
         color=alt.Color("signal:N", title="importance signal"),
         shape=alt.Shape("low_format:N", title="low format"),
         tooltip=tips,
     )
-    text = alt.Chart(data).mark_text(align="left", dx=6, fontSize=9, color="#444").encode(
-        x="kld:Q", y="delta_tokens_per_s:Q", text="precision_label:N")
-    return (pts + text).properties(width=460, height=300, title="Quality cost vs speed gain")
+    title = "Quality cost vs speed gain"
+    if "trace" in data.columns and data["trace"].nunique() > 1:
+        return pts.properties(width=330, height=260).facet(
+            column=alt.Column("trace:N", title="trace (simulator)"), data=data).properties(title=title)
+    return pts.properties(data=data, width=460, height=300, title=title)
 
 
 def per_layer_heatmap(layers: pd.DataFrame) -> alt.Chart:
@@ -259,6 +284,7 @@ __all__ = [
     "hit_rate_vs_budget",
     "join_quality",
     "low_mass_vs_gain",
+    "main_quality_rows",
     "per_layer_heatmap",
     "precision_label",
     "quality_precision",

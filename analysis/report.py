@@ -5,7 +5,7 @@ Inputs (nothing else): `results/sweeps/NAME.csv` with its `NAME.json` provenance
 (written by `python -m jaxmoe.quality`), and the hardware profiles in `sim/profiles/`. Every number
 in the document is computed here from those files; where quality results are absent the document
 says so in a "pending" section. Tables are built by pure functions of the frames (`precision_table`,
-`signal_table`, `policy_table`, `gpu_table`, `quality_table`); charts come from `analysis.charts`
+`signal_table`, `policy_table`, `gpu_table`, `quality_*_table`); charts come from `analysis.charts`
 and are saved as PNG through vl-convert.
 """
 from __future__ import annotations
@@ -47,7 +47,7 @@ class Inputs:
     provenance: dict[str, dict]  # trace name → NAME.json
     layers: pd.DataFrame  # trace, config_id, layer, hit_rate
     quality: pd.DataFrame | None  # one row per quality record (None: no quality file)
-    quality_files: list[str] = field(default_factory=list)
+    quality_meta: list[dict] = field(default_factory=list)  # one provenance summary per quality file
     profiles: dict[str, dict] = field(default_factory=dict)  # gpu name → profile JSON
 
 
@@ -93,41 +93,74 @@ def load_sweeps(sweep_dir: str | Path) -> tuple[pd.DataFrame, dict[str, dict], p
     return pd.concat(frames, ignore_index=True), provs, layers
 
 
-def _quality_rows(doc, path: Path) -> list[dict]:
+def _quality_rows(doc, path: Path) -> tuple[list[dict], dict]:
+    """The records of one quality JSON and a summary of its provenance."""
     if isinstance(doc, list):
         rows, meta = doc, {}
     elif isinstance(doc, dict):
-        key = next((k for k in ("rows", "records", "results", "policies") if isinstance(doc.get(k), list)), None)
+        key = next((k for k in ("rows", "records", "results") if isinstance(doc.get(k), list)), None)
         if key is None:
-            raise InputError(path, "expected a list of records or an object with a 'rows' list")
-        rows = doc[key]
-        meta = {k: v for k, v in doc.items() if k != key and not isinstance(v, (list, dict))}
+            raise InputError(path, "expected a list of records or an object with a 'rows' list (jaxmoe.quality)")
+        rows, meta = doc[key], doc
     else:
         raise InputError(path, "expected a JSON list or object")
     out = []
     for i, r in enumerate(rows):
         if not isinstance(r, dict):
             raise InputError(path, f"record {i} is not an object")
-        if "kld" not in r:
-            raise InputError(path, f"record {i} has no 'kld'")
-        out.append({**{f"meta_{k}": v for k, v in meta.items()}, **r, "source_file": path.name})
-    return out
+        missing = [k for k in ("kld",) if k not in r]
+        if missing or not any(k in r for k in ("precision", "policy", "signal", "t1")):
+            raise InputError(path, f"record {i} lacks {'kld' if missing else 'precision/policy'}")
+        out.append({**r, "source_file": path.name})
+    model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    cfg = model.get("config") if isinstance(model.get("config"), dict) else {}
+    ev = meta.get("eval") if isinstance(meta.get("eval"), dict) else {}
+    setup = meta.get("setup") if isinstance(meta.get("setup"), dict) else {}
+    summary = {
+        "file": path.name, "command": meta.get("command"), "model_file": model.get("file"),
+        "model_name": model.get("name"), "n_layers": cfg.get("n_layers"), "n_experts": cfg.get("n_experts"),
+        "top_k": cfg.get("top_k"), "eval_file": ev.get("file"), "eval_tokens": ev.get("tokens"),
+        "n_ctx": setup.get("n_ctx"), "n_chunks": setup.get("n_chunks"), "backend": meta.get("backend"),
+        "scored_tokens": max((int(r["n_tokens"]) for r in rows if isinstance(r, dict)
+                              and isinstance(r.get("n_tokens"), (int, float))), default=None),
+    }
+    return out, summary
 
 
-def load_quality(paths: list[str | Path]) -> pd.DataFrame | None:
-    """Read quality JSON files (jaxmoe.quality) into one frame; None when there are none."""
+def quality_kind(row: dict) -> str:
+    """`main` (re-quantized from Q4_K, scored against Q4_K), `compound` (low copies quantized from float)
+    or `float` (rows about the float model)."""
+    src, ref, fmt = row.get("source"), row.get("reference"), row.get("format")
+    if isinstance(ref, str) and ref.lower() == "float":
+        return "float"
+    if isinstance(src, str) and src.lower() == "float":
+        return "compound"
+    if row.get("precision") == "native" and isinstance(fmt, str) and fmt.lower() not in ("q4_k", "q4_k_m"):
+        return "float"
+    return "main"
+
+
+def load_quality(paths: list[str | Path]) -> tuple[pd.DataFrame | None, list[dict]]:
+    """Read quality JSON files (jaxmoe.quality) into one frame (None when there are none) and their provenance."""
     rows: list[dict] = []
+    metas: list[dict] = []
     for p in sorted(map(Path, paths)):
         try:
             doc = json.loads(p.read_text())
-        except json.JSONDecodeError as exc:
-            raise InputError(p, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        rows.extend(_quality_rows(doc, p))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise InputError(p, f"not valid JSON ({exc})") from None
+        r, m = _quality_rows(doc, p)
+        rows.extend(r)
+        metas.append(m)
     if not rows:
-        return None
+        return None, metas
     q = pd.DataFrame(rows)
     q["precision"] = [charts.quality_precision(r) for r in q.to_dict("records")]
-    return q
+    q["kind"] = [quality_kind(r) for r in q.to_dict("records")]
+    for c in ("fraction", "t1", "t2", "kld", "ppl", "ppl_ratio", "top1", "dp", "low_mass", "skipped_mass"):
+        if c in q.columns:
+            q[c] = pd.to_numeric(q[c], errors="coerce")
+    return q, metas
 
 
 def load_profiles(names) -> dict[str, dict]:
@@ -143,10 +176,8 @@ def load_profiles(names) -> dict[str, dict]:
 def load_inputs(sweep_dir: str | Path = SWEEP_DIR, quality_glob: str = QUALITY_GLOB) -> Inputs:
     """Load sweeps, quality files and the hardware profiles they name (plus h200)."""
     sweeps, provs, layers = load_sweeps(sweep_dir)
-    qfiles = sorted(glob.glob(quality_glob))
-    quality = load_quality(qfiles)
-    return Inputs(sweeps, provs, layers, quality, [Path(f).name for f in qfiles],
-                  load_profiles(list(sweeps["gpu"].unique()) + ["h200"]))
+    quality, qmeta = load_quality(sorted(glob.glob(quality_glob)))
+    return Inputs(sweeps, provs, layers, quality, qmeta, load_profiles(list(sweeps["gpu"].unique()) + ["h200"]))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -320,22 +351,102 @@ def gpu_table(frame: pd.DataFrame, policy: str = POLICY) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def quality_table(quality: pd.DataFrame, sims: dict[str, pd.DataFrame]) -> pd.DataFrame:
-    """Quality rows with the simulated Δ tok/s of the same precision policy on each trace."""
+def headline_sims(inp: Inputs) -> dict[str, pd.DataFrame]:
+    """Per trace: its primary GPU's SLRU rows at the 12 GB budget, with the native baseline columns."""
+    out = {}
+    for t in sorted(set(inp.sweeps["trace"])):
+        f = inp.sweeps[inp.sweeps["trace"] == t]
+        gpu = primary_gpu(f, inp.provenance.get(t, {}))
+        out[t] = charts.with_native_baseline(f[(f["gpu"] == gpu) & (f["policy"] == POLICY) & (f["budget"] == VRAM)])
+    return out
+
+
+def f_ci(x, ci, digits: int = 4, pct: bool = False) -> str:
+    """A value with its bootstrap interval: `0.0421 [0.0390, 0.0450]` (or percentages)."""
+    fmt = (lambda v: f_pct(v, digits=1)) if pct else (lambda v: f_num(v, digits))
+    if _isnan(x):
+        return "–"
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and not any(_isnan(v) for v in ci):
+        return f"{fmt(x)} [{fmt(ci[0])}, {fmt(ci[1])}]"
+    return fmt(x)
+
+
+def _sim_delta(sims: dict[str, pd.DataFrame], precision: str) -> dict[str, str]:
+    out = {}
+    for name, sim in sims.items():
+        m = sim[sim["precision"] == precision]
+        out[f"Δ tok/s {name}"] = f_pct(m["speedup"].iloc[0], signed=True) if len(m) else "–"
+    return out
+
+
+def _main(q: pd.DataFrame) -> pd.DataFrame:
+    return q[q["kind"] == "main"] if "kind" in q.columns else q
+
+
+def quality_share_table(q: pd.DataFrame, sims: dict[str, pd.DataFrame], signal: str = "mass") -> pd.DataFrame:
+    """One signal's static rows by (format, share): KLD with CI, same-top-1, PPL ratio, and simulated Δ tok/s."""
+    m = _main(q)
+    m = m[(m.get("signal") == signal) & m["t1"].isna()] if "signal" in m.columns else m.iloc[:0]
     rows = []
-    for r in quality.sort_values("precision", key=lambda s: s.map(lambda p: _rank(p) if isinstance(p, str) else (9,))) \
-            .to_dict("records"):
-        row = {"precision": f"`{r['precision']}`" if isinstance(r.get("precision"), str) else str(r.get("policy"))}
-        for c in QUALITY_COLUMNS:
-            if c in r:
-                row[c] = f_num(r[c], 4) if c != "top1" else f_pct(r[c])
-        for c in ("low_mass", "skipped_mass"):
-            if c in r and not _isnan(r[c]):
-                row[f"{c.replace('_', ' ')} (model)"] = f_pct(r[c])
-        for name, sim in sims.items():
-            m = sim[sim["precision"] == r.get("precision")]
-            row[f"Δ tok/s {name}"] = f_pct(m["speedup"].iloc[0], signed=True) if len(m) else "–"
-        rows.append(row)
+    for r in m.sort_values(["format", "fraction"], ascending=[False, True]).to_dict("records"):
+        rows.append({"format": str(r["format"]).upper(), "share demoted": f_pct(r["fraction"], digits=0),
+                     "KLD [95 % CI]": f_ci(r["kld"], r.get("kld_ci")),
+                     "same top-1": f_ci(r.get("top1"), r.get("top1_ci"), pct=True),
+                     "PPL ratio": f_num(r.get("ppl_ratio", math.nan), 4),
+                     "low-prec. mass (model)": f_pct(r.get("low_mass", math.nan)),
+                     **_sim_delta(sims, r["precision"])})
+    return pd.DataFrame(rows)
+
+
+def quality_signal_table(q: pd.DataFrame, fractions) -> pd.DataFrame:
+    """KLD and same-top-1 per (signal, share) at the simulated shares, Q3_K beside Q2_K."""
+    m = _main(q)
+    if "signal" not in m.columns:
+        return pd.DataFrame()
+    m = m[m["signal"].notna() & m["t1"].isna()]
+    rows = []
+    order = {s: i for i, s in enumerate(("mass", "freq", "weight", "random"))}
+    for sig in sorted(set(m["signal"]), key=lambda x: order.get(x, 9)):
+        for frac in sorted(set(fractions)):
+            row = {"signal": sig, "share demoted": f_pct(frac, digits=0)}
+            hit = False
+            for fmt in ("q3_k", "q2_k"):
+                r = m[(m["signal"] == sig) & (m["format"] == fmt) & ((m["fraction"] - frac).abs() < 1e-9)]
+                hit |= len(r) > 0
+                row[f"KLD {fmt.upper()}"] = f_num(r["kld"].iloc[0], 4) if len(r) else "–"
+                row[f"same top-1 {fmt.upper()}"] = f_pct(r["top1"].iloc[0]) if len(r) and "top1" in r else "–"
+            if hit:
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def quality_dynamic_table(q: pd.DataFrame, sims: dict[str, pd.DataFrame]) -> pd.DataFrame:
+    """HOBBIT dynamic rows by (T1, T2): KLD, same-top-1, low/skipped gate mass, simulated Δ tok/s."""
+    m = _main(q)
+    m = m[m["t1"].notna() & (m["signal"].isna() if "signal" in m.columns else True)]
+    rows = []
+    for r in m.sort_values(["t1", "t2"]).to_dict("records"):
+        rows.append({"T1": f"{r['t1']:g}", "T2": f"{r['t2']:g}", "format": str(r.get("format", "")).upper(),
+                     "KLD [95 % CI]": f_ci(r["kld"], r.get("kld_ci")),
+                     "same top-1": f_pct(r.get("top1", math.nan)),
+                     "low-prec. mass (model)": f_pct(r.get("low_mass", math.nan)),
+                     "skipped mass (model)": f_pct(r.get("skipped_mass", math.nan)),
+                     **_sim_delta(sims, r["precision"])})
+    return pd.DataFrame(rows)
+
+
+def compounding_table(q: pd.DataFrame) -> pd.DataFrame:
+    """Low copies quantized from float vs re-quantized from Q4_K, same demoted experts: KLD side by side."""
+    if "kind" not in q.columns:
+        return pd.DataFrame()
+    comp, main = q[q["kind"] == "compound"], _main(q)
+    rows = []
+    for r in comp.sort_values(["format", "fraction"], ascending=[False, True]).to_dict("records"):
+        m = main[main["precision"] == r["precision"]]
+        k4 = m["kld"].iloc[0] if len(m) else math.nan
+        rows.append({"precision": f"`{r['precision']}`", "KLD, low copy from float": f_num(r["kld"], 4),
+                     "KLD, low copy re-quantized from Q4_K": f_num(k4, 4),
+                     "ratio (Q4_K-sourced / float-sourced)": f_num(k4 / r["kld"], 2) if r["kld"] and not _isnan(k4) else "–"})
     return pd.DataFrame(rows)
 
 
@@ -397,24 +508,26 @@ def answer_bullets(inp: Inputs) -> list[str]:
                          f"mass at Q2_K and {f_pct(d.skipped_mass)} skipped")
     if parts:
         out.append("HOBBIT's dynamic rule (T1 = 0.6, T2 = 0.9, misses loaded at Q2_K) at the 12 GB budget: "
-                   + "; ".join(parts) + ".")
+                   + "; ".join(parts) + ". (A Q2_K copy loaded for a low-ranked use cannot serve a later "
+                   "high-ranked use of the same expert, which loads it again at Q4_K.)")
 
     if inp.quality is None:
         out.append("**Quality: pending.** No `results/quality*.json` exists yet, so the cost in KLD / perplexity "
                    "of these policies is not measured; the speed side alone does not decide the question.")
     else:
-        q = inp.quality
+        q = _main(inp.quality)
         bits = []
-        for prec in (Q2, Q3, DYN):
+        for prec in (Q3, Q2, DYN):
             r = _one(q, precision=prec)
             if r is not None and not _isnan(r.get("kld")):
                 extra = f", same top-1 {f_pct(r['top1'])}" if "top1" in r and not _isnan(r["top1"]) else ""
-                bits.append(f"`{prec}` KLD {f_num(r['kld'], 4)}{extra}")
+                bits.append(f"`{prec}` KLD {f_ci(r['kld'], r.get('kld_ci'))}{extra}")
+        files = ", ".join(f"`{m['file']}`" for m in inp.quality_meta)
         if bits:
-            out.append("Quality on the project's small Qwen3-MoE model (against its Q4_K baseline): " + "; ".join(bits) + ".")
+            out.append(f"Quality cost, measured on the project's small Qwen3-MoE model against its own Q4_K model "
+                       f"({files}): " + "; ".join(bits) + ".")
         else:
-            out.append("Quality files exist (" + ", ".join(inp.quality_files) + ") but none matches the headline "
-                       "policies; see the quality section.")
+            out.append(f"Quality files exist ({files}) but none has the headline policies; see the quality section.")
     return out
 
 
@@ -465,12 +578,7 @@ def figures(inp: Inputs) -> list[tuple[str, object, str]]:
                 out.append((f"{t}-per-layer", charts.per_layer_heatmap(hm),
                             f"Per-layer decode hit rate, SLRU, native ({t}, {gpu}; results/sweeps/{t}.per_layer.csv)."))
     if inp.quality is not None:
-        joined = []
-        for t in sorted(set(inp.sweeps["trace"])):
-            f = inp.sweeps[inp.sweeps["trace"] == t]
-            gpu = primary_gpu(f, inp.provenance.get(t, {}))
-            sim = charts.with_native_baseline(f[(f["gpu"] == gpu) & (f["policy"] == POLICY) & (f["budget"] == VRAM)])
-            joined.append(charts.join_quality(sim, inp.quality))
+        joined = [charts.join_quality(sim, inp.quality) for sim in headline_sims(inp).values()]
         j = pd.concat(joined, ignore_index=True) if joined else pd.DataFrame()
         if not j.empty and j["kld"].notna().any():
             out.append(("quality-vs-speed", charts.quality_vs_speed(j),
@@ -519,12 +627,14 @@ def _profile_rows(inp: Inputs) -> pd.DataFrame:
 
 def _format_rows() -> pd.DataFrame:
     model = get_model("qwen3-30b-a3b:q4_k_m")
-    native = model.expert_bytes(0)
-    rows = []
+    q4 = model.expert_bytes(0, "q4_k")
+    mean_native = model.total_expert_bytes() / (model.n_layers * model.n_experts)
+    rows = [{"format": "Q4_K_M (native, mean over layers)", "bits/weight": f"{8 * mean_native / model.expert_weights:.4g}",
+             "bytes/expert": f"{mean_native:,.0f}", "× Q4_K": f"{mean_native / q4:.3f}"}]
     for fmt in ("q4_k", "q3_k", "q2_k"):
         b = model.expert_bytes(0, fmt)
         rows.append({"format": fmt.upper(), "bits/weight": f"{FORMATS[fmt].bits_per_weight:.4g}",
-                     "bytes/expert": f"{b:,}", "× Q4_K_M layer-0 expert": f"{b / native:.3f}"})
+                     "bytes/expert": f"{b:,}", "× Q4_K": f"{b / q4:.3f}"})
     return pd.DataFrame(rows)
 
 
@@ -632,16 +742,37 @@ def render(inp: Inputs, figs: list[tuple[str, object, str]], fig_rel: str = "fig
             "exist yet. No perplexity, KLD or top-1 agreement numbers are reported here until they do; rerun "
             f"`{REPRO}` afterwards to fill this section and the quality-vs-speed figure.")
     else:
-        add(f"From {', '.join(f'`{x}`' for x in inp.quality_files)}: the project's small Qwen3-MoE-architecture "
-            "model evaluated under each precision policy against its own Q4_K baseline; Δ tok/s is the simulated "
-            f"gain of the same policy at the 12 GB budget ({POLICY}, each trace's primary GPU).")
+        add("The project's small Qwen3-MoE-architecture model evaluated under each precision policy against its "
+            "own Q4_K model (llama.cpp's perplexity/KLD method, bootstrap 95 % intervals over chunks); low-bit "
+            "experts are re-quantized from the Q4_K weights. Δ tok/s is the simulated gain of the same policy at "
+            f"the 12 GB budget ({POLICY}, each trace's primary GPU); `–` where that policy was not simulated.")
         add("")
-        sims = {}
-        for t in traces:
-            f = inp.sweeps[inp.sweeps["trace"] == t]
-            gpu = primary_gpu(f, inp.provenance.get(t, {}))
-            sims[t] = charts.with_native_baseline(f[(f["gpu"] == gpu) & (f["policy"] == POLICY) & (f["budget"] == VRAM)])
-        add(markdown_table(quality_table(inp.quality, sims)))
+        for m in inp.quality_meta:
+            facts = [f"model `{m.get('model_name') or m.get('model_file')}`"]
+            if m.get("n_layers"):
+                facts.append(f"{m['n_layers']} layers, {m.get('n_experts')} experts, top-{m.get('top_k')}")
+            if m.get("scored_tokens"):
+                facts.append(f"{m['scored_tokens']:,} scored tokens")
+            if m.get("n_chunks"):
+                facts.append(f"{m['n_chunks']} chunks of {m.get('n_ctx')}")
+            cmd = f"; produced by `{m['command']}`" if m.get("command") else ""
+            add(f"- `{m['file']}`: " + ", ".join(facts) + cmd)
+        add("")
+        sims = headline_sims(inp)
+        fractions = sorted(set(inp.sweeps["static_fraction"].dropna()))
+        for title, tab in (
+            ("**Share and format** (signal `mass`):", quality_share_table(inp.quality, sims)),
+            ("**Importance signal** (KLD, same top-1):", quality_signal_table(inp.quality, fractions)),
+            ("**HOBBIT dynamic rule** (every access treated as a miss in the quality run):",
+             quality_dynamic_table(inp.quality, sims)),
+            (("**Compounding**: the same demoted experts with low copies quantized from the float weights "
+              "instead of re-quantized from Q4_K:"), compounding_table(inp.quality)),
+        ):
+            if not tab.empty:
+                add(title)
+                add("")
+                add(markdown_table(tab))
+                add("")
     add("")
     add("## Caveats")
     add("")
@@ -656,6 +787,22 @@ def render(inp: Inputs, figs: list[tuple[str, object, str]], fig_rel: str = "fig
                 f"{p.get('decode_steps', '?')} decode steps, top-{p.get('top_k', '?')} routing; with the 25 % "
                 "calibration window, static rankings learn on very few tokens and every percentage rests on "
                 f"{int(inp.sweeps[inp.sweeps['trace'] == t]['tokens'].iloc[0])} counted decode tokens.")
+    for t in traces:
+        f = inp.sweeps[inp.sweeps["trace"] == t]
+        gpu = primary_gpu(f, inp.provenance.get(t, {}))
+        b = _one(f, gpu=gpu, policy="belady", budget=VRAM, precision="native")
+        s_ = _one(f, gpu=gpu, policy=POLICY, budget=VRAM, precision="native")
+        if b is not None and s_ is not None:
+            add(f"- `{t}` at the 12 GB budget: the offline optimum (belady) hits {f_rate(b.hit_rate)} against "
+                f"{POLICY}'s {f_rate(s_.hit_rate)}; the remaining {f_pct(1 - b.hit_rate)} of accesses miss under "
+                "any replacement policy (first uses in the counted window), so there the gain of low-bit experts "
+                "comes from moving fewer bytes per miss rather than from fitting more experts.")
+    for t in traces:
+        recorded = inp.provenance.get(t, {}).get("gpu_sources", {})
+        stale = [g for g, src in recorded.items() if g in inp.profiles and inp.profiles[g].get("source") != src]
+        if stale:
+            add(f"- **Stale:** `{t}` was simulated with an older version of the {', '.join(stale)} profile(s); "
+                f"rerun its sweep (`{inp.provenance[t].get('command', 'python -m analysis.sweep')}`).")
     add("- The RTX 3060 / 4070 profiles are datasheet-scaled estimates (see their `source`); absolute tokens/s "
         "on those GPUs are not measured, the relative Δ between precision policies is the robust quantity.")
     add("- Quality (when present) is measured on the project's small Qwen3-MoE-architecture model, not on "

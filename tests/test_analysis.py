@@ -256,25 +256,63 @@ def test_report_numbers_equal_csv_and_quality_pending(quick_sweep, tmp_path):
     assert "Quality: pending" in md.split("## Method", 1)[0]
 
 
+def _qrow(policy, precision, *, signal=None, fraction=None, fmt="q4_k", source=None, reference="q4_k",
+          t1=None, t2=None, low=0.0, skip=0.0, ppl=12.5, kld=0.0, top1=1.0) -> dict:
+    """One row shaped like jaxmoe.quality.make_row's (keys ROW_KEYS)."""
+    return {"policy": policy, "precision": precision, "signal": signal, "fraction": fraction, "format": fmt,
+            "source": source, "reference": reference, "t1": t1, "t2": t2, "low_mass": low, "skipped_mass": skip,
+            "ppl": ppl, "ppl_ci": [ppl * 0.99, ppl * 1.01], "ppl_ratio": ppl / 12.5, "ppl_ratio_ci": [1.0, 1.1],
+            "kld": kld, "kld_ci": [kld * 0.9, kld * 1.1], "top1": top1, "top1_ci": [top1 - 0.01, top1],
+            "dp": -0.001, "dp_ci": [-0.002, 0.0], "n_tokens": 4080, "n_chunks": 16}
+
+
+QUALITY_ROWS = [
+    _qrow("native", "native"),
+    _qrow("native", "native", fmt="f32", kld=0.002, ppl=12.4),  # the float model against Q4_K
+    _qrow("native", "native", reference="float", kld=0.003),  # Q4_K against the float model
+    _qrow("static", "static:mass:30%:q2_k", signal="mass", fraction=0.3, fmt="q2_k", source="q4_k",
+          low=0.12, ppl=12.9876, kld=0.0421, top1=0.913),
+    _qrow("static", "static:mass:30%:q3_k", signal="mass", fraction=0.3, fmt="q3_k", source="q4_k",
+          low=0.12, ppl=12.61, kld=0.0107, top1=0.962),
+    _qrow("static", "static:mass:30%:q2_k", signal="mass", fraction=0.3, fmt="q2_k", source="float",
+          low=0.12, ppl=12.9, kld=0.0388, top1=0.92),  # compounding row: same precision, float-sourced
+    _qrow("dynamic", "dynamic:0.6:0.9:q2_k", fmt="q2_k", source="q4_k", t1=0.6, t2=0.9, low=0.2, skip=0.03,
+          ppl=13.2, kld=0.0833, top1=0.88),
+]
+
+
+def test_quality_fixture_matches_jaxmoe_rows():
+    """The fixture rows carry exactly jaxmoe.quality's row keys (skips where JAX is unavailable)."""
+    quality = pytest.importorskip("jaxmoe.quality")
+    assert tuple(QUALITY_ROWS[0]) == tuple(quality.ROW_KEYS)
+
+
 def test_report_with_quality_file(quick_sweep, tmp_path):
     qpath = tmp_path / "quality-small.json"
-    qpath.write_text(json.dumps({"model": "tiny", "rows": [
-        {"policy": "native", "signal": None, "fraction": None, "format": None, "t1": None, "t2": None,
-         "low_mass": 0.0, "skipped_mass": 0.0, "ppl": 12.5, "kld": 0.0, "top1": 1.0},
-        {"policy": "static:mass:30%:q2_k", "signal": "mass", "fraction": 0.3, "format": "q2_k", "t1": None,
-         "t2": None, "low_mass": 0.12, "skipped_mass": 0.0, "ppl": 12.9876, "kld": 0.0421, "top1": 0.913}]}))
+    qpath.write_text(json.dumps({"command": "python -m jaxmoe.quality --model m.gguf --json q.json",
+                                 "model": {"file": "m.gguf", "name": "tiny-moe",
+                                           "config": {"n_layers": 4, "n_experts": 16, "top_k": 4}},
+                                 "rows": QUALITY_ROWS, "setup": {"n_ctx": 512, "n_chunks": 16}}))
     md, _ = report.generate(quick_sweep, str(tmp_path / "quality*.json"), tmp_path / "d.md", tmp_path / "f", png=False)
     quality = md.split("## Quality", 1)[1].split("## Caveats", 1)[0]
-    assert "Pending" not in quality
-    rows = _table_after(quality, "From ")
-    got = {r["precision"].strip("`"): r for r in rows}
-    assert float(got["static:mass:30%:q2_k"]["kld"]) == 0.0421
-    assert float(got["static:mass:30%:q2_k"]["ppl"]) == 12.9876
-    assert _pct(got["static:mass:30%:q2_k"]["top1"]) == pytest.approx(0.913)
+    assert "Pending" not in quality and "tiny-moe" in quality and "4,080 scored tokens" in quality
+    rows = _table_after(quality, "**Share and format**")
+    got = {(r["format"], r["share demoted"]): r for r in rows}
+    q2 = got[("Q2_K", "30 %")]
+    assert q2["KLD [95 % CI]"] == "0.0421 [0.0379, 0.0463]"  # the Q4_K-sourced row, not the float-sourced one
+    assert float(q2["PPL ratio"]) == pytest.approx(12.9876 / 12.5, abs=5e-5)
+    assert _pct(q2["low-prec. mass (model)"]) == pytest.approx(0.12)
     csv = charts.with_native_baseline(pd.read_csv(quick_sweep / "tiny.csv"))
     c = csv[(csv["policy"] == "slru") & (csv["precision"] == "static:mass:30%:q2_k") & (csv["budget"] == "vram")].iloc[0]
-    assert _pct(got["static:mass:30%:q2_k"]["Δ tok/s tiny"]) == pytest.approx(c["speedup"], abs=5e-4)
-    assert "KLD 0.0421" in md.split("## Method", 1)[0]
+    assert _pct(q2["Δ tok/s tiny"]) == pytest.approx(c["speedup"], abs=5e-4)
+    assert got[("Q3_K", "30 %")]["Δ tok/s tiny"] == "–"  # Q3_K not in the quick grid: nothing invented
+    dyn = _table_after(quality, "**HOBBIT dynamic rule**")
+    assert len(dyn) == 1 and dyn[0]["KLD [95 % CI]"].startswith("0.0833") and _pct(dyn[0]["skipped mass (model)"]) == 0.03
+    comp = _table_after(quality, "**Compounding**")
+    assert len(comp) == 1 and float(comp[0]["KLD, low copy from float"]) == 0.0388
+    assert float(comp[0]["KLD, low copy re-quantized from Q4_K"]) == 0.0421
+    head = md.split("## Method", 1)[0]
+    assert "`static:mass:30%:q2_k` KLD 0.0421" in head and "`static:mass:30%:q3_k` KLD 0.0107" in head
     assert "quality-vs-speed" in md
 
 
