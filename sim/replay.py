@@ -345,6 +345,20 @@ def _fmt_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _fmt_per_layer(records: list[dict]) -> str:
+    """Hit rate per layer, one row per configuration (layers as columns, 12 per block)."""
+    n = len(records[0]["per_layer_hit_rate"])
+    lines = []
+    for lo in range(0, n, 12):
+        cols = range(lo, min(n, lo + 12))
+        lines.append("layer hit rate".ljust(34) + "".join(f"{c:>6d}" for c in cols))
+        for r in records:
+            label = f"{r['policy']} {r['precision']}"[:32].ljust(34)
+            vals = (r["per_layer_hit_rate"][c] for c in cols)
+            lines.append(label + "".join("     –" if v is None else f"{v:6.2f}" for v in vals))
+    return "\n".join(lines)
+
+
 def _write_outputs(records: list[dict], json_path: str | None, csv_path: str | None) -> None:
     if json_path:
         with atomic_path(json_path) as tmp:
@@ -385,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--context", type=int, default=4096, help="context length for the KV-cache budget (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="seed for random signals and oracle prefetch")
     ap.add_argument("--no-timeline", action="store_true", help="hit rates and bytes only (skip the simpy timeline)")
+    ap.add_argument("--per-layer", action="store_true", help="also print each configuration's hit rate per layer")
     ap.add_argument("--json", help="write one record per configuration to this JSON file")
     ap.add_argument("--csv", help="write one row per configuration to this CSV file")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -439,6 +454,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if not args.quiet and len(configs) > 1:
                 print(f"  [{i + 1}/{len(configs)}] {cfg.policy} {cfg.precision}", file=sys.stderr)
     print(_fmt_table(records))
+    if args.per_layer:
+        print(_fmt_per_layer(records))
     _write_outputs(records, args.json, args.csv)
     return records
 

@@ -42,6 +42,12 @@ def test_table_json_csv_and_determinism(trace_path, tmp_path):
     assert len(csv_out.read_text().splitlines()) == 1 + len(records)
 
 
+def test_per_layer_table(trace_path):
+    r = replay(trace_path, "--per-layer", "-q", "--no-timeline")
+    assert r.returncode == 0, r.stderr
+    assert "layer hit rate" in r.stdout and "slru native" in r.stdout
+
+
 def test_sweep_budget(trace_path, tmp_path):
     out = tmp_path / "s.json"
     r = replay(trace_path, "--sweep-budget", "10%:50%:20%", "--json", out, "-q", "--no-timeline")
