@@ -175,28 +175,26 @@ def probe() -> None:
 
 
 def tuning_candidates(m: int, g: int, quick: bool):
-    """Block configurations tried for (tokens, experts); each launch keeps its own best."""
+    """Block configurations tried for (tokens, experts); each launch keeps its own best within a variant."""
     from jaxmoe.kernels.expert_ffn import BlockConfig
 
-    mk = lambda bu, wu, su, bd, wd, sd, bm=16: BlockConfig(block_n_up=bu, num_warps_up=wu, num_stages_up=su,
-                                                         block_n_down=bd, num_warps_down=wd, num_stages_down=sd,
-                                                         block_m=bm)
+    def mk(bu, wu, bd, wd, bm=8, variant="vec", su=1, sd=1):
+        return BlockConfig(block_n_up=bu, num_warps_up=wu, num_stages_up=su, block_n_down=bd, num_warps_down=wd,
+                           num_stages_down=sd, block_m=bm, variant=variant)
+
     if m <= 4:
-        c = [mk(16, 1, 1, 32, 1, 1), mk(32, 2, 2, 64, 2, 2), mk(32, 1, 3, 32, 2, 3), mk(64, 4, 2, 128, 4, 1),
-             mk(16, 1, 3, 64, 4, 2), mk(64, 2, 3, 32, 1, 3)]
-        if g == 1:
-            c = [mk(16, 1, 1, 32, 1, 1), mk(16, 1, 3, 64, 2, 2), mk(32, 2, 2, 32, 2, 3)]
+        c = [mk(16, 4, 32, 2), mk(32, 8, 64, 4), mk(16, 2, 16, 1)] if g > 1 else [mk(16, 4, 32, 2)]
     elif m <= 16:
-        c = [mk(16, 1, 1, 32, 1, 1), mk(32, 2, 2, 64, 4, 2, bm=8), mk(16, 2, 3, 32, 2, 3)]
+        c = [mk(16, 4, 32, 2, bm=4), mk(16, 4, 32, 2, bm=8), mk(32, 2, 64, 4, bm=8, variant="loop", su=2, sd=2)]
     else:
-        c = [mk(16, 1, 1, 32, 1, 1), mk(16, 2, 2, 32, 2, 2, bm=32), mk(32, 4, 1, 64, 4, 1, bm=16)]
+        c = [mk(16, 4, 32, 2, bm=4), mk(16, 4, 32, 4, bm=8), mk(16, 1, 32, 1, bm=16, variant="loop")]
     return c[:2] if quick else c
 
 
 def merge_best(results: list[tuple]) -> "object":
-    """From (config, up_s, down_s) tuples build the config with the fastest launch A and launch B."""
+    """From (config, up_s, down_s) tuples: the best launch A, with the best launch B of the same variant."""
     best_up = min(results, key=lambda r: r[1])[0]
-    best_down = min(results, key=lambda r: r[2])[0]
+    best_down = min((r for r in results if r[0].variant == best_up.variant), key=lambda r: r[2])[0]
     return dataclasses.replace(best_up, block_n_down=best_down.block_n_down, num_warps_down=best_down.num_warps_down,
                                num_stages_down=best_down.num_stages_down)
 
@@ -305,6 +303,7 @@ def run_bench(formats=FORMATS, tokens=TOKENS, quick: bool = False, deadline_s: f
 
     t_start = time.time()
     over = lambda: time.time() - t_start > deadline_s
+    late = lambda: time.time() - t_start > deadline_s + 120  # past this, cells skip the extra checks
     bench = Bench(formats, reps=reps or (3 if quick else 6))
     ef = bench.ef
     log(f"devices {jax.devices()}; timer {bench.timer.method}")
@@ -349,11 +348,12 @@ def run_bench(formats=FORMATS, tokens=TOKENS, quick: bool = False, deadline_s: f
                     summ, calls = bench.time_pallas(fmt, m, g, cfg)
                     row.update({k: v for k, v in summ.items()})
                     row["up_s"], row["down_s"] = kernel_time(calls, "ffn_up"), kernel_time(calls, "ffn_down")
-                    row["rel_err"] = bench.check(fmt, m, g, cfg)
+                    if m in (1, 16) and not late():
+                        row["rel_err"] = bench.check(fmt, m, g, cfg)
                 except Exception as exc:  # noqa: BLE001
                     row["error"] = f"{type(exc).__name__}: {str(exc)[:500]}"
                     log(f"{fmt} M={m} G={g}: FAILED {row['error'][:300]}")
-                if not over() or m in (1, 16):
+                if (g > 1 or m == 1) and not (late() and m not in (1, 16)):
                     try:
                         row["xla"] = {k: v for k, v in bench.time_baseline("xla", fmt, m, g).items() if k != "kernels"}
                     except Exception as exc:  # noqa: BLE001

@@ -293,18 +293,17 @@ def main(argv=None) -> int:
     command = "python -m jaxmoe.calibrate " + " ".join(sys.argv[1:] if argv is None else argv)
     info = device_info()
     log(f"device {info}")
-    bench = bk.run_bench(formats, bk.TOKENS, quick=args.quick, deadline_s=args.deadline_s)
-    bench["meta"]["command"] = command
     raw = Path(args.raw_dir)
-    bk.write_outputs(bench, raw)
-    bk.print_table(bench)
-    timer = bk.Timer()
-    dense = measure_dense(timer, bk.TOKENS, args.context, reps=3 if args.quick else 6)
     sizes = sorted(set(COPY_SIZES) | set(bk.GGUF_EXPERT_BYTES.values()))
     transfers = measure_transfers(sizes, reps=7 if args.quick else 15, inflight_nbytes=bk.GGUF_EXPERT_BYTES["q4_k"])
-    profile = build_profile(bench, dense, transfers, info, command)
+    dense = measure_dense(bk.Timer(), bk.TOKENS, args.context, reps=3 if args.quick else 6)
     with atomic_path(raw / "calibrate_raw.json") as tmp:
         tmp.write_text(json.dumps({"device": info, "dense": dense, "transfers": transfers}, indent=1))
+    bench = bk.run_bench(formats, bk.TOKENS, quick=args.quick, deadline_s=args.deadline_s)
+    bench["meta"]["command"] = command
+    bk.write_outputs(bench, raw)
+    bk.print_table(bench)
+    profile = build_profile(bench, dense, transfers, info, command)
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(profile, indent=1) + "\n")
     print(f"transfer fit: fixed {profile['transfer']['fixed_s'] * 1e6:.1f} us, {profile['transfer']['gbps']:.1f} GB/s; "

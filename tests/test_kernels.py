@@ -93,10 +93,10 @@ def test_reference_and_xla_against_float64(fmt):
 
 @pytest.mark.parametrize("fmt", repack.FORMATS)
 def test_pallas_interpret_matches_reference(fmt):
-    raw, bank = make_case(fmt, 3, 256, 256, seed=11)
+    raw, bank = make_case(fmt, 3, 256, 768, seed=11)  # down has 3 super-blocks: tiles of 2 + 1
     x = jnp.asarray(np.random.default_rng(12).standard_normal((3, 256)), jnp.bfloat16)
     ids = jnp.array([2, 2, 0], jnp.int32)  # a repeated id must work too
-    cfg = ef.BlockConfig(block_n_up=128, block_n_down=128, block_m=2)
+    cfg = ef.BlockConfig(block_n_up=256, block_n_down=128, block_m=2)
     got = ef.expert_ffn(x, bank, ids, fmt=fmt, implementation="pallas", block_config=cfg, interpret=True)
     assert got.shape == (3, 3, 256) and got.dtype == jnp.float32
     # Same activation quantization as the kernel: agreement to float32 rounding.
@@ -104,14 +104,25 @@ def test_pallas_interpret_matches_reference(fmt):
     assert rel_err(got, numpy_ffn(np.asarray(x, np.float64), raw, [2, 2, 0], fmt)) < 1e-3
 
 
-def test_pallas_interpret_int8_activations():
+@pytest.mark.parametrize("variant", ["vec", "loop"])
+def test_pallas_interpret_int8_activations(variant):
     _, bank = make_case("q2_k", 2, 256, 256, seed=13)
     x = jnp.asarray(np.random.default_rng(14).standard_normal((1, 256)), jnp.float32)
     ids = jnp.array([1], jnp.int32)
-    cfg = ef.BlockConfig(block_n_up=256, block_n_down=256, act_bits=8)
+    cfg = ef.BlockConfig(block_n_up=256, block_n_down=256, act_bits=8, variant=variant)
     got = ef.expert_ffn(x, bank, ids, fmt="q2_k", implementation="pallas", block_config=cfg, interpret=True)
     assert rel_err(got, ef.ffn_reference(x, bank, ids, "q2_k", act_bits=8)) < 1e-4
     assert rel_err(got, ef.ffn_reference(x, bank, ids, "q2_k")) < 5e-2
+
+
+def test_pallas_interpret_loop_variant_three_blocks():
+    # The first kernel version (K loop, jnp activation quantization), on a down projection of 3 super-blocks.
+    _, bank = make_case("q4_k", 2, 256, 768, seed=15)
+    x = jnp.asarray(np.random.default_rng(16).standard_normal((2, 256)), jnp.float32)
+    ids = jnp.array([1, 0], jnp.int32)
+    cfg = ef.BlockConfig(block_n_up=256, block_n_down=256, variant="loop")
+    got = ef.expert_ffn(x, bank, ids, fmt="q4_k", implementation="pallas", block_config=cfg, interpret=True)
+    assert rel_err(got, ef.ffn_reference(x, bank, ids, "q4_k", act_bits=16)) < 1e-4
 
 
 def test_bad_arguments():
@@ -124,6 +135,9 @@ def test_bad_arguments():
                       block_config=ef.BlockConfig(block_n_up=48), interpret=True)
     with pytest.raises(ValueError, match="format"):
         ef.expert_ffn(x, bank, jnp.array([0]), fmt="q6_k")
+    with pytest.raises(ValueError, match="variant"):
+        ef.expert_ffn(x, bank, jnp.array([0]), fmt="q4_k", implementation="pallas",
+                      block_config=ef.BlockConfig(block_n_up=256, block_n_down=256, variant="tiles"), interpret=True)
 
 
 def _has_gpu() -> bool:
@@ -141,7 +155,7 @@ def test_gpu_kernel_matches_reference(fmt, act_bits):
     raw, bank = make_case(fmt, 16, 2048, 768, seed=100 + act_bits)
     rng = np.random.default_rng(200 + act_bits)
     cfg = ef.BlockConfig(act_bits=act_bits)
-    for m, g in ((1, 8), (3, 8), (64, 8), (1, 1)):
+    for m, g in ((1, 8), (3, 1), (64, 8)):
         for ids in (rng.choice(16, g, replace=False),):
             x = jnp.asarray(rng.standard_normal((m, 2048)), jnp.bfloat16)
             idj = jnp.asarray(ids, jnp.int32)

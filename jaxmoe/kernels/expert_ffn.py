@@ -10,14 +10,18 @@ Kernel algorithm (decode GEMV, M = 1…16 tokens; llama.cpp's `mul_mat_vec_q` id
 the activations are quantized to int8 in blocks of 16 with a float scale (as llama.cpp's q8_1
 does for its quantized mat-vec path), so that one 32-bit word of packed weights (four 2/3/4-bit
 quants, one per byte after a shift and a mask) meets one 32-bit word of four int8 activations in a
-single `dp4a` (4-way int8 dot product with int32 accumulate). Per 16-weight slice the integer dot is
-scaled by the activation scale and the sub-block scale in float32, the sub-block min term uses the
-slice's activation sum, and the super-block's half-float d/dmin multiply once per 256 weights; all
-accumulation is float32. Two launches per layer, each covering all G selected experts:
+single `dp4a` (4-way int8 dot product with int32 accumulate). By default a second int8 word holds
+the rounding residual (x ≈ step·(256·hi + lo), "act_bits=16"), two dp4a per word, so the result is
+as accurate as float activations (int8 alone gives ≈1 % error on this FFN). Per 16-weight slice the
+integer dot is scaled by the activation step and the sub-block scale in float32, the sub-block min
+term uses the slice's activation sum, and the super-block's half-float d/dmin multiply once per
+256 weights; all accumulation is float32. Two launches per layer, each covering all G experts:
   A: grid (G, F/BN, M/MT): gate and up rows of one tile, SiLU(gate)·up → h [G, M, F] float32;
-  B: grid (G, H/BN, M/MT): down rows of one tile against int8-quantized h → y [G, M, H] float32.
+  B: grid (G, H/BN, M/MT): down rows of one tile against quantized h → y [G, M, H] float32.
 The expert id is read from `ids` inside the kernel (a scalar load), so the bank is indexed in place.
-The activation quantization runs as plain jnp before each launch.
+Variant "vec" (default) loads every super-block of a row tile at once (no K loop: all loads issue
+together) and quantizes the activations inside the kernel; variant "loop" (the first version) walks
+K with a loop and quantizes with jnp between the launches.
 
 Backend: Pallas' Triton lowering (`jax.experimental.pallas.triton`); docs/kernels.md says why not
 Mosaic GPU. `dp4a` is PTX inline assembly on the GPU and an exact jnp emulation in interpret mode.
@@ -52,13 +56,14 @@ MASKH = 0x04040404
 class BlockConfig:
     """Tile sizes of the two launches (rows per program, tokens per program, warps)."""
 
-    block_n_up: int = 32  # gate/up rows per program of launch A (power of 2, divides F)
-    num_warps_up: int = 2
+    block_n_up: int = 16  # gate/up rows per program of launch A (power of 2, divides F)
+    num_warps_up: int = 4
     num_stages_up: int = 1
     block_n_down: int = 32  # down rows per program of launch B (power of 2, divides H)
     num_warps_down: int = 2
     num_stages_down: int = 1
-    block_m: int = 16  # tokens per program (power of 2)
+    block_m: int = 8  # tokens per program (power of 2)
+    variant: str = "vec"  # "vec": whole K per program, activations quantized in-kernel; "loop": K loop, jnp quantization
     act_bits: int = 16  # activation precision: 16 (two int8 words, hi·256 + lo) or 8 (llama.cpp's q8_1)
 
 
@@ -194,12 +199,12 @@ def quantize_activations(x: jax.Array, act_bits: int = 16):
     dx = amax / 127.0
     inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
     v = xb * inv[..., None]
-    hi = jnp.clip(jnp.round(v), -127, 127)
+    hi = jnp.clip(jnp.floor(v + 0.5), -127, 127)  # round half up, as the kernel does
     flat = lambda a: a.reshape(*x.shape[:-1], -1)
     if act_bits == 8:
         qsum = jnp.sum(hi, axis=-1)
         return _pack_int8(flat(hi.astype(jnp.int32))), None, dx, dx * qsum
-    lo = jnp.clip(jnp.round((v - hi) * 256.0), -128, 127)
+    lo = jnp.clip(jnp.floor((v - hi) * 256.0 + 0.5), -128, 127)
     step = dx / 256.0
     qsum = jnp.sum(hi * 256.0 + lo, axis=-1)
     return _pack_int8(flat(hi.astype(jnp.int32))), _pack_int8(flat(lo.astype(jnp.int32))), step, step * qsum
@@ -385,6 +390,129 @@ def _down_kernel(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm, two):
     y_ref[g, ms, rows] = _tile(fmt, down, e, rows, nb, get_x, use_asm, (mt, bn))
 
 
+def _quantize_tile(xf, two: bool):
+    """In-kernel activation quantization of xf [MT, NBt, 4, 4] (16 values per slice) → ((hi, lo), step, sum).
+
+    Same arithmetic as `quantize_activations`: words [MT, NBt, 4] uint32, step and block sum [MT, NBt].
+    """
+    amax = jnp.max(jnp.max(jnp.abs(xf), axis=-1), axis=-1)
+    inv = jnp.where(amax > 0, 127.0 / jnp.maximum(amax, 1e-30), 0.0)
+    v = xf * inv[:, :, None, None]
+    hi = jnp.clip(jnp.floor(v + 0.5), -127.0, 127.0)
+    shifts = (jax.lax.broadcasted_iota(jnp.int32, (1, 1, 1, 4), 3) * 8).astype(jnp.uint32)
+    pack = lambda q: jnp.sum((q.astype(jnp.int32) & 0xFF).astype(jnp.uint32) << shifts, axis=-1)
+    if two:
+        lo = jnp.clip(jnp.floor((v - hi) * 256.0 + 0.5), -128.0, 127.0)
+        step = amax * (1.0 / (127.0 * 256.0))
+        qsum = jnp.sum(jnp.sum(hi * 256.0 + lo, axis=-1), axis=-1)
+        return (pack(hi), pack(lo)), step, step * qsum
+    step = amax * (1.0 / 127.0)
+    return (pack(hi), None), step, step * jnp.sum(jnp.sum(hi, axis=-1), axis=-1)
+
+
+def _chunks(nb: int) -> list[tuple[int, int]]:
+    """Split nb super-blocks into power-of-2 runs (Triton tiles are powers of 2): 3 → [(0, 2), (2, 1)]."""
+    out, start = [], 0
+    for bit in reversed(range(nb.bit_length())):
+        if nb & (1 << bit):
+            out.append((start, 1 << bit))
+            start += 1 << bit
+    return out
+
+
+def _tile_vec(fmt: str, w: dict, e, rows, nb: int, get_x, use_asm: bool):
+    """acc [MT, BN] float32 = x · W[rows]ᵀ: every super-block at once as a tile axis, no K loop.
+
+    Per (chunk c, slice t) the weight words of all blocks form one [BN, NBt, 4] tile; the
+    activations of the same slice come from get_x(blocks, c, t) already quantized.
+    """
+    acc = None
+    for b0, nbt in _chunks(nb):
+        bs = pl.ds(b0, nbt)
+        d = w["d"][e, rows, bs].astype(F32)[None]  # [1, BN, NBt]
+        blk = mins = None
+        for c in range(2):
+            if fmt == "q2_k":
+                for p in range(2):
+                    qw = w["qs"][e, rows, bs, p, c, :]  # [BN, NBt, 4]
+                    for s in range(4):
+                        t = 4 * p + s
+                        xw, dx, xs = get_x(bs, c, t)
+                        dot = _slice_dot(_shr(qw, 2 * s) & jnp.uint32(MASK2), xw, use_asm)  # [MT, BN, NBt]
+                        scb = w["sc"][e, rows, bs, c, t]  # [BN, NBt]
+                        term = dot * dx[:, None, :] * (scb & 15).astype(F32)[None]
+                        mterm = xs[:, None, :] * (scb >> 4).astype(F32)[None]
+                        blk = term if blk is None else blk + term
+                        mins = mterm if mins is None else mins + mterm
+            elif fmt == "q3_k":
+                hw = w["hm"][e, rows, bs, c, :]  # [BN, NBt, 4]
+                for p in range(2):
+                    qw = w["qs"][e, rows, bs, p, c, :]
+                    for s in range(4):
+                        t = 4 * p + s
+                        xw, dx, xs = get_x(bs, c, t)
+                        q = (_shr(qw, 2 * s) & jnp.uint32(MASK2)) | (_shr(hw, t - 2) & jnp.uint32(MASKH))
+                        dot = _slice_dot(q, xw, use_asm)
+                        sc = w["sc"][e, rows, bs, c, t].astype(F32)[None]
+                        term = (dot * dx[:, None, :] - 4.0 * xs[:, None, :]) * sc
+                        blk = term if blk is None else blk + term
+            else:
+                for p in range(4):
+                    qw = w["qs"][e, rows, bs, p, c, :]
+                    sc = w["sc"][e, rows, bs, c, p].astype(F32)[None]
+                    mn = w["mn"][e, rows, bs, c, p].astype(F32)[None]
+                    for s in range(2):
+                        t = 2 * p + s
+                        xw, dx, xs = get_x(bs, c, t)
+                        dot = _slice_dot(_shr(qw, 4 * s) & jnp.uint32(MASK4), xw, use_asm)
+                        term = dot * dx[:, None, :] * sc
+                        mterm = xs[:, None, :] * mn
+                        blk = term if blk is None else blk + term
+                        mins = mterm if mins is None else mins + mterm
+        part = d * blk
+        if mins is not None:
+            part = part - w["dmin"][e, rows, bs].astype(F32)[None] * mins
+        part = jnp.sum(part, axis=-1)
+        acc = part if acc is None else acc + part
+    return acc
+
+
+def _up_kernel_vec(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm, two):
+    """Launch A (vec): gate and up rows of one tile, x quantized in-kernel, SiLU·mul → h float32."""
+    k = len(names)
+    gate, up = dict(zip(names, refs[:k])), dict(zip(names, refs[k:2 * k]))
+    x_ref, h_ref = refs[2 * k:]
+    g, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    e = ids_ref[g]
+    rows, ms = pl.ds(j * bn, bn), pl.ds(i * mt, mt)
+    cache = {}
+
+    def get_x(bs, c, t):
+        key = (bs.start, c, t)
+        if key not in cache:  # gate and up share the quantized slice
+            cache[key] = _quantize_tile(x_ref[ms, bs, c, t, :, :].astype(F32), two)
+        return cache[key]
+
+    hg = _tile_vec(fmt, gate, e, rows, nb, get_x, use_asm)
+    hu = _tile_vec(fmt, up, e, rows, nb, get_x, use_asm)
+    h_ref[g, ms, rows] = hg * jax.nn.sigmoid(hg) * hu
+
+
+def _down_kernel_vec(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm, two):
+    """Launch B (vec): down rows of one tile against h of expert ids[g], quantized in-kernel."""
+    k = len(names)
+    down = dict(zip(names, refs[:k]))
+    h_ref, y_ref = refs[k:]
+    g, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    e = ids_ref[g]
+    rows, ms = pl.ds(j * bn, bn), pl.ds(i * mt, mt)
+
+    def get_x(bs, c, t):
+        return _quantize_tile(h_ref[g, ms, bs, c, t, :, :], two)
+
+    y_ref[g, ms, rows] = _tile_vec(fmt, down, e, rows, nb, get_x, use_asm)
+
+
 def _pow2_at_least(n: int) -> int:
     return 1 << max(0, int(n - 1).bit_length())
 
@@ -394,6 +522,10 @@ def _check_config(cfg: BlockConfig, h: int, f: int):
         v = getattr(cfg, name)
         if v < 1 or v & (v - 1):
             raise ValueError(f"BlockConfig.{name}={v} must be a power of 2")
+    if cfg.variant not in ("vec", "loop"):
+        raise ValueError(f"BlockConfig.variant must be 'vec' or 'loop', not {cfg.variant!r}")
+    if cfg.act_bits not in (8, 16):
+        raise ValueError(f"BlockConfig.act_bits must be 8 or 16, not {cfg.act_bits}")
     if f % cfg.block_n_up or h % cfg.block_n_down:
         raise ValueError(f"BlockConfig rows ({cfg.block_n_up}, {cfg.block_n_down}) must divide F={f} and H={h}")
 
@@ -422,6 +554,8 @@ def ffn_pallas(x: jax.Array, bank: dict, ids: jax.Array, fmt: str, block_config:
         words = [hi.reshape(*lead, nb, 2, 8, 4)] + ([lo.reshape(*lead, nb, 2, 8, 4)] if two else [])
         return words + [step.reshape(*lead, nb, 2, 8), bsum.reshape(*lead, nb, 2, 8)]
 
+    if cfg.variant == "vec":
+        return _ffn_pallas_vec(x, bank, ids, fmt, cfg, interpret, mp, mt, g, h, f)[:, :m]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # JAX 0.11 deprecates the Triton backend
         up_call = pl.pallas_call(
@@ -441,6 +575,32 @@ def ffn_pallas(x: jax.Array, bank: dict, ids: jax.Array, fmt: str, block_config:
             interpret=interpret, name=f"ffn_down_{fmt}")
         y = down_call(ids, *[bank["down"][n] for n in names], *acts(hmat, (g, mp)))
     return y[:, :m]
+
+
+def _ffn_pallas_vec(x, bank, ids, fmt, cfg, interpret, mp, mt, g, h, f):
+    """The "vec" variant: two launches, activations quantized inside the kernels, no jnp glue."""
+    names = repack.PLANES[fmt]
+    two = cfg.act_bits == 16
+    nb_up, nb_down = h // repack.QK_K, f // repack.QK_K
+    xv = x.reshape(mp, nb_up, 2, 8, 4, 4)  # free view: weight order k = 256b + 128c + 16t + 4w + i
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # JAX 0.11 deprecates the Triton backend
+        up_call = pl.pallas_call(
+            functools.partial(_up_kernel_vec, fmt=fmt, names=names, nb=nb_up, bn=cfg.block_n_up, mt=mt,
+                              use_asm=not interpret, two=two),
+            grid=(g, f // cfg.block_n_up, mp // mt),
+            out_shape=jax.ShapeDtypeStruct((g, mp, f), F32),
+            compiler_params=plt.CompilerParams(num_warps=cfg.num_warps_up, num_stages=cfg.num_stages_up),
+            interpret=interpret, name=f"ffn_up_vec_{fmt}")
+        hmat = up_call(ids, *[bank["gate"][n] for n in names], *[bank["up"][n] for n in names], xv)
+        down_call = pl.pallas_call(
+            functools.partial(_down_kernel_vec, fmt=fmt, names=names, nb=nb_down, bn=cfg.block_n_down, mt=mt,
+                              use_asm=not interpret, two=two),
+            grid=(g, h // cfg.block_n_down, mp // mt),
+            out_shape=jax.ShapeDtypeStruct((g, mp, h), F32),
+            compiler_params=plt.CompilerParams(num_warps=cfg.num_warps_down, num_stages=cfg.num_stages_down),
+            interpret=interpret, name=f"ffn_down_vec_{fmt}")
+        return down_call(ids, *[bank["down"][n] for n in names], hmat.reshape(g, mp, nb_down, 2, 8, 4, 4))
 
 
 def expert_ffn(x: jax.Array, bank: dict, ids: jax.Array, *, fmt: str, implementation: str = "reference",
