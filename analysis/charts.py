@@ -17,6 +17,14 @@ from sim.io import InputError
 from sim.precision import PrecisionPolicy, parse_precision
 
 WIDTH, HEIGHT = 260, 200
+# one colour per importance signal in every chart
+SIGNAL_DOMAIN = ["mass", "freq", "weight", "random", "dynamic", "mass + dynamic"]
+SIGNAL_RANGE = ["#d62728", "#ff7f0e", "#bcbd22", "#7f7f7f", "#1f77b4", "#9467bd"]
+
+
+def _signal_color() -> alt.Color:
+    return alt.Color("signal:N", title="importance signal",
+                     scale=alt.Scale(domain=SIGNAL_DOMAIN, range=SIGNAL_RANGE))
 GROUP_KEYS = ("trace", "gpu", "policy", "partition", "prefetch", "phase", "capacity_bytes")
 
 
@@ -69,13 +77,13 @@ def _precision_rank(spec: str) -> tuple:
     return (p.is_dynamic, p.is_static, p.static_signal or "", p.static_fraction, p.static_format or "", p.t1 or 0.0)
 
 
-def _budget_rule() -> alt.LayerChart:
+def _budget_rule(label_top: bool = False) -> alt.LayerChart:
     """A dashed vertical rule and label at the VRAM-derived budget (rows with budget_kind == derived)."""
     derived = alt.Chart().transform_filter(alt.datum.budget_kind == "derived").transform_aggregate(
         budget_pct="mean(budget_pct)")
     rule = derived.mark_rule(strokeDash=[4, 3], color="gray").encode(x="budget_pct:Q")
     text = derived.mark_text(align="right", dx=-3, color="gray", fontSize=10).encode(
-        x="budget_pct:Q", y=alt.value(HEIGHT - 8), text=alt.value("12 GB VRAM budget"))
+        x="budget_pct:Q", y=alt.value(10 if label_top else HEIGHT - 8), text=alt.value("12 GB VRAM budget"))
     return rule + text
 
 
@@ -85,7 +93,7 @@ def _budget_x() -> alt.X:
 
 
 def _line_by_precision(frame: pd.DataFrame, y: alt.Y, field: str, facet: str, facet_title: str,
-                       title: str) -> alt.FacetChart:
+                       title: str, independent_y: bool = False, label_top: bool = False) -> alt.FacetChart:
     data = _labelled(frame)
     data["family"] = [_family_of(p) for p in data["precision"]]
     if "budget_kind" not in data.columns:
@@ -98,8 +106,12 @@ def _line_by_precision(frame: pd.DataFrame, y: alt.Y, field: str, facet: str, fa
         tooltip=["precision:N", "policy:N", "gpu:N", alt.Tooltip("budget_pct:Q", format=".0f"),
                  alt.Tooltip(f"{field}:Q", format=".3f")],
     ).properties(width=WIDTH, height=HEIGHT)
-    layered = alt.layer(base, _budget_rule(), data=data)
-    return layered.facet(facet=alt.Facet(f"{facet}:N", title=facet_title), columns=2).properties(title=title)
+    layered = alt.layer(base, _budget_rule(label_top), data=data)
+    order = list(dict.fromkeys(data[facet]))  # panels in the frame's order (a sweep puts its primary GPU first)
+    chart = layered.facet(facet=alt.Facet(f"{facet}:N", title=facet_title, sort=order), columns=2)
+    if independent_y:
+        chart = chart.resolve_scale(y="independent")
+    return chart.properties(title=title)
 
 
 def hit_rate_vs_budget(frame: pd.DataFrame) -> alt.FacetChart:
@@ -109,16 +121,20 @@ def hit_rate_vs_budget(frame: pd.DataFrame) -> alt.FacetChart:
 
 
 def tokens_per_s_vs_budget(frame: pd.DataFrame) -> alt.FacetChart:
-    """Predicted decode tokens/s vs expert budget, one line per precision policy, one panel per GPU."""
+    """Predicted decode tokens/s vs expert budget, one line per precision policy, one panel per GPU (own y scale)."""
     y = alt.Y("tokens_per_s:Q", title="decode tokens/s (simulated)", scale=alt.Scale(zero=False))
-    return _line_by_precision(frame, y, "tokens_per_s", "gpu", "GPU profile", "Decode tokens/s vs budget")
+    return _line_by_precision(frame, y, "tokens_per_s", "gpu", "GPU profile", "Decode tokens/s vs budget",
+                              independent_y=True)
 
 
 def bytes_per_token_vs_budget(frame: pd.DataFrame) -> alt.FacetChart:
-    """PCIe megabytes per decoded token vs expert budget, one line per precision, one panel per cache policy."""
+    """PCIe megabytes per decoded token vs expert budget (log y; rows moving 0 bytes are left out), one line
+    per precision, one panel per cache policy."""
     data = frame.assign(mb_per_token=frame["bytes_per_token"] / 1e6)
-    y = alt.Y("mb_per_token:Q", title="PCIe MB per decoded token")
-    return _line_by_precision(data, y, "mb_per_token", "policy", "cache policy", "Bytes moved per token vs budget")
+    data = data[data["mb_per_token"] > 0]
+    y = alt.Y("mb_per_token:Q", title="PCIe MB per decoded token (log scale)", scale=alt.Scale(type="log"))
+    return _line_by_precision(data, y, "mb_per_token", "policy", "cache policy", "Bytes moved per token vs budget",
+                              label_top=True)
 
 
 def low_mass_vs_gain(frame: pd.DataFrame) -> alt.Chart | alt.FacetChart:
@@ -140,7 +156,7 @@ def low_mass_vs_gain(frame: pd.DataFrame) -> alt.Chart | alt.FacetChart:
     pts = alt.Chart().mark_point(filled=True, size=70, opacity=0.85).encode(
         x=alt.X("degraded_pct:Q", title="gate mass served at low precision or skipped (%)"),
         y=alt.Y("gain_pct:Q", title="decode tokens/s gain over native (%)"),
-        color=alt.Color("signal:N", title="importance signal", legend=alt.Legend(orient="right")),
+        color=_signal_color(),
         shape=alt.Shape("low_format:N", title="low format"),
         tooltip=["precision:N", "gpu:N", "policy:N", alt.Tooltip("budget_pct:Q", format=".0f"),
                  alt.Tooltip("gain_pct:Q", format=".1f"), alt.Tooltip("degraded_pct:Q", format=".1f")],
@@ -258,7 +274,7 @@ def quality_vs_speed(joined: pd.DataFrame) -> alt.Chart | alt.FacetChart:
     pts = alt.Chart().mark_point(filled=True, size=70, opacity=0.85).encode(
         x=alt.X("kld:Q", title="KLD vs the Q4_K model (nats/token, small model)"),
         y=alt.Y("delta_tokens_per_s:Q", title="Δ decode tokens/s vs native (simulated)"),
-        color=alt.Color("signal:N", title="importance signal"),
+        color=_signal_color(),
         shape=alt.Shape("low_format:N", title="low format"),
         tooltip=tips,
     )

@@ -245,6 +245,7 @@ def write_sweep(out_dir: str | Path, name: str, frame: pd.DataFrame, layers: pd.
     for path, text in zip(paths, texts):
         with atomic_path(path) as tmp:
             tmp.write_text(text)
+            tmp.chmod(0o644)  # mkstemp's 0600 would make the results private
     return paths
 
 

@@ -324,3 +324,17 @@ def test_report_bad_inputs(tmp_path):
     with pytest.raises(SystemExit):
         report.main(["--sweeps", str(tmp_path), "--doc", str(tmp_path / "d.md"), "--no-png"])
     assert not (tmp_path / "d.md").exists()
+
+
+def test_slru_probation_note_only_when_slru_trails_lru():
+    f = pd.DataFrame([
+        {"trace": "t", "gpu": GPU, "policy": pol, "precision": "native", "budget": b, "hit_rate": h,
+         "capacity_experts": cap}
+        for pol, b, h, cap in (("slru", "20%", 0.30, 1000.0), ("lru", "20%", 0.78, 1000.0),
+                               ("slru", "40%", 0.95, 2000.0), ("lru", "40%", 0.951, 2000.0))])
+    inp = report.Inputs(f, {"t": {"gpus": [GPU], "n_layers": 48, "top_k": 8}}, pd.DataFrame(), None)
+    note = report.slru_probation_note(inp, "t")
+    assert "0.300 at the 20% budget where LRU hits 0.780" in note and "(budgets affected: 20%)" in note
+    assert "about 200 Q4_K_M experts" in note and "384 experts" in note  # (1 − 0.8) × 1000; 48 × 8
+    inp.sweeps = f.assign(hit_rate=[0.78, 0.78, 0.95, 0.951])
+    assert report.slru_probation_note(inp, "t") is None
