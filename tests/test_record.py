@@ -167,7 +167,7 @@ def test_choose_prompts_takes_evenly_spaced_long_documents():
     for i, n in enumerate(lengths):
         toks += [100 + i] * n + [0]
     toks = np.asarray(toks)
-    starts, lens = R.document_starts(toks)
+    _, lens = R.document_starts(toks)
     np.testing.assert_array_equal(lens, lengths)
     prompts, docs = R.choose_prompts(toks, 2, 8)
     # eligible (≥ 8 tokens): docs 1, 2, 4, 5 → picks indices 0 and 2 of them → docs 1 and 4
