@@ -230,7 +230,7 @@ def markdown_table(frame: pd.DataFrame) -> str:
 
 
 def _looks_numeric(v) -> bool:
-    s = str(v).replace("%", "").replace("+", "").replace("−", "-").strip()
+    s = str(v).replace("%", "").replace("+", "").replace("−", "-").replace(",", "").strip()
     try:
         float(s)
         return True
@@ -692,9 +692,11 @@ def render(inp: Inputs, figs: list[tuple[str, object, str]], fig_rel: str = "fig
     add("")
     add("## Method")
     add("")
+    fracs = sorted({p.get("calib_fraction") for p in inp.provenance.values() if p.get("calib_fraction") is not None})
+    calib = " / ".join(f_pct(x, digits=0) for x in fracs) if fracs else "part"
     add("**Simulator** (`sim/`, [docs/simulator.md](simulator.md)): each trace is replayed through a precision "
         "policy (which format each expert access uses), a byte-capacity cache policy and a simpy timeline of the "
-        "PCIe copy engine and the compute stream. The first 25 % of each trace (its calibration window) learns the "
+        f"PCIe copy engine and the compute stream. The first {calib} of each trace (its calibration window) learns the "
         "static rankings and warms the cache; only the decode tokens after it are counted. Budgets are shares of "
         "all expert bytes at Q4_K_M, plus the VRAM-derived 12 GB budget (VRAM − dense weights − output head − KV "
         "cache at 4 k tokens − runtime reserve).")
