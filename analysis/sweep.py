@@ -252,8 +252,7 @@ def write_sweep(out_dir: str | Path, name: str, frame: pd.DataFrame, layers: pd.
 EPILOG = """examples:
   python -m sim.synth -o /tmp/s.npz && python -m analysis.sweep /tmp/s.npz --name synth-qwen3
   python -m sim.convert ../shared/traces/bigmoeonedge/qwen.route.csv -o /tmp/q.npz
-  python -m analysis.sweep /tmp/q.npz --name real-qwen3-phone \
-      --trace-cmd "python -m sim.convert ../shared/traces/bigmoeonedge/qwen.route.csv -o /tmp/q.npz"
+  python -m analysis.sweep /tmp/q.npz --name real-qwen3-phone --trace-cmd "python -m sim.convert ..."
   python -m analysis.sweep /tmp/s.npz --name smoke --quick --gpu rtx3060-12gb --out /tmp/sweeps
   python -m analysis.sweep /tmp/s.npz --name with-h200 --gpu rtx3060-12gb,rtx4070-12gb,h200
 
