@@ -170,3 +170,37 @@ def test_gpu_kernel_matches_reference(fmt, act_bits):
     got = ef.expert_ffn(jnp.asarray(x, jnp.float32), bank, jnp.array([3, 9]), fmt=fmt, implementation="pallas",
                         block_config=cfg)
     assert rel_err(got, numpy_ffn(x, raw, [3, 9], fmt)) < (1e-3 if act_bits == 16 else 2.5e-2)
+
+
+def test_profile_from_saved_device_run(tmp_path):
+    # Rebuild the H200 profile from the committed device-run files and load it with the simulator's loader.
+    from pathlib import Path
+
+    from jaxmoe import calibrate
+    from sim import cost
+    from sim.profiles import load_hardware
+
+    run = Path(__file__).resolve().parents[1] / "results" / "run2_v2"
+    if not (run / "calibrate.log").exists():
+        pytest.skip("device run files absent")
+    out = tmp_path / "h200.json"
+    assert calibrate.main(["--from-run", str(run), "--out", str(out), "--raw-dir", str(tmp_path)]) == 0
+    assert (tmp_path / "kernels_parsed.json").exists()
+    hw = load_hardware(str(out))
+    assert hw.compute_tokens.tolist() == [1, 16, 64]
+    assert set(hw.compute_s) == {"q2_k", "q3_k", "q4_k"}
+    assert hw.compute_s["q2_k"][0] == pytest.approx(35.1e-6)  # the log's "cell q2_k M=1 G=1" line
+    assert hw.raw["expert_compute"]["grouped_seconds"]["q4_k"][0] == pytest.approx(48.4e-6)  # tune: 26.1 + 22.3
+    assert hw.vram_gbps == pytest.approx(4582.0)
+    assert cost.transfer_s(hw, 2**20) == pytest.approx(173.4e-6, rel=1e-3)  # a measured curve point
+    with pytest.raises(SystemExit) as exc:
+        calibrate.main(["--from-run", str(tmp_path / "none"), "--out", str(tmp_path / "x.json"), "--raw-dir", str(tmp_path)])
+    assert exc.value.code == 2 and not (tmp_path / "x.json").exists()
+
+
+def test_fit_linear_recovers_fixed_and_bandwidth():
+    from jaxmoe.calibrate import fit_linear
+
+    n = np.array([2**16, 2**20, 2**24, 2**26], np.float64)
+    fixed, gbps = fit_linear(n, 1.5e-4 + n / 30e9)
+    assert fixed == pytest.approx(1.5e-4, rel=1e-6) and gbps == pytest.approx(30.0, rel=1e-6)
