@@ -234,6 +234,8 @@ class HardwareProfile:
     compute_shape_weights: int  # weights of the expert the compute table was measured on
     compute_tokens: np.ndarray  # token counts of the compute table
     compute_s: dict[str, np.ndarray]  # format -> seconds per expert call at each token count
+    grouped_s: dict[str, np.ndarray]  # format -> seconds of one launch computing `grouped_experts` experts
+    grouped_experts: int
     dense_tokens: np.ndarray
     dense_s: np.ndarray  # seconds per layer (attention + router + norms) at each token count
     dense_ref_bytes: int  # dense bytes of the layer the dense table was measured on (0: no scaling)
@@ -278,6 +280,15 @@ def load_hardware(name_or_path: str) -> HardwareProfile:
             if arr.size != tokens.size:
                 raise InputError(path, f"expert_compute.seconds.{fmt} has {arr.size} values for {tokens.size} token counts")
             compute_s[fmt.lower()] = arr
+        grouped_s = {}
+        for fmt, secs in (expert.get("grouped_seconds") or {}).items():
+            arr = _array(expert["grouped_seconds"], fmt, path)
+            if arr.size != tokens.size:
+                raise InputError(path, f"expert_compute.grouped_seconds.{fmt} has {arr.size} values for {tokens.size} token counts")
+            grouped_s[fmt.lower()] = arr
+        grouped_experts = int(expert.get("grouped_experts", 8))
+        if grouped_s and grouped_experts < 2:
+            raise InputError(path, "expert_compute.grouped_experts must be ≥ 2")
         dense_tokens = _array(dense, "tokens", path)
         dense_s = _array(dense, "seconds", path)
         if dense_s.size != dense_tokens.size:
@@ -295,6 +306,8 @@ def load_hardware(name_or_path: str) -> HardwareProfile:
             compute_shape_weights=3 * int(shape["hidden"]) * int(shape["ffn"]),
             compute_tokens=tokens,
             compute_s=compute_s,
+            grouped_s=grouped_s,
+            grouped_experts=grouped_experts,
             dense_tokens=dense_tokens,
             dense_s=dense_s,
             dense_ref_bytes=int(dense.get("ref_dense_bytes", 0)),

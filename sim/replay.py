@@ -92,11 +92,11 @@ class Prepared:
             return derived, f"derived from {self.hw.name} VRAM (VRAM − dense − head − KV@{self.context} − reserve)"
         return int(0.4 * total), f"40 % of all expert bytes (the whole model fits in {self.hw.name}'s VRAM)"
 
-    def compute_s(self, layer: np.ndarray, slot: np.ndarray, tokens: np.ndarray) -> np.ndarray:
-        """Expert compute seconds per access, priced once per distinct (layer, slot, tokens)."""
+    def compute_s(self, layer: np.ndarray, slot: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(per-launch, per-expert) compute seconds per access, priced once per distinct (layer, slot, tokens)."""
         code = (layer.astype(np.int64) * len(SLOTS) + slot) * (1 << 20) + tokens
         uniq, inv = np.unique(code, return_inverse=True)
-        vals = np.empty(uniq.size)
+        vals = np.empty((uniq.size, 2))
         for i, c in enumerate(uniq.tolist()):
             if c not in self._compute_cache:
                 t, rest = c % (1 << 20), c >> 20
@@ -105,9 +105,9 @@ class Prepared:
                     fmt, nbytes = self.model.native_name(lay), self.model.expert_bytes(lay)
                 else:
                     fmt, nbytes = SLOTS[s], self.model.expert_bytes(lay, SLOTS[s])
-                self._compute_cache[c] = cost.expert_compute_s(self.hw, fmt, t, self.model.expert_weights, nbytes)
+                self._compute_cache[c] = cost.expert_launch_split(self.hw, fmt, t, self.model.expert_weights, nbytes)
             vals[i] = self._compute_cache[c]
-        return vals[inv]
+        return vals[inv, 0], vals[inv, 1]
 
 
 def _make_caches(prep: Prepared, cfg: ReplayConfig, capacity: int, low_share: float | None):
@@ -167,7 +167,13 @@ def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: 
     loaded = out.result == LOADED
     acc_bytes = np.where(loaded, prep.sizes[acc_layer, slot], 0)
     acc_link = np.where(loaded, prep.link_s[acc_layer, slot], 0.0)
-    acc_comp = np.where(served, prep.compute_s(acc_layer, slot, g.acc_tokens), 0.0)
+    launch_s, per_expert_s = prep.compute_s(acc_layer, slot, g.acc_tokens)
+    # a group's served experts of one format share one launch: its fixed part is paid once
+    first_of_launch = np.zeros(slot.size, dtype=bool)
+    launch_code = group_of.astype(np.int64) * len(SLOTS) + slot
+    _, first_idx = np.unique(np.where(served, launch_code, -1), return_index=True)
+    first_of_launch[first_idx] = True
+    acc_comp = np.where(served, per_expert_s + np.where(first_of_launch, launch_s, 0.0), 0.0)
     counted_g = ~g.calib & np.isin(g.phase, PHASES[cfg.phase])
     counted = counted_g[group_of]
     low = served & (slot > 0)

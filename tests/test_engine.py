@@ -227,3 +227,36 @@ def test_belady_bounds_every_online_policy_through_the_engine(seed):
         rec = run(ReplayConfig(trace=trace, policy=policy, capacity_bytes=8000, calib_fraction=0, timeline=False))
         hits[policy] = rec["hits"]
     assert all(hits["belady"] >= h for h in hits.values()), hits
+
+
+def test_one_launch_per_format_per_group(tmp_path):
+    """A group's experts of one format share one kernel launch: time = dense + copies + a + n·b."""
+    import json
+    from pathlib import Path
+
+    from sim import cost
+    from sim.profiles import load_hardware
+
+    doc = json.loads((Path(__file__).resolve().parents[1] / "sim/profiles/rtx3060-12gb.json").read_text())
+    doc["expert_compute"] = {"shape": {"hidden": 2048, "ffn": 768}, "tokens": [1, 16],
+                             "seconds": {"q4_k": [10e-6, 20e-6], "q2_k": [9e-6, 18e-6]},
+                             "grouped_seconds": {"q4_k": [24e-6, 34e-6], "q2_k": [16e-6, 30e-6]}, "grouped_experts": 8}
+    gpu = tmp_path / "g.json"
+    gpu.write_text(json.dumps(doc))
+    experts = np.array([[[3, 1, 2, 0]]], np.int16)
+    weights = np.array([[[0.4, 0.3, 0.2, 0.1]]], np.float32)
+    meta = TraceMeta(model="tiny", n_layers=1, n_experts=4, top_k=4, expert_bytes=(EXPERT_BYTES,),
+                     expert_weights=3 * 2048 * 768)
+    trace = Trace.from_arrays(experts, weights, [DECODE], [0], meta)
+    hw = load_hardware(str(gpu))
+    for precision, launches in [("native", [("q4_k", 4)]), ("dynamic:0.5:1.0", [("q4_k", 2), ("q2_k", 2)])]:
+        rec = run(ReplayConfig(trace=trace, gpu=str(gpu), capacity_bytes=10**9, calib_fraction=0, precision=precision))
+        prep = prepare(ReplayConfig(trace=trace, gpu=str(gpu), calib_fraction=0))
+        link = sum(n * float(prep.link_s[0, 0 if f == "q4_k" else 1]) for f, n in launches)
+        compute = 0.0
+        for fmt, n in launches:
+            nbytes = prep.model.expert_bytes(0) if fmt == "q4_k" else prep.model.expert_bytes(0, fmt)
+            a, b = cost.expert_launch_split(hw, fmt, 1, prep.model.expert_weights, nbytes)
+            compute += a + n * b
+        expected = cost.dense_s(hw, 1, prep.model.dense_bytes[0]) + link + compute
+        assert rec["decode_s"] == pytest.approx(expected, rel=1e-12), precision

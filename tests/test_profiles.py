@@ -1,6 +1,7 @@
 """Model and hardware profiles, cost terms, precision-policy parsing."""
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,8 +70,27 @@ def test_cost_terms_against_hand_arithmetic():
     mixed = cost.expert_compute_s(hw, "q4_k+q6_k_down", 1, 3 * 2048 * 768, nbytes=3_059_712)
     assert q4 < mixed < cost.expert_compute_s(hw, "q6_k", 1, 3 * 2048 * 768)
     h200 = load_hardware("h200")
-    mib = 2**20
-    assert 4 * mib / cost.transfer_s(h200, 4 * mib) == pytest.approx(14e9, rel=1e-9)  # measured point
+    for nbytes, seconds in zip(h200.curve_nbytes, h200.curve_s):  # a measured curve is reproduced at its points
+        assert cost.transfer_s(h200, nbytes) == pytest.approx(seconds, rel=1e-12)
+    beyond = 4 * h200.curve_nbytes[-1]
+    assert cost.transfer_s(h200, beyond) == pytest.approx(h200.transfer_fixed_s + beyond / (h200.transfer_gbps * 1e9))
+
+
+def test_launch_split_recovers_fixed_and_per_expert_parts(tmp_path):
+    # single expert 10 µs, 8 experts in one launch 24 µs → per expert 2 µs, launch 8 µs; 8 experts = 8 + 8·2 = 24
+    doc = json.loads((Path(__file__).resolve().parents[1] / "sim/profiles/rtx3060-12gb.json").read_text())
+    doc["expert_compute"] = {"shape": {"hidden": 2048, "ffn": 768}, "tokens": [1, 16],
+                             "seconds": {"q4_k": [10e-6, 20e-6]}, "grouped_seconds": {"q4_k": [24e-6, 34e-6]},
+                             "grouped_experts": 8}
+    path = tmp_path / "g.json"
+    path.write_text(json.dumps(doc))
+    hw = load_hardware(str(path))
+    launch, per_expert = cost.expert_launch_split(hw, "q4_k", 1, 3 * 2048 * 768)
+    assert launch == pytest.approx(8e-6) and per_expert == pytest.approx(2e-6)
+    assert launch + 8 * per_expert == pytest.approx(24e-6)
+    # without grouped measurements every expert is its own launch
+    plain = load_hardware("rtx3060-12gb")
+    assert cost.expert_launch_split(plain, "q4_k", 1, 3 * 2048 * 768) == (0.0, cost.expert_compute_s(plain, "q4_k", 1, 3 * 2048 * 768))
 
 
 def test_precision_grammar_round_trips():
