@@ -1,6 +1,6 @@
 """Quality cost of serving experts at 2–3 bits: perplexity, KL divergence, same-top-1, Δp.
 
-`python -m jaxmoe.quality --model MODEL.gguf [--float weights.npz] --json OUT.json`
+`python -m jaxmoe.quality --model MODEL.gguf [--float weights.npz] [--direct model-direct-q2_k.gguf] --json OUT`
 
 Method — llama.cpp's `llama-perplexity` [ggml-org/llama.cpp, tools/perplexity/perplexity.cpp;
 `--kl-divergence-base` / `--kl-divergence`]: the evaluation token file is cut into chunks of
@@ -36,8 +36,9 @@ Configurations (one tidy row each; `precision` is the simulator's policy name, f
   capacity; with a cache, resident copies serve more accesses at high precision). The rule is
   evaluated inside the forward pass on that pass's own gates, with compensated (two-sum) float32
   arithmetic, so its decisions agree with the float64 `hobbit_scores` rule (tested).
-- compounding (needs --float): the same demoted experts quantized from the float weights
-  (`quants.quantize`, source "float") instead of re-quantized from Q4_K.
+- compounding (needs --float or --direct): the same demoted experts quantized from the float weights
+  (source "float") instead of re-quantized from Q4_K: either read from a GGUF that `jaxmoe.train
+  --direct-formats` wrote (experts quantized straight from float) or quantized here from the float npz.
 `low_mass` / `skipped_mass`: the share of summed gate weight of the selections served in the low
 format / skipped, over every token the pass ran (all chunk positions) with that pass's routing —
 the simulator's `low_precision_mass` / `skipped_mass` definition (sim.replay.summarize).
@@ -489,14 +490,31 @@ def load_float_npz(path: str | Path, cfg: M.Config) -> M.Weights:
     return gguf_io.tensors_to_weights(arrays, cfg, path)
 
 
+def direct_experts(path: str | Path, cfg: M.Config) -> tuple[str, list[M.ExpertWeights]]:
+    """(format, experts) of a GGUF whose experts were quantized straight from float (jaxmoe.train
+    --direct-formats): same geometry as the baseline, every expert tensor in one low format."""
+    g = read_model(path)
+    if g.cfg != cfg:
+        raise InputError(path, "model geometry differs from the baseline model's")
+    fmts = {g.expert_format(l, k) for l in range(cfg.n_layers) for k in gguf_io.EXPERT_KINDS}
+    if len(fmts) != 1 or next(iter(fmts)) not in LOW_FORMATS:
+        raise InputError(path, f"experts must all be in one of {', '.join(LOW_FORMATS)}, found {sorted(fmts)}")
+    return next(iter(fmts)), model_experts(g.weights)
+
+
 def _dynamic_grid(t1s: Sequence[float], t2s: Sequence[float]) -> list[tuple[float, float]]:
     return [(a, b) for a in t1s for b in t2s if a <= b]
 
 
 def run_quality(gguf: gguf_io.GGUFModel, eval_tokens: np.ndarray, calib_tokens: np.ndarray,
                 st: Settings, float_weights: M.Weights | None = None,
-                log: Callable[[str], None] = lambda msg: None, eval_path=None, calib_path=None) -> dict:
-    """Evaluate every configuration of `st` → {"rows": [...], "setup": {...}, "timing": {...}}."""
+                log: Callable[[str], None] = lambda msg: None, eval_path=None, calib_path=None,
+                direct: dict[str, list[M.ExpertWeights]] | None = None) -> dict:
+    """Evaluate every configuration of `st` → {"rows": [...], "setup": {...}, "timing": {...}}.
+
+    Compounding rows use float → low copies of the experts: `direct[fmt]` (experts read from a GGUF
+    quantized straight from float, `direct_experts`) or else, with `float_weights`, quantized here.
+    """
     cfg = gguf.cfg
     t_start = time.perf_counter()
     for f in (*st.formats, st.dynamic_format):
@@ -515,8 +533,12 @@ def run_quality(gguf: gguf_io.GGUFModel, eval_tokens: np.ndarray, calib_tokens: 
     low_formats = sorted(set(st.formats) | {st.dynamic_format}, key=LOW_FORMATS.index)
     low = {f: requantized_experts(gguf, f) for f in low_formats}
     float_low = {}
-    if float_weights is not None and st.compound_fractions:
-        float_low = {f: float_quantized_experts(float_weights, cfg, f) for f in st.formats}
+    if st.compound_fractions:
+        for f in st.formats:
+            if direct and f in direct:
+                float_low[f] = direct[f]
+            elif float_weights is not None:
+                float_low[f] = float_quantized_experts(float_weights, cfg, f)
     quant_s = time.perf_counter() - t0
     log(f"quality: experts re-quantized to {', '.join(low_formats)}"
         f"{' (and from float)' if float_low else ''} in {quant_s:.1f} s")
@@ -596,6 +618,8 @@ def run_quality(gguf: gguf_io.GGUFModel, eval_tokens: np.ndarray, calib_tokens: 
             "fractions": list(st.fractions), "signals": list(st.signals), "formats": list(st.formats),
             "dynamic_grid": _dynamic_grid(st.t1, st.t2), "dynamic_format": st.dynamic_format,
             "compound_signal": st.compound_signal, "compound_fractions": list(st.compound_fractions),
+            "compound_sources": {f: "direct GGUF" if direct and f in direct else "float npz quantized here"
+                                 for f in float_low},
             "n_boot": st.n_boot, "ci_level": CI_LEVEL, "seed": st.seed, "batch": st.batch,
             "skip_rule": "skipped selections contribute nothing; the other gate weights are not renormalised",
             "dynamic_accesses": "every access treated as a miss (no cache)",
@@ -646,6 +670,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--float", dest="float_npz", default=None,
                    help="float32 weights npz keyed by GGUF tensor name (jaxmoe.train's weights.npz): adds Q4_K vs "
                         "float and the float→low compounding rows")
+    p.add_argument("--direct", nargs="*", default=[], metavar="GGUF",
+                   help="GGUF(s) whose experts were quantized straight from float to q2_k/q3_k (jaxmoe.train "
+                        "--direct-formats): the float→low side of the compounding rows, without the float npz")
     p.add_argument("--tokens", default="data/corpus/eval.bin", help="evaluation token file (default %(default)s)")
     p.add_argument("--calib", default="data/corpus/calib.bin", help="calibration token file (default %(default)s)")
     p.add_argument("--json", required=True, help="output JSON")
@@ -695,11 +722,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     eval_tokens = load_tokens(a.tokens, cfg.vocab)
     calib_tokens = load_tokens(a.calib, cfg.vocab)
     fw = load_float_npz(a.float_npz, cfg) if a.float_npz else None
+    direct = dict(direct_experts(p, cfg) for p in a.direct)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)
 
-    out = run_quality(gguf, eval_tokens, calib_tokens, st, fw, log, a.tokens, a.calib)
+    out = run_quality(gguf, eval_tokens, calib_tokens, st, fw, log, a.tokens, a.calib, direct)
     out = {
         "command": "python -m jaxmoe.quality " + " ".join(shlex.quote(x) for x in argv),
         "model": {"file": str(a.model), "sha256": sha256_file(a.model),
@@ -707,6 +735,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   "expert_formats": sorted({gguf.expert_format(l, k) for l in range(cfg.n_layers)
                                             for k in gguf_io.EXPERT_KINDS})},
         "float": None if not a.float_npz else {"file": str(a.float_npz), "sha256": sha256_file(a.float_npz)},
+        "direct": [{"file": str(p), "sha256": sha256_file(p)} for p in a.direct],
         "eval": {"file": str(a.tokens), "sha256": sha256_file(a.tokens), "tokens": int(eval_tokens.size)},
         "calib": {"file": str(a.calib), "sha256": sha256_file(a.calib), "tokens": int(calib_tokens.size)},
         "jax": jax.__version__, "backend": jax.default_backend(),

@@ -28,6 +28,7 @@ def setup(tmp_path_factory):
     w = M.init_weights(TINY, 0, std=0.08)
     G.write_gguf(d / "m.gguf", w, TINY, expert_format="q4_k", name="tiny-test")
     np.savez(d / "w.npz", **G.weights_to_tensors(w, TINY))
+    G.write_gguf(d / "direct-q2_k.gguf", w, TINY, expert_format="q2_k", name="tiny-test-direct")
     rng = np.random.default_rng(1)
     # a learnable-ish stream: a repeated phrase with noise, so distributions are not flat
     phrase = rng.integers(1, TINY.vocab, 23)
@@ -341,6 +342,12 @@ def test_cli_quick_run_writes_tidy_rows(setup, tmp_path, capsys):
     # same command, same seed → same rows
     rc, out2 = _cli(setup, tmp_path, "--float", str(setup["dir"] / "w.npz"))
     assert json.loads(out2.read_text())["rows"] == rows
+    # a GGUF quantized straight from float (jaxmoe.train --direct-formats) gives the same compounding rows
+    rc, out3 = _cli(setup, tmp_path, "--direct", str(setup["dir"] / "direct-q2_k.gguf"))
+    doc3 = json.loads(out3.read_text())
+    direct_rows = [r for r in doc3["rows"] if r["source"] == "float"]
+    assert direct_rows == [r for r in compound if r["format"] == "q2_k"]
+    assert doc3["setup"]["compound_sources"] == {"q2_k": "direct GGUF"}
 
 
 def test_cli_errors_are_one_line_exit_2(setup, tmp_path, capsys):
@@ -350,6 +357,7 @@ def test_cli_errors_are_one_line_exit_2(setup, tmp_path, capsys):
         (["--model", str(d / "m.gguf"), "--formats", "q5_k"], "low format"),
         (["--model", str(d / "m.gguf"), "--chunks", "99"], "chunks of 32"),
         (["--model", str(d / "m.gguf"), "--float", str(d / "eval.bin")], "cannot read float weights"),
+        (["--model", str(d / "m.gguf"), "--direct", str(d / "m.gguf")], "experts must all be in one of"),
     ]
     for args, msg in cases:
         out = tmp_path / "x.json"
