@@ -39,6 +39,9 @@ Configurations (one tidy row each; `precision` is the simulator's policy name, f
 - compounding (needs --float or --direct): the same demoted experts quantized from the float weights
   (source "float") instead of re-quantized from Q4_K: either read from a GGUF that `jaxmoe.train
   --direct-formats` wrote (experts quantized straight from float) or quantized here from the float npz.
+  Against the Q4_K reference the Q4_K-derived copy is favoured (it starts from the reference's own
+  weights), so perplexity, which needs no reference, is the fair comparison there; with --float both
+  sides are also scored against the float model (rows with reference "float").
 `low_mass` / `skipped_mass`: the share of summed gate weight of the selections served in the low
 format / skipped, over every token the pass ran (all chunk positions) with that pass's routing —
 the simulator's `low_precision_mass` / `skipped_mass` definition (sim.replay.summarize).
@@ -541,7 +544,7 @@ def run_quality(gguf: gguf_io.GGUFModel, eval_tokens: np.ndarray, calib_tokens: 
                 float_low[f] = float_quantized_experts(float_weights, cfg, f)
     quant_s = time.perf_counter() - t0
     log(f"quality: experts re-quantized to {', '.join(low_formats)}"
-        f"{' (and from float)' if float_low else ''} in {quant_s:.1f} s")
+        f"{' (float → ' + ', '.join(float_low) + ' copies ready)' if float_low else ''} in {quant_s:.1f} s")
 
     t0 = time.perf_counter()
     calib = calibration_trace(gguf.weights, cfg, calib_chunks, st.batch)
@@ -560,7 +563,7 @@ def run_quality(gguf: gguf_io.GGUFModel, eval_tokens: np.ndarray, calib_tokens: 
         ("native q4_k (reference)", ("ref",), lambda: ev.run(keep_logp=True), [{"policy": "native"}])]
     if float_weights is not None:
         fw = jax.tree_util.tree_map(jnp.asarray, hidden_head(float_weights)[0])
-        jobs.append(("float model", ("float",), lambda: ev.run(weights=fw),
+        jobs.append(("float model", ("float",), lambda: ev.run(weights=fw, keep_logp=True),
                      [{"policy": "native", "fmt": "f32"},
                       {"policy": "native", "reference": "float", "reverse": True}]))
     for fmt in st.formats:
@@ -584,10 +587,27 @@ def run_quality(gguf: gguf_io.GGUFModel, eval_tokens: np.ndarray, calib_tokens: 
                          [{"policy": "static", "signal": st.compound_signal, "fraction": frac, "fmt": fmt,
                            "source": "float"}]))
 
+    # with the float model as reference: both sides of each compounding pair (a Q4_K reference favours the
+    # copy re-quantized from Q4_K, which starts from the reference's own weights)
+    n_q4_jobs = len(jobs)
+    if float_weights is not None:
+        for fmt, fl in float_low.items():
+            for frac in st.compound_fractions:
+                dm = demote(st.compound_signal, frac)
+                for source, copies in (("q4_k", low[fmt]), ("float", fl)):
+                    jobs.append((f"vs float: {source}→{fmt} {st.compound_signal} {frac:.0%}",
+                                 ("vs float", source, fmt, dm.tobytes()),
+                                 lambda dm=dm, copies=copies: ev.run(mix_experts(base_experts, copies, dm), demoted=dm),
+                                 [{"policy": "static", "signal": st.compound_signal, "fraction": frac, "fmt": fmt,
+                                   "source": source, "reference": "float"}]))
+
     rows: list[dict] = []
     done: dict[tuple, PassResult] = {}
     pass_times: list[float] = []
+    float_logp = None
     for i, (label, key, thunk, row_kws) in enumerate(jobs):
+        if i == n_q4_jobs:
+            ev.ref_logp = float_logp
         t0 = time.perf_counter()
         fresh = key not in done
         if fresh:
@@ -602,6 +622,8 @@ def run_quality(gguf: gguf_io.GGUFModel, eval_tokens: np.ndarray, calib_tokens: 
             for k in ("kl", "kl_rev", "dp"):
                 sums[k] = np.zeros_like(sums[k])
             sums["top1"] = np.full_like(sums["top1"], res.n_per_chunk)
+        if key == ("float",):
+            float_logp, res.logp = res.logp, None
         for kw in row_kws:
             rows.append(make_row(res=res, boot=boot, **kw))
         r = rows[-1]

@@ -315,9 +315,14 @@ def test_cli_quick_run_writes_tidy_rows(setup, tmp_path, capsys):
     for r in rows:
         by.setdefault(r["policy"], []).append(r)
     assert len(by["native"]) == 3 and len(by["dynamic"]) == 3
-    static = [r for r in by["static"] if r["source"] == "q4_k"]
-    compound = [r for r in by["static"] if r["source"] == "float"]
-    assert len(static) == 3 * 4 * 2 and len(compound) == 2
+    static = [r for r in by["static"] if r["source"] == "q4_k" and r["reference"] == "q4_k"]
+    compound = [r for r in by["static"] if r["source"] == "float" and r["reference"] == "q4_k"]
+    vs_float_pairs = [r for r in by["static"] if r["reference"] == "float"]
+    assert len(static) == 3 * 4 * 2 and len(compound) == 2 and len(vs_float_pairs) == 2 * 2
+    for r in vs_float_pairs:  # perplexity needs no reference: the same configuration scored against Q4_K
+        twin = next(q for q in by["static"] if q["reference"] == "q4_k" and q["source"] == r["source"]
+                    and q["precision"] == r["precision"])
+        assert r["ppl"] == twin["ppl"] and r["low_mass"] == twin["low_mass"] and r["kld"] != twin["kld"]
     for r in static:
         assert r["precision"] == f"static:{r['signal']}:{r['fraction'] * 100:g}%:{r['format']}"
         if r["fraction"] == 0:
