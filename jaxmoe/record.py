@@ -22,8 +22,11 @@ sequence's steps contiguous. Every group is present (this engine computes the la
 prefill tokens). Meta: a model name that says it is a small Qwen3-MoE-architecture model, the
 geometry, `expert_weights` = 3·hidden·expert_ffn, `expert_bytes` per layer at the GGUF's own
 formats (`sim.formats`), `expert_format` ("q4_k", or "A+B_down" when ffn_down differs),
-`dense_bytes` (the layer's other tensors as stored), and provenance: the model file's sha256, the
-token file and its sha256, the prompts' document indices, the command.
+`dense_bytes` (the layer's other tensors as stored), `extra.head_bytes` / `extra.kv_bytes_per_token`
+(what sim.profiles reads for a model it does not know), and provenance: the model file's sha256, the
+token file and its sha256, the prompts' document indices, the command. The model name must not contain
+a built-in profile's name (sim.profiles would take Qwen3-30B-A3B's geometry), so it says "not the
+30B-A3B"; the provenance says NOT Qwen3-30B-A3B in full.
 
 Sparse expert dispatch (`grouped_experts`), after MegaBlocks' block-sparse grouping [Gale et al.,
 "MegaBlocks: Efficient Sparse Training with Mixture-of-Experts", MLSys 2023, arXiv 2211.15841]:
@@ -58,7 +61,9 @@ from sim.trace import DECODE, PREFILL, Trace, TraceMeta, save_trace
 
 F32 = jnp.float32
 EOS_ID = 0  # <|endoftext|> in the corpus tokenizer (data/corpus/meta.json)
-MODEL_NOTE = "small Qwen3-MoE-architecture model trained by this project, not Qwen3-30B-A3B"
+# in the trace's model name; never a built-in profile's name ("qwen3-30b-a3b"), which sim.profiles matches
+MODEL_NOTE = "small Qwen3-MoE-architecture model trained by this project, not the 30B-A3B"
+PROVENANCE_NOTE = "a small Qwen3-MoE-architecture model trained by this project, NOT Qwen3-30B-A3B"
 
 
 # ----------------------------------------------------------------------------- sparse experts
@@ -226,6 +231,18 @@ def dense_bytes_per_layer(gguf: gguf_io.GGUFModel) -> list[int]:
     return out
 
 
+def head_bytes(gguf: gguf_io.GGUFModel) -> int:
+    """Bytes read per decoded token outside the layers: the output head and one token-embedding row."""
+    embd = gguf.tensors["token_embd.weight"]
+    out = gguf.tensors.get("output.weight", embd)
+    return int(out.nbytes + embd.nbytes // gguf.cfg.vocab + gguf.tensors["output_norm.weight"].nbytes)
+
+
+def kv_bytes_per_token(cfg: M.Config) -> int:
+    """K+V cache bytes per token of context over all layers, f16 as llama.cpp stores them by default."""
+    return cfg.n_layers * 2 * cfg.n_kv_heads * cfg.head_dim * 2
+
+
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes."""
     h = hashlib.sha256()
@@ -330,10 +347,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = "python -m jaxmoe.record " + " ".join(shlex.quote(x) for x in argv)
     model_sha = sha256_file(a.model)
     tokens_sha = sha256_file(a.tokens)
-    provenance = (f"{Path(a.model).name} (sha256 {model_sha[:16]}…), {MODEL_NOTE}; prompts from "
+    provenance = (f"{Path(a.model).name} (sha256 {model_sha[:16]}…), {PROVENANCE_NOTE}; prompts from "
                   f"{Path(a.tokens).name} (sha256 {tokens_sha[:16]}…); command: {command}")
     extra = {
         "arch": "qwen3moe", "norm_topk": bool(cfg.norm_topk_prob), "recorder": "jaxmoe.record",
+        "head_bytes": head_bytes(gguf), "kv_bytes_per_token": kv_bytes_per_token(cfg),
         "command": command, "model_file": Path(a.model).name, "model_sha256": model_sha,
         "gguf_name": str(gguf.metadata.get("general.name", "")), "config": cfg.to_dict(),
         "tokens_file": str(a.tokens), "tokens_sha256": tokens_sha, "corpus_split": Path(a.tokens).stem,

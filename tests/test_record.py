@@ -14,6 +14,7 @@ import pytest
 from jaxmoe import gguf_io as G
 from jaxmoe import model as M
 from jaxmoe import record as R
+from sim.profiles import model_for_trace
 from sim.trace import DECODE, PREFILL, load_trace
 
 # hidden and expert_ffn 256: the smallest K-quant rows
@@ -192,7 +193,13 @@ def test_cli_writes_a_valid_deterministic_trace(tiny_files, tmp_path):
     assert (m.n_layers, m.n_experts, m.top_k) == (3, 8, 3)
     np.testing.assert_array_equal(t.phase, np.tile([PREFILL] * 8 + [DECODE] * 6, 3))
     np.testing.assert_array_equal(t.seq, np.repeat([0, 1, 2], 14))
-    assert "not Qwen3-30B-A3B" in m.model and "tiny-test" in m.model
+    assert "not the 30B-A3B" in m.model and "tiny-test" in m.model and "NOT Qwen3-30B-A3B" in m.provenance
+    # the simulator builds the model profile from the trace itself (not the built-in Qwen3-30B-A3B)
+    prof = model_for_trace(m)
+    assert (prof.n_layers, prof.n_experts, prof.top_k) == (3, 8, 3) and prof.name == m.model
+    assert prof.kv_bytes_per_token == 3 * 2 * 1 * 32 * 2
+    g0 = G.read_gguf(model, dequantize=False)
+    assert prof.head_bytes == g0.tensors["output.weight"].nbytes + 97 * 256 * 4 // 97 + 256 * 4  # f32 tensors
     assert m.expert_weights == 3 * 256 * 256
     assert m.expert_bytes == (3 * 256 * 256 // 256 * 144,) * 3  # Q4_K: 144 bytes per 256 weights
     assert m.expert_format == ("q4_k",) * 3
