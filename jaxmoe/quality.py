@@ -493,9 +493,39 @@ def load_float_npz(path: str | Path, cfg: M.Config) -> M.Weights:
     return gguf_io.tensors_to_weights(arrays, cfg, path)
 
 
-def direct_experts(path: str | Path, cfg: M.Config) -> tuple[str, list[M.ExpertWeights]]:
-    """(format, experts) of a GGUF whose experts were quantized straight from float (jaxmoe.train
-    --direct-formats): same geometry as the baseline, every expert tensor in one low format."""
+def direct_experts(path: str | Path, cfg: M.Config, base: gguf_io.GGUFModel | None = None
+                   ) -> tuple[str, list[M.ExpertWeights]]:
+    """(format, experts) quantized straight from float (jaxmoe.train --direct-formats), all in one low
+    format: a GGUF of the same geometry, or an npz of its expert tensors' stored bytes keyed by GGUF
+    tensor name (jaxmoe/trained/experts-direct-q2_k.npz; shapes come from the `base` model)."""
+    if str(path).endswith(".npz"):
+        if base is None:
+            raise InputError(path, "an npz of expert bytes needs the baseline model for tensor shapes")
+        try:
+            with np.load(path) as z:
+                arrays = {k: z[k] for k in z.files}
+        except (OSError, ValueError) as exc:
+            raise InputError(path, f"cannot read expert-bytes npz: {exc}") from None
+        fmts, layers = set(), []
+        for l in range(cfg.n_layers):
+            mats = {}
+            for kind in gguf_io.EXPERT_KINDS:
+                name = gguf_io.expert_tensor_name(l, kind)
+                if name not in arrays:
+                    raise InputError(path, f"missing expert tensor {name}")
+                shape = base.tensors[name].shape
+                data = np.asarray(arrays[name], np.uint8)
+                fmt = next((f for f in LOW_FORMATS if data.shape[-1] == quants.get_quant(f).type_size
+                            * shape[-1] // quants.get_quant(f).block_weights), None)
+                if fmt is None:
+                    raise InputError(path, f"{name}: {data.shape[-1]} bytes per row is no low format of a "
+                                           f"{shape[-1]}-wide row")
+                fmts.add(fmt)
+                mats[kind] = _from_gguf_layout(kind, quants.dequantize(data, fmt, shape))
+            layers.append(M.ExpertWeights(**mats))
+        if len(fmts) != 1:
+            raise InputError(path, f"experts must all be in one low format, found {sorted(fmts)}")
+        return next(iter(fmts)), layers
     g = read_model(path)
     if g.cfg != cfg:
         raise InputError(path, "model geometry differs from the baseline model's")
@@ -683,7 +713,7 @@ def _parser() -> argparse.ArgumentParser:
                     "perplexity method). Writes one JSON with tidy rows; progress on stderr.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  python -m jaxmoe.quality --model runs/small/model.gguf --float runs/small/weights.npz "
+               "  python -m jaxmoe.quality --model jaxmoe/trained/qwen3moe-small.gguf --float runs/small/weights.npz "
                "--json results/quality.json\n"
                "  python -m jaxmoe.quality --model m.gguf --quick --json /tmp/q.json   # seconds, for tests\n"
                "  python -m jaxmoe.quality --model m.gguf --chunks 32 --signals mass,random --formats q2_k "
@@ -744,7 +774,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     eval_tokens = load_tokens(a.tokens, cfg.vocab)
     calib_tokens = load_tokens(a.calib, cfg.vocab)
     fw = load_float_npz(a.float_npz, cfg) if a.float_npz else None
-    direct = dict(direct_experts(p, cfg) for p in a.direct)
+    direct = dict(direct_experts(p, cfg, gguf) for p in a.direct)
 
     def log(msg):
         print(msg, file=sys.stderr, flush=True)

@@ -306,7 +306,7 @@ def _parser() -> argparse.ArgumentParser:
                     "decode) and write the routing as a simulator trace (docs/trace-format.md).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="examples:\n"
-               "  python -m jaxmoe.record --model runs/small/model.gguf --tokens data/corpus/eval.bin "
+               "  python -m jaxmoe.record --model jaxmoe/trained/qwen3moe-small.gguf --tokens data/corpus/eval.bin "
                "--out traces/qwen3.npz\n"
                "  python -m jaxmoe.record --model m.gguf --tokens data/corpus/eval.bin --seqs 4 "
                "--prompt-tokens 32 --decode 16 --out /tmp/t.npz\n")

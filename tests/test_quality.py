@@ -14,6 +14,7 @@ from jaxmoe import gguf_io as G
 from jaxmoe import model as M
 from jaxmoe import quality as Q
 from sim.engine import static_slots
+from sim.io import InputError
 from sim.precision import SIGNALS, hobbit_scores, parse_precision
 
 TINY = M.Config(vocab=97, hidden=256, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=32, n_experts=8, top_k=3,
@@ -374,3 +375,19 @@ def test_cli_errors_are_one_line_exit_2(setup, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert msg in err and "\n" not in err, err
         assert not out.exists()
+
+
+def test_direct_experts_from_an_npz_of_stored_bytes_equal_the_gguf(setup, tmp_path):
+    """The committed form of the float → Q2_K experts (an npz of the GGUF's expert tensor bytes) reads
+    back to exactly the experts of the direct GGUF."""
+    direct = G.read_gguf(setup["dir"] / "direct-q2_k.gguf")
+    npz = tmp_path / "experts.npz"
+    np.savez(npz, **{n: np.asarray(t.data) for n, t in direct.tensors.items() if "exps" in n})
+    fmt_a, a = Q.direct_experts(npz, TINY, setup["gguf"])
+    fmt_b, b = Q.direct_experts(setup["dir"] / "direct-q2_k.gguf", TINY)
+    assert fmt_a == fmt_b == "q2_k"
+    for x, y in zip(a, b):
+        for kind in ("gate", "up", "down"):
+            np.testing.assert_array_equal(getattr(x, kind), getattr(y, kind))
+    with pytest.raises(InputError, match="baseline"):
+        Q.direct_experts(npz, TINY)
