@@ -170,7 +170,7 @@ def model_for_trace(meta, fallback: str | None = None) -> ModelProfile:
     expert_bytes and expert_weights so that the low-precision sizes can be computed.
     """
     name = (fallback or meta.model or "").lower()
-    base = next((b for b in MODEL_BUILDERS if b in name.replace("_", "-")), None)
+    base = next((b for b in MODEL_BUILDERS if name.replace("_", "-").startswith(b)), None)
     if fallback is None and base is None and (meta.expert_bytes is None or not meta.expert_weights):
         raise InputError(
             None,
