@@ -223,35 +223,35 @@ def device_info() -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_profile(bench: dict, dense: dict, transfers: dict, info: dict, command: str) -> dict:
-    """Assemble the simulator's hardware-profile JSON from the measurements."""
-    tokens = sorted({c["m"] for c in bench["cells"]})
+def build_profile(bench: dict, dense: dict, transfers: dict, info: dict, command: str, reused: str | None = None) -> dict:
+    """Assemble the simulator's hardware-profile JSON from the measurements.
+
+    Token counts enter the table only where every format has both the single-expert and the
+    grouped figure (a run stopped at its limit leaves gaps); bf16 only where it is complete too.
+    """
+    ok = lambda c: "total_s" in c
+    fmts = sorted({c["fmt"] for c in bench["cells"] if ok(c)})
+    have = {(c["fmt"], c["m"], c["g"]): c for c in bench["cells"] if ok(c)}
+    tokens = sorted(m for m in {c["m"] for c in bench["cells"]}
+                    if all((f, m, g) in have for f in fmts for g in (1, bk.TOP_K)))
+    if not tokens:
+        raise bk.InputError(None, "no token count has every format measured for 1 and 8 experts")
     fixed_s, gbps = fit_linear(transfers["nbytes"], transfers["seconds"])
-
-    def series(fmt, g):
-        out = []
-        for m in tokens:
-            row = next((c for c in bench["cells"] if c["fmt"] == fmt and c["m"] == m and c["g"] == g), None)
-            out.append(row.get("total_s") if row else None)
-        return out
-
-    def bf16_series(g):
-        return [next((r.get("total_s") for r in bench["bf16"] if r["m"] == m and r["g"] == g), None) for m in tokens]
-
-    fmts = sorted({c["fmt"] for c in bench["cells"]})
-    seconds = {f: series(f, 1) for f in fmts}
-    seconds["bf16"] = bf16_series(1)
-    grouped = {f: series(f, bk.TOP_K) for f in fmts}
-    grouped["bf16"] = bf16_series(bk.TOP_K)
-    pallas_only = {f: [next((c.get("pallas_s") for c in bench["cells"] if c["fmt"] == f and c["m"] == m and c["g"] == g),
-                            None) for m in tokens] for f in fmts for g in (1,)}
-    missing = [f"{k}" for k, v in {**seconds, **{f"grouped:{k}": v for k, v in grouped.items()}}.items()
-               if any(s is None for s in v)]
+    seconds = {f: [have[(f, m, 1)]["total_s"] for m in tokens] for f in fmts}
+    grouped = {f: [have[(f, m, bk.TOP_K)]["total_s"] for m in tokens] for f in fmts}
+    configs = {f: [have[(f, m, bk.TOP_K)]["config"]["variant"] for m in tokens] for f in fmts}
+    for g, table in ((1, seconds), (bk.TOP_K, grouped)):
+        b16 = [next((r.get("total_s") for r in bench["bf16"] if r["m"] == m and r["g"] == g), None) for m in tokens]
+        if all(v is not None for v in b16):
+            table["bf16"] = b16
+    xla = {f: [next((r.get("total_s") for r in bench.get("xla", []) if r["fmt"] == f and r["m"] == m
+                     and r["g"] == bk.TOP_K), None) for m in tokens] for f in fmts}
     date = datetime.date.today().isoformat()
     return {
         "name": "h200",
         "gpu": info["gpu"],
-        "source": f"measured: {command}, {date}, JAX {bench['meta']['jax']}",
+        "source": f"measured: {command}, {date}, JAX {bench['meta']['jax']}"
+                  + (f"; transfers and dense layer reused from {reused}" if reused else ""),
         "vram_bytes": info["vram_bytes"],
         "vram_gbps": bench["hbm"]["read_gbps"],
         "hbm_copy_gbps": bench["hbm"]["copy_gbps"],
@@ -260,10 +260,13 @@ def build_profile(bench: dict, dense: dict, transfers: dict, info: dict, command
                      "curve": {"nbytes": transfers["nbytes"], "seconds": transfers["seconds"]},
                      "inflight": transfers["inflight"]},
         "expert_compute": {"shape": {"hidden": bk.HIDDEN, "ffn": bk.FFN}, "tokens": tokens, "seconds": seconds,
-                           "grouped_seconds": grouped, "grouped_experts": bk.TOP_K,
-                           "pallas_kernel_seconds": pallas_only,
-                           "note": "device time per call (CUPTI sum of kernel durations): the two Pallas launches "
-                                   "plus the jnp activation-quantization kernels; bf16 = jnp dots on bf16 weights"},
+                           "grouped_seconds": grouped, "grouped_experts": bk.TOP_K, "variants": configs,
+                           "xla_grouped_seconds": xla,
+                           "note": "device time per call (CUPTI sum of kernel durations) of the v3 Pallas kernels "
+                                   "(docs/kernels.md): weights dequantized in registers, 'fma' = float32 FMAs, "
+                                   "'mma' = bf16 tensor-core dots (M padded to 16); the fastest measured "
+                                   "configuration per (format, M) for 8 experts, the same configuration for 1. "
+                                   "bf16 = jnp dots on bf16 weights; xla_grouped_seconds = XLA dequantize-then-dot"},
         "dense_compute": {"tokens": dense["tokens"], "seconds": dense["seconds"], "context": dense["context"],
                           "ref_dense_bytes": dense["weight_bytes"], "kv_bytes": dense["kv_bytes"],
                           "note": "one Qwen3-30B-A3B attention layer + router in bf16 jnp (f32 router and norms), "
@@ -273,8 +276,8 @@ def build_profile(bench: dict, dense: dict, transfers: dict, info: dict, command
         "notes": (f"timer {bench['meta']['timer']}; HBM copy {bench['hbm']['copy_gbps']:.0f} GB/s (read+write), "
                   f"reduction read {bench['hbm']['read_gbps']:.0f} GB/s; vram_gbps = the read figure. "
                   "runtime_reserve_bytes not measured (kept from the placeholder). "
-                  "Transfers: pinned_host→device jax.device_put, host clock around block_until_ready. "
-                  + (f"MISSING series: {missing}" if missing else "")),
+                  "Transfers: pinned_host→device jax.device_put, host clock around block_until_ready."
+                  + (f" Transfers and dense layer measured in an earlier device run ({reused})." if reused else "")),
     }
 
 
@@ -397,6 +400,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="fewer kernel configurations and repetitions")
     p.add_argument("--deadline-s", type=float, default=600.0, help="stop kernel tuning after this many seconds")
     p.add_argument("--formats", default=",".join(bk.FORMATS), help="comma-separated subset of q2_k,q3_k,q4_k")
+    p.add_argument("--reuse-run", metavar="DIR",
+                   help="take the transfer and dense-layer measurements from DIR/calibrate_raw.json (an earlier "
+                        "device run) and measure only the expert kernels")
+    p.add_argument("--wait-pid", type=int, default=None, help="before timing kernels, wait for this process to exit")
     return p.parse_args(argv)
 
 
@@ -416,19 +423,30 @@ def main(argv=None) -> int:
             tmp.write_text(json.dumps(profile, indent=1) + "\n")
         print(f"wrote {args.out} from {args.from_run}")
         return 0
-    info = device_info()
-    log(f"device {info}")
     raw = Path(args.raw_dir)
-    sizes = sorted(set(COPY_SIZES) | set(bk.GGUF_EXPERT_BYTES.values()))
-    transfers = measure_transfers(sizes, reps=7 if args.quick else 15, inflight_nbytes=bk.GGUF_EXPERT_BYTES["q4_k"])
-    dense = measure_dense(bk.Timer(), bk.TOKENS, args.context, reps=3 if args.quick else 6)
-    with atomic_path(raw / "calibrate_raw.json") as tmp:
-        tmp.write_text(json.dumps({"device": info, "dense": dense, "transfers": transfers}, indent=1))
-    bench = bk.run_bench(formats, bk.TOKENS, quick=args.quick, deadline_s=args.deadline_s)
+    if args.reuse_run:
+        reuse_path = Path(args.reuse_run) / "calibrate_raw.json"
+        try:
+            saved = json.loads(reuse_path.read_text())
+            info, dense, transfers = saved["device"], saved["dense"], saved["transfers"]
+        except (OSError, json.JSONDecodeError, KeyError) as exc:
+            raise bk.InputError(reuse_path, f"cannot reuse ({type(exc).__name__}: {exc})") from None
+        log(f"reusing transfers, dense layer and device info from {reuse_path}")
+    else:
+        info = device_info()
+        log(f"device {info}")
+        sizes = sorted(set(COPY_SIZES) | set(bk.GGUF_EXPERT_BYTES.values()))
+        transfers = measure_transfers(sizes, reps=7 if args.quick else 15,
+                                      inflight_nbytes=bk.GGUF_EXPERT_BYTES["q4_k"])
+        dense = measure_dense(bk.Timer(), bk.TOKENS, args.context, reps=3 if args.quick else 6)
+        with atomic_path(raw / "calibrate_raw.json") as tmp:
+            tmp.write_text(json.dumps({"device": info, "dense": dense, "transfers": transfers}, indent=1))
+    bench = bk.run_bench(formats, bk.TOKENS, quick=args.quick, deadline_s=args.deadline_s, out_dir=raw,
+                         wait_pid=args.wait_pid)
     bench["meta"]["command"] = command
     bk.write_outputs(bench, raw)
     bk.print_table(bench)
-    profile = build_profile(bench, dense, transfers, info, command)
+    profile = build_profile(bench, dense, transfers, info, command, reused=args.reuse_run)
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(profile, indent=1) + "\n")
     print(f"transfer fit: fixed {profile['transfer']['fixed_s'] * 1e6:.1f} us, {profile['transfer']['gbps']:.1f} GB/s; "

@@ -7,6 +7,10 @@ import pytest
 jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from jaxmoe.kernels import dequant_fma  # noqa: E402
 from jaxmoe.kernels import expert_ffn as ef  # noqa: E402
 from jaxmoe.kernels import repack  # noqa: E402
 
@@ -91,12 +95,12 @@ def test_reference_and_xla_against_float64(fmt):
     assert rel_err(ef.expert_ffn(xj, bank, jnp.array(ids), fmt=fmt, implementation="xla"), want) < 2e-2
 
 
-@pytest.mark.parametrize("fmt", repack.FORMATS)
-def test_pallas_interpret_matches_reference(fmt):
+@pytest.mark.parametrize("fmt", ["q2_k"])  # v2 is no longer the default: one format keeps it honest
+def test_v2_vec_interpret_matches_reference(fmt):
     raw, bank = make_case(fmt, 3, 256, 768, seed=11)  # down has 3 super-blocks: tiles of 2 + 1
     x = jnp.asarray(np.random.default_rng(12).standard_normal((3, 256)), jnp.bfloat16)
     ids = jnp.array([2, 2, 0], jnp.int32)  # a repeated id must work too
-    cfg = ef.BlockConfig(block_n_up=256, block_n_down=128, block_m=2)
+    cfg = ef.BlockConfig(block_n_up=256, block_n_down=128, block_m=2, variant="vec")
     got = ef.expert_ffn(x, bank, ids, fmt=fmt, implementation="pallas", block_config=cfg, interpret=True)
     assert got.shape == (3, 3, 256) and got.dtype == jnp.float32
     # Same activation quantization as the kernel: agreement to float32 rounding.
@@ -125,6 +129,59 @@ def test_pallas_interpret_loop_variant_three_blocks():
     assert rel_err(got, ef.ffn_reference(x, bank, ids, "q4_k", act_bits=16)) < 1e-4
 
 
+@pytest.mark.parametrize("fmt,block_m", [("q2_k", 1), ("q3_k", 2), ("q4_k", 2)])
+def test_v3_fma_interpret_matches_float64(fmt, block_m):
+    # Down projection of 3 super-blocks (tiles of 2 + 1), 3 tokens (padded to 4 when block_m = 2), repeated id.
+    raw, bank = make_case(fmt, 3, 256, 768, seed=21)
+    x = jnp.asarray(np.random.default_rng(22).standard_normal((3, 256)), jnp.bfloat16)
+    ids = jnp.array([2, 2, 0], jnp.int32)
+    cfg = ef.BlockConfig(block_n_up=256, block_n_down=128, block_m=block_m, variant="fma")
+    got = ef.expert_ffn(x, bank, ids, fmt=fmt, implementation="pallas", block_config=cfg, interpret=True)
+    assert got.shape == (3, 3, 256) and got.dtype == jnp.float32
+    # float activations, float32 dequantization and accumulation: float32 rounding only
+    assert rel_err(got, numpy_ffn(np.asarray(x, np.float64), raw, [2, 2, 0], fmt)) < 1e-5
+
+
+@pytest.mark.parametrize("fmt", repack.FORMATS)
+def test_v3_mma_interpret_matches_float64(fmt):
+    # bf16 tensor-core path: M = 3 padded to the 16-token tile; bf16 operands → bf16-level error, like XLA's
+    raw, bank = make_case(fmt, 2, 256, 768, seed=23)
+    x = jnp.asarray(np.random.default_rng(24).standard_normal((3, 256)), jnp.bfloat16)
+    ids = jnp.array([1, 0], jnp.int32)
+    cfg = ef.BlockConfig(block_n_up=256, block_n_down=128, block_m=16, variant="mma")
+    got = ef.expert_ffn(x, bank, ids, fmt=fmt, implementation="pallas", block_config=cfg, interpret=True)
+    want = numpy_ffn(np.asarray(x, np.float64), raw, [1, 0], fmt)
+    err = rel_err(got, want)
+    assert 1e-5 < err < 1e-2  # bf16 rounding is visible, and bounded
+    assert err < 2 * rel_err(ef.expert_ffn(x, bank, ids, fmt=fmt, implementation="xla"), want)
+
+
+@settings(max_examples=200, deadline=None)
+@given(word=st.integers(0, 2**32 - 1), lane=st.integers(0, 3), s=st.integers(0, 3), bits=st.sampled_from([2, 3, 4]))
+def test_magic_field_is_exact(word, lane, s, bits):
+    # The kernel's int→float trick: (w & (mask << pos)) | 0x4B000000 read as float32 is 2²³ + field·2^pos,
+    # for the fields it uses (lanes 0-1 of a word, lanes 2-3 after >> 16; pos ≤ 14 + 2 bits).
+    shift = bits if bits == 4 else 2
+    if s * shift + bits > 8 + 2 * shift:  # beyond the slices of one byte lane
+        return
+    src = word & 0xFFFF if lane < 2 else word >> 16
+    pos = 8 * (lane % 2) + shift * s
+    mask = (1 << bits) - 1
+    f = np.asarray(dequant_fma._field(jnp.uint32(src), pos, mask))
+    assert float(f) - 2.0**23 == float(((src >> pos) & mask) << pos)
+    scale = np.float32(np.random.default_rng(word).uniform(1e-4, 1.0))
+    got = np.asarray(dequant_fma._dequant(jnp.float32(f), jnp.float32(scale), use_asm=False))
+    assert got == np.float32(np.float64((src >> pos) & mask) * 2.0**pos * np.float64(scale))  # one rounding
+
+
+def test_default_config_by_token_count():
+    assert ef.default_config(1).variant == "fma" and ef.default_config(1).block_m == 1
+    assert ef.default_config(64).variant == "mma" and ef.default_config(64).block_m == 64
+    with pytest.raises(ValueError, match="block_m"):
+        dequant_fma.ffn(jnp.ones((1, 256)), make_case("q2_k", 1, 256, 256, 0)[1], jnp.array([0]), "q2_k",
+                        block_n_up=256, block_n_down=256, block_m=8, mma=True, interpret=True)
+
+
 def test_bad_arguments():
     _, bank = make_case("q4_k", 1, 256, 256, seed=0)
     x = jnp.ones((1, 256), jnp.float32)
@@ -149,27 +206,23 @@ def _has_gpu() -> bool:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA GPU")
-@pytest.mark.parametrize("fmt,act_bits", [("q2_k", 16), ("q3_k", 16), ("q4_k", 16), ("q2_k", 8)])
-def test_gpu_kernel_matches_reference(fmt, act_bits):
+@pytest.mark.parametrize("fmt", repack.FORMATS)
+def test_gpu_v3_kernels_match_reference(fmt):
     # Full Qwen3-30B-A3B expert shapes, a 16-expert bank, fresh random inputs per case.
-    raw, bank = make_case(fmt, 16, 2048, 768, seed=100 + act_bits)
-    rng = np.random.default_rng(200 + act_bits)
-    cfg = ef.BlockConfig(act_bits=act_bits)
-    for m, g in ((1, 8), (3, 1), (64, 8)):
-        for ids in (rng.choice(16, g, replace=False),):
-            x = jnp.asarray(rng.standard_normal((m, 2048)), jnp.bfloat16)
-            idj = jnp.asarray(ids, jnp.int32)
-            got = jax.block_until_ready(ef.expert_ffn(x, bank, idj, fmt=fmt, implementation="pallas", block_config=cfg))
-            ref = ef.ffn_reference(x, bank, idj, fmt)
-            tol = 1e-3 if act_bits == 16 else 2.5e-2
-            assert rel_err(got, ref) < tol, (m, ids)
-            if act_bits == 16:
-                assert rel_err(got, ef.ffn_reference(x, bank, idj, fmt, act_bits=16)) < 1e-4
-    # one independent float64 check
-    x = rng.standard_normal((2, 2048))
-    got = ef.expert_ffn(jnp.asarray(x, jnp.float32), bank, jnp.array([3, 9]), fmt=fmt, implementation="pallas",
-                        block_config=cfg)
-    assert rel_err(got, numpy_ffn(x, raw, [3, 9], fmt)) < (1e-3 if act_bits == 16 else 2.5e-2)
+    raw, bank = make_case(fmt, 16, 2048, 768, seed=100)
+    rng = np.random.default_rng(200)
+    cases = [(1, 8, ef.BlockConfig(), 1e-5),  # default M = 1 kernels (float32 FMAs)
+             (16, 8, ef.BlockConfig(block_m=16, variant="mma"), 1e-2)]  # tensor cores, bf16 operands
+    if fmt == "q2_k":  # padding paths: M = 3 in 2-token programs, M = 5 in a 16-token tile
+        cases += [(3, 1, ef.BlockConfig(block_n_up=4, num_warps_up=1, block_n_down=8, num_warps_down=1, block_m=2), 1e-5),
+                  (5, 2, ef.BlockConfig(block_m=16, variant="mma"), 1e-2)]
+    for m, g, cfg, tol in cases:
+        ids = rng.choice(16, g, replace=False)
+        x = rng.standard_normal((m, 2048))
+        got = jax.block_until_ready(ef.expert_ffn(jnp.asarray(x, jnp.bfloat16), bank, jnp.asarray(ids, jnp.int32),
+                                                  fmt=fmt, implementation="pallas", block_config=cfg))
+        want = numpy_ffn(np.asarray(jnp.asarray(x, jnp.bfloat16), np.float64), raw, ids, fmt)  # float64 oracle
+        assert rel_err(got, want) < tol, (fmt, m, g, cfg.variant, rel_err(got, want))
 
 
 def test_profile_from_saved_device_run(tmp_path):

@@ -43,10 +43,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from jaxmoe.kernels import repack
+from jaxmoe.kernels import dequant_fma, repack
 
 F32 = jnp.float32
 IMPLEMENTATIONS = ("reference", "xla", "pallas")
+VARIANTS = ("fma", "mma", "vec", "loop")
 MASK2 = 0x03030303
 MASK4 = 0x0F0F0F0F
 MASKH = 0x04040404
@@ -54,17 +55,26 @@ MASKH = 0x04040404
 
 @dataclasses.dataclass(frozen=True)
 class BlockConfig:
-    """Tile sizes of the two launches (rows per program, tokens per program, warps)."""
+    """Tile sizes and kernel family of the two launches (rows per program, warps, tokens per program)."""
 
     block_n_up: int = 16  # gate/up rows per program of launch A (power of 2, divides F)
     num_warps_up: int = 4
     num_stages_up: int = 1
     block_n_down: int = 32  # down rows per program of launch B (power of 2, divides H)
-    num_warps_down: int = 2
+    num_warps_down: int = 4
     num_stages_down: int = 1
-    block_m: int = 8  # tokens per program (power of 2)
-    variant: str = "vec"  # "vec": whole K per program, activations quantized in-kernel; "loop": K loop, jnp quantization
-    act_bits: int = 16  # activation precision: 16 (two int8 words, hi·256 + lo) or 8 (llama.cpp's q8_1)
+    block_m: int = 1  # tokens per program ("mma": ≥ 16, a power of 2)
+    variant: str = "fma"  # "fma"/"mma": v3 (dequant_fma.py); "vec"/"loop": v2/v1 int8 dp4a kernels
+    act_bits: int = 16  # v1/v2 only: activation precision, 16 (two int8 words, hi·256 + lo) or 8 (llama.cpp's q8_1)
+
+
+def default_config(m: int) -> BlockConfig:
+    """The block configuration `expert_ffn` uses for m tokens when none is given."""
+    if m == 1:
+        return BlockConfig()
+    if m < 8:
+        return BlockConfig(block_m=2)
+    return BlockConfig(block_m=64 if m >= 64 else 16, variant="mma")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -522,8 +532,8 @@ def _check_config(cfg: BlockConfig, h: int, f: int):
         v = getattr(cfg, name)
         if v < 1 or v & (v - 1):
             raise ValueError(f"BlockConfig.{name}={v} must be a power of 2")
-    if cfg.variant not in ("vec", "loop"):
-        raise ValueError(f"BlockConfig.variant must be 'vec' or 'loop', not {cfg.variant!r}")
+    if cfg.variant not in VARIANTS:
+        raise ValueError(f"BlockConfig.variant must be one of {VARIANTS}, not {cfg.variant!r}")
     if cfg.act_bits not in (8, 16):
         raise ValueError(f"BlockConfig.act_bits must be 8 or 16, not {cfg.act_bits}")
     if f % cfg.block_n_up or h % cfg.block_n_down:
@@ -533,11 +543,16 @@ def _check_config(cfg: BlockConfig, h: int, f: int):
 def ffn_pallas(x: jax.Array, bank: dict, ids: jax.Array, fmt: str, block_config: BlockConfig | None = None,
                interpret: bool = False) -> jax.Array:
     """The fused kernels (two launches over all selected experts) → [G, M, H] float32."""
-    cfg = block_config or BlockConfig()
+    cfg = block_config or default_config(x.shape[0])
     e_, h, f = bank_shapes(bank, fmt)
     _check_config(cfg, h, f)
     m = x.shape[0]
     g = ids.shape[0]
+    if cfg.variant in ("fma", "mma"):
+        return dequant_fma.ffn(x, bank, ids.astype(jnp.int32), fmt, block_n_up=cfg.block_n_up,
+                               num_warps_up=cfg.num_warps_up, block_n_down=cfg.block_n_down,
+                               num_warps_down=cfg.num_warps_down, block_m=cfg.block_m, mma=cfg.variant == "mma",
+                               interpret=interpret)
     mp = _pow2_at_least(m)
     mt = min(cfg.block_m, mp)
     names = repack.PLANES[fmt]
