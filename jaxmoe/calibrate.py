@@ -404,6 +404,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="take the transfer and dense-layer measurements from DIR/calibrate_raw.json (an earlier "
                         "device run) and measure only the expert kernels")
     p.add_argument("--wait-pid", type=int, default=None, help="before timing kernels, wait for this process to exit")
+    p.add_argument("--from-bench", metavar="JSON",
+                   help="no measurement: build the profile from a saved bench_kernels.json and --reuse-run DIR")
     return p.parse_args(argv)
 
 
@@ -432,6 +434,8 @@ def main(argv=None) -> int:
         except (OSError, json.JSONDecodeError, KeyError) as exc:
             raise bk.InputError(reuse_path, f"cannot reuse ({type(exc).__name__}: {exc})") from None
         log(f"reusing transfers, dense layer and device info from {reuse_path}")
+    elif args.from_bench:
+        raise bk.InputError(None, "--from-bench needs --reuse-run DIR (transfers and dense layer)")
     else:
         info = device_info()
         log(f"device {info}")
@@ -441,10 +445,16 @@ def main(argv=None) -> int:
         dense = measure_dense(bk.Timer(), bk.TOKENS, args.context, reps=3 if args.quick else 6)
         with atomic_path(raw / "calibrate_raw.json") as tmp:
             tmp.write_text(json.dumps({"device": info, "dense": dense, "transfers": transfers}, indent=1))
-    bench = bk.run_bench(formats, bk.TOKENS, quick=args.quick, deadline_s=args.deadline_s, out_dir=raw,
-                         wait_pid=args.wait_pid)
-    bench["meta"]["command"] = command
-    bk.write_outputs(bench, raw)
+    if args.from_bench:
+        try:
+            bench = json.loads(Path(args.from_bench).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise bk.InputError(args.from_bench, f"cannot read ({type(exc).__name__}: {exc})") from None
+        command += f" (kernels measured by: {bench['meta'].get('command', 'the device run')})"
+    else:
+        bench = bk.run_bench(formats, bk.TOKENS, quick=args.quick, deadline_s=args.deadline_s, out_dir=raw,
+                             wait_pid=args.wait_pid, command=command)
+        bk.write_outputs(bench, raw)
     bk.print_table(bench)
     profile = build_profile(bench, dense, transfers, info, command, reused=args.reuse_run)
     with atomic_path(args.out) as tmp:
