@@ -176,20 +176,28 @@ def probe() -> None:
 
 
 def candidates(m: int):
-    """Block configurations tried for the grouped layer (G = 8) at m tokens; the fastest total wins."""
+    """Block configurations tried for the grouped layer (G = 8) at m tokens; the fastest total wins.
+
+    Run 3 measured the first two of each list; run 4 added the split-gate/up and other tilings.
+    """
     from jaxmoe.kernels.expert_ffn import BlockConfig
 
-    fma = lambda bu, wu, bd, wd, bm=1: BlockConfig(block_n_up=bu, num_warps_up=wu, block_n_down=bd, num_warps_down=wd,
-                                                   block_m=bm, variant="fma")
-    mma = lambda bu, bd, bm: BlockConfig(block_n_up=bu, num_warps_up=4, block_n_down=bd, num_warps_down=4, block_m=bm,
-                                         variant="mma")
+    def fma(bu, wu, bd, wd, bm=1, split=False):
+        return BlockConfig(block_n_up=bu, num_warps_up=wu, block_n_down=bd, num_warps_down=wd, block_m=bm,
+                           variant="fma", split_up=split)
+
+    def mma(bu, bd, bm, split=False):
+        return BlockConfig(block_n_up=bu, num_warps_up=4, block_n_down=bd, num_warps_down=4, block_m=bm,
+                           variant="mma", split_up=split)
+
     if m == 1:
-        return [fma(16, 4, 32, 4), fma(4, 1, 8, 1)]
+        return [fma(16, 4, 32, 4), fma(4, 1, 8, 1), fma(16, 4, 32, 4, split=True), fma(8, 2, 16, 2, split=True),
+                fma(16, 4, 16, 2)]
     if m < 16:
-        return [fma(16, 4, 32, 4, bm=2), mma(16, 32, 16)]
+        return [fma(16, 4, 32, 4, bm=2), fma(16, 4, 32, 4, bm=2, split=True), mma(32, 32, 16, split=True)]
     if m < 64:
-        return [mma(16, 32, 16), mma(32, 64, 16)]
-    return [mma(16, 32, 64), mma(16, 32, 16)]
+        return [mma(16, 32, 16), mma(32, 64, 16), mma(32, 32, 16, split=True), mma(16, 32, 16, split=True)]
+    return [mma(16, 32, 64), mma(16, 32, 16), mma(16, 32, 64, split=True), mma(32, 32, 64, split=True)]
 
 
 class Bench:

@@ -156,6 +156,17 @@ def test_v3_mma_interpret_matches_float64(fmt):
     assert err < 2 * rel_err(ef.expert_ffn(x, bank, ids, fmt=fmt, implementation="xla"), want)
 
 
+@pytest.mark.parametrize("fmt,variant,block_m", [("q2_k", "fma", 1), ("q4_k", "mma", 16)])
+def test_v3_split_gate_up_interpret(fmt, variant, block_m):
+    # Gate and up rows in separate programs; launch B applies SiLU(gate)·up while loading.
+    raw, bank = make_case(fmt, 2, 256, 512, seed=25)
+    x = jnp.asarray(np.random.default_rng(26).standard_normal((2, 256)), jnp.bfloat16)
+    ids = jnp.array([1, 0], jnp.int32)
+    cfg = ef.BlockConfig(block_n_up=128, block_n_down=128, block_m=block_m, variant=variant, split_up=True)
+    got = ef.expert_ffn(x, bank, ids, fmt=fmt, implementation="pallas", block_config=cfg, interpret=True)
+    assert rel_err(got, numpy_ffn(np.asarray(x, np.float64), raw, [1, 0], fmt)) < (1e-5 if variant == "fma" else 1e-2)
+
+
 @settings(max_examples=200, deadline=None)
 @given(word=st.integers(0, 2**32 - 1), lane=st.integers(0, 3), s=st.integers(0, 3), bits=st.sampled_from([2, 3, 4]))
 def test_magic_field_is_exact(word, lane, s, bits):
@@ -213,8 +224,9 @@ def test_gpu_v3_kernels_match_reference(fmt):
     rng = np.random.default_rng(200)
     cases = [(1, 8, ef.BlockConfig(), 1e-5),  # default M = 1 kernels (float32 FMAs)
              (16, 8, ef.BlockConfig(block_m=16, variant="mma"), 1e-2)]  # tensor cores, bf16 operands
-    if fmt == "q2_k":  # padding paths: M = 3 in 2-token programs, M = 5 in a 16-token tile
-        cases += [(3, 1, ef.BlockConfig(block_n_up=4, num_warps_up=1, block_n_down=8, num_warps_down=1, block_m=2), 1e-5),
+    if fmt == "q2_k":  # padding paths (M = 3 in 2-token programs, M = 5 in a 16-token tile) and split gate/up
+        cases += [(1, 8, ef.BlockConfig(split_up=True), 1e-5),
+                  (16, 4, ef.BlockConfig(block_n_up=32, block_m=16, variant="mma", split_up=True), 1e-2),(3, 1, ef.BlockConfig(block_n_up=4, num_warps_up=1, block_n_down=8, num_warps_down=1, block_m=2), 1e-5),
                   (5, 2, ef.BlockConfig(block_m=16, variant="mma"), 1e-2)]
     for m, g, cfg, tol in cases:
         ids = rng.choice(16, g, replace=False)

@@ -197,19 +197,38 @@ def _rows_mma(fmt: str, mats: list, e, rows, nb: int, xtile, use_asm: bool) -> l
     return acc
 
 
-def _up_kernel_mma(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm):
-    """Launch A on the tensor cores: h[g, tokens, rows] = SiLU(x·W_gateᵀ) · (x·W_upᵀ)."""
+def _silu_mul(g, u):
+    """Gate and up tiles written by a split launch A → SiLU(gate)·up."""
+    return g * jax.nn.sigmoid(g) * u
+
+
+def _up_kernel_mma(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm, split, nf):
+    """Launch A on the tensor cores: h[g, tokens, rows] = SiLU(x·W_gateᵀ) · (x·W_upᵀ).
+
+    split: programs j < nf compute gate rows, the others up rows (half the code per program), and
+    write them to out[g, tokens, 0 | 1, rows]; launch B applies SiLU·mul as it loads.
+    """
     k = len(names)
     gate, up = dict(zip(names, refs[:k])), dict(zip(names, refs[k:2 * k]))
     x_ref, h_ref = refs[2 * k:]
     g, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = ids_ref[g]
-    rows, ms = pl.ds(j * bn, bn), pl.ds(i * mt, mt)
-    hg, hu = _rows_mma(fmt, [gate, up], e, rows, nb, lambda bs, s, lane: x_ref[ms, bs, :, :, s, :, lane], use_asm)
-    h_ref[g, ms, rows] = hg * jax.nn.sigmoid(hg) * hu
+    ms = pl.ds(i * mt, mt)
+    xtile = lambda bs, s, lane: x_ref[ms, bs, :, :, s, :, lane]
+    if not split:
+        rows = pl.ds(j * bn, bn)
+        hg, hu = _rows_mma(fmt, [gate, up], e, rows, nb, xtile, use_asm)
+        h_ref[g, ms, rows] = hg * jax.nn.sigmoid(hg) * hu
+        return
+    rows = pl.ds((j % nf) * bn, bn)
+    for which, mat in enumerate((gate, up)):
+        @pl.when(j // nf == which)
+        def _():
+            (out,) = _rows_mma(fmt, [mat], e, rows, nb, xtile, use_asm)
+            h_ref[g, ms, which, rows] = out
 
 
-def _down_kernel_mma(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm):
+def _down_kernel_mma(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm, split, nf):
     """Launch B on the tensor cores: y[g, tokens, rows] = h·W_downᵀ."""
     k = len(names)
     down = dict(zip(names, refs[:k]))
@@ -217,7 +236,11 @@ def _down_kernel_mma(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm):
     g, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = ids_ref[g]
     rows, ms = pl.ds(j * bn, bn), pl.ds(i * mt, mt)
-    (y,) = _rows_mma(fmt, [down], e, rows, nb, lambda bs, s, lane: h_ref[g, ms, bs, :, :, s, :, lane], use_asm)
+    if split:  # SiLU(gate)·up of the two halves written by launch A
+        xtile = lambda bs, s, lane: _silu_mul(h_ref[g, ms, 0, bs, :, :, s, :, lane], h_ref[g, ms, 1, bs, :, :, s, :, lane])
+    else:
+        xtile = lambda bs, s, lane: h_ref[g, ms, bs, :, :, s, :, lane]
+    (y,) = _rows_mma(fmt, [down], e, rows, nb, xtile, use_asm)
     y_ref[g, ms, rows] = y
 
 
@@ -234,23 +257,33 @@ def _x_getter(load):
     return get
 
 
-def _up_kernel(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm):
-    """Launch A: h[g, m, rows] = SiLU(x·W_gate[rows]ᵀ) · (x·W_up[rows]ᵀ) for expert ids[g]."""
+def _up_kernel(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm, split, nf):
+    """Launch A: h[g, m, rows] = SiLU(x·W_gate[rows]ᵀ) · (x·W_up[rows]ᵀ) for expert ids[g] (split: see mma)."""
     k = len(names)
     gate, up = dict(zip(names, refs[:k])), dict(zip(names, refs[k:2 * k]))
     x_ref, h_ref = refs[2 * k:]
     g, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = ids_ref[g]
-    rows = pl.ds(j * bn, bn)
     m0 = i * mt
     xget = _x_getter(lambda bs, m, s, lane: x_ref[m0 + m, bs, :, :, s, :, lane])
-    (hg,) = _rows_dot(fmt, [gate], e, rows, nb, xget, mt, use_asm)  # matrix by matrix: fewer live registers
-    (hu,) = _rows_dot(fmt, [up], e, rows, nb, xget, mt, use_asm)
-    for m in range(mt):
-        h_ref[g, m0 + m, rows] = hg[m] * jax.nn.sigmoid(hg[m]) * hu[m]
+    if not split:
+        rows = pl.ds(j * bn, bn)
+        (hg,) = _rows_dot(fmt, [gate], e, rows, nb, xget, mt, use_asm)  # matrix by matrix: fewer live registers
+        (hu,) = _rows_dot(fmt, [up], e, rows, nb, xget, mt, use_asm)
+        for m in range(mt):
+            h_ref[g, m0 + m, rows] = hg[m] * jax.nn.sigmoid(hg[m]) * hu[m]
+        return
+    rows = pl.ds((j % nf) * bn, bn)
+    for which, mat in enumerate((gate, up)):
+        @pl.when(j // nf == which)
+        def _():
+            (out,) = _rows_dot(fmt, [mat], e, rows, nb, _x_getter(lambda bs, m, s, lane: x_ref[m0 + m, bs, :, :, s, :, lane]),
+                               mt, use_asm)
+            for m in range(mt):
+                h_ref[g, m0 + m, which, rows] = out[m]
 
 
-def _down_kernel(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm):
+def _down_kernel(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm, split, nf):
     """Launch B: y[g, m, rows] = h[g, m]·W_down[rows]ᵀ for expert ids[g]."""
     k = len(names)
     down = dict(zip(names, refs[:k]))
@@ -259,7 +292,11 @@ def _down_kernel(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm):
     e = ids_ref[g]
     rows = pl.ds(j * bn, bn)
     m0 = i * mt
-    xget = _x_getter(lambda bs, m, s, lane: h_ref[g, m0 + m, bs, :, :, s, :, lane])
+    if split:  # SiLU(gate)·up of the two halves written by launch A
+        xget = _x_getter(lambda bs, m, s, lane: _silu_mul(h_ref[g, m0 + m, 0, bs, :, :, s, :, lane],
+                                                          h_ref[g, m0 + m, 1, bs, :, :, s, :, lane]))
+    else:
+        xget = _x_getter(lambda bs, m, s, lane: h_ref[g, m0 + m, bs, :, :, s, :, lane])
     (y,) = _rows_dot(fmt, [down], e, rows, nb, xget, mt, use_asm)
     for m in range(mt):
         y_ref[g, m0 + m, rows] = y[m]
@@ -280,11 +317,14 @@ def _plane_views(planes: dict, fmt: str) -> list:
 
 
 def ffn(x, bank: dict, ids, fmt: str, *, block_n_up: int = 16, num_warps_up: int = 4, block_n_down: int = 32,
-        num_warps_down: int = 4, block_m: int = 1, mma: bool = False, interpret: bool = False):
+        num_warps_down: int = 4, block_m: int = 1, mma: bool = False, split_up: bool = False,
+        interpret: bool = False):
     """SwiGLU FFN of experts ids [G] on x [M, H] with the register-dequantizing kernels → [G, M, H] float32.
 
     mma=False: float FMAs (float32 throughout; block_m tokens per program, unrolled). mma=True:
     bf16 tensor-core dots on the dequantized fields (block_m ≥ 16 tokens per program; M is padded).
+    split_up: launch A runs gate and up rows in separate programs (twice the programs, half the code
+    each) and launch B applies SiLU(gate)·up while loading.
     """
     if mma and block_m < 16:
         raise ValueError(f"the tensor-core kernels need block_m ≥ 16, not {block_m}")
@@ -304,19 +344,20 @@ def ffn(x, bank: dict, ids, fmt: str, *, block_n_up: int = 16, num_warps_up: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # JAX 0.11 deprecates the Triton backend
         up_call = pl.pallas_call(
-            functools.partial(_up_kernel_mma if mma else _up_kernel, fmt=fmt, names=names, nb=nb_up, bn=block_n_up, mt=mt, use_asm=use_asm),
-            grid=(g, f // block_n_up, mp // mt),
-            out_shape=jax.ShapeDtypeStruct((g, mp, f), F32),
+            functools.partial(_up_kernel_mma if mma else _up_kernel, fmt=fmt, names=names, nb=nb_up, bn=block_n_up, mt=mt,
+                              use_asm=use_asm, split=split_up, nf=f // block_n_up),
+            grid=(g, (2 if split_up else 1) * f // block_n_up, mp // mt),
+            out_shape=jax.ShapeDtypeStruct((g, mp, 2, f) if split_up else (g, mp, f), F32),
             compiler_params=plt.CompilerParams(num_warps=num_warps_up, num_stages=1),
             interpret=interpret, name=f"ffn_up_{'mma' if mma else 'fma'}_{fmt}")
         hmat = up_call(ids, *_plane_views(bank["gate"], fmt), *_plane_views(bank["up"], fmt), xv)
         down_call = pl.pallas_call(
             functools.partial(_down_kernel_mma if mma else _down_kernel, fmt=fmt, names=names, nb=nb_down, bn=block_n_down, mt=mt,
-                              use_asm=use_asm),
+                              use_asm=use_asm, split=split_up, nf=f // block_n_up),
             grid=(g, h // block_n_down, mp // mt),
             out_shape=jax.ShapeDtypeStruct((g, mp, h), F32),
             compiler_params=plt.CompilerParams(num_warps=num_warps_down, num_stages=1),
             interpret=interpret, name=f"ffn_down_{'mma' if mma else 'fma'}_{fmt}")
         y = down_call(ids, *_plane_views(bank["down"], fmt),
-                      hmat.reshape(g, mp, nb_down, 2, n_groups, n_shift, 4, 4))
+                      hmat.reshape(g, mp, *((2,) if split_up else ()), nb_down, 2, n_groups, n_shift, 4, 4))
     return y[:, :m]

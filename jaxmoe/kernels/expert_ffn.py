@@ -65,6 +65,7 @@ class BlockConfig:
     num_stages_down: int = 1
     block_m: int = 1  # tokens per program ("mma": ≥ 16, a power of 2)
     variant: str = "fma"  # "fma"/"mma": v3 (dequant_fma.py); "vec"/"loop": v2/v1 int8 dp4a kernels
+    split_up: bool = False  # v3: gate and up rows in separate programs of launch A, SiLU·mul in launch B
     act_bits: int = 16  # v1/v2 only: activation precision, 16 (two int8 words, hi·256 + lo) or 8 (llama.cpp's q8_1)
 
 
@@ -552,7 +553,7 @@ def ffn_pallas(x: jax.Array, bank: dict, ids: jax.Array, fmt: str, block_config:
         return dequant_fma.ffn(x, bank, ids.astype(jnp.int32), fmt, block_n_up=cfg.block_n_up,
                                num_warps_up=cfg.num_warps_up, block_n_down=cfg.block_n_down,
                                num_warps_down=cfg.num_warps_down, block_m=cfg.block_m, mma=cfg.variant == "mma",
-                               interpret=interpret)
+                               split_up=cfg.split_up, interpret=interpret)
     mp = _pow2_at_least(m)
     mt = min(cfg.block_m, mp)
     names = repack.PLANES[fmt]
