@@ -10,11 +10,11 @@ mkdir -p "$OUT"
 XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 200 python3 -m pytest -q -m gpu tests/test_kernels.py \
   -p no:cacheprovider -n 3 --timeout 190 > "$OUT/pytest_gpu.txt" 2>&1 &
 PYTEST=$!
-XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 timeout 330 python3 -m jaxmoe.calibrate --reuse-run results/run2_v2 \
-  --out "$OUT/h200.json" --raw-dir "$OUT" --deadline-s 200 --wait-pid "$PYTEST" 2>&1 | tee "$OUT/calibrate.log"
+XLA_PYTHON_CLIENT_MEM_FRACTION=0.6 timeout 280 python3 -m jaxmoe.calibrate --reuse-run results/run2_v2 \
+  --out "$OUT/h200.json" --raw-dir "$OUT" --deadline-s 150 --wait-pid "$PYTEST" 2>&1 | tee "$OUT/calibrate.log"
 wait "$PYTEST"; echo "pytest exit status $?"; grep -v -i warn "$OUT/pytest_gpu.txt" | tail -n 8
 NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
-XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 150 "$NCU" --clock-control none --target-processes all -k regex:ffn_ \
+XLA_PYTHON_CLIENT_PREALLOCATE=false timeout 100 "$NCU" --clock-control none --target-processes all -k regex:ffn_ \
   --launch-skip 2 --launch-count 8 --section SpeedOfLight --section WarpStateStats --section Occupancy \
   --section LaunchStats --section SchedulerStats --csv --page details python3 results/run4_v3b/ncu_m1.py \
   > "$OUT/ncu_m1.csv" 2> "$OUT/ncu_m1.err"
