@@ -197,16 +197,11 @@ def _rows_mma(fmt: str, mats: list, e, rows, nb: int, xtile, use_asm: bool) -> l
     return acc
 
 
-def _silu_mul(g, u):
-    """Gate and up tiles written by a split launch A → SiLU(gate)·up."""
-    return g * jax.nn.sigmoid(g) * u
-
-
 def _up_kernel_mma(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm, split, nf):
     """Launch A on the tensor cores: h[g, tokens, rows] = SiLU(x·W_gateᵀ) · (x·W_upᵀ).
 
     split: programs j < nf compute gate rows, the others up rows (half the code per program), and
-    write them to out[g, tokens, 0 | 1, rows]; launch B applies SiLU·mul as it loads.
+    write them to out[g, tokens, 0 | 1, rows]; SiLU·mul is then one small XLA fusion before launch B.
     """
     k = len(names)
     gate, up = dict(zip(names, refs[:k])), dict(zip(names, refs[k:2 * k]))
@@ -236,11 +231,7 @@ def _down_kernel_mma(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm, split, nf)
     g, j, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     e = ids_ref[g]
     rows, ms = pl.ds(j * bn, bn), pl.ds(i * mt, mt)
-    if split:  # SiLU(gate)·up of the two halves written by launch A
-        xtile = lambda bs, s, lane: _silu_mul(h_ref[g, ms, 0, bs, :, :, s, :, lane], h_ref[g, ms, 1, bs, :, :, s, :, lane])
-    else:
-        xtile = lambda bs, s, lane: h_ref[g, ms, bs, :, :, s, :, lane]
-    (y,) = _rows_mma(fmt, [down], e, rows, nb, xtile, use_asm)
+    (y,) = _rows_mma(fmt, [down], e, rows, nb, lambda bs, s, lane: h_ref[g, ms, bs, :, :, s, :, lane], use_asm)
     y_ref[g, ms, rows] = y
 
 
@@ -292,11 +283,7 @@ def _down_kernel(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm, split, nf):
     e = ids_ref[g]
     rows = pl.ds(j * bn, bn)
     m0 = i * mt
-    if split:  # SiLU(gate)·up of the two halves written by launch A
-        xget = _x_getter(lambda bs, m, s, lane: _silu_mul(h_ref[g, m0 + m, 0, bs, :, :, s, :, lane],
-                                                          h_ref[g, m0 + m, 1, bs, :, :, s, :, lane]))
-    else:
-        xget = _x_getter(lambda bs, m, s, lane: h_ref[g, m0 + m, bs, :, :, s, :, lane])
+    xget = _x_getter(lambda bs, m, s, lane: h_ref[g, m0 + m, bs, :, :, s, :, lane])
     (y,) = _rows_dot(fmt, [down], e, rows, nb, xget, mt, use_asm)
     for m in range(mt):
         y_ref[g, m0 + m, rows] = y[m]
@@ -324,7 +311,8 @@ def ffn(x, bank: dict, ids, fmt: str, *, block_n_up: int = 16, num_warps_up: int
     mma=False: float FMAs (float32 throughout; block_m tokens per program, unrolled). mma=True:
     bf16 tensor-core dots on the dequantized fields (block_m ≥ 16 tokens per program; M is padded).
     split_up: launch A runs gate and up rows in separate programs (twice the programs, half the code
-    each) and launch B applies SiLU(gate)·up while loading.
+    each); SiLU(gate)·up is one small XLA fusion between the launches (run 4 measured applying it
+    inside launch B: slower in every case, e.g. launch B 8.4 → 14 µs at M = 1).
     """
     if mma and block_m < 16:
         raise ValueError(f"the tensor-core kernels need block_m ≥ 16, not {block_m}")
@@ -358,6 +346,7 @@ def ffn(x, bank: dict, ids, fmt: str, *, block_n_up: int = 16, num_warps_up: int
             out_shape=jax.ShapeDtypeStruct((g, mp, h), F32),
             compiler_params=plt.CompilerParams(num_warps=num_warps_down, num_stages=1),
             interpret=interpret, name=f"ffn_down_{'mma' if mma else 'fma'}_{fmt}")
-        y = down_call(ids, *_plane_views(bank["down"], fmt),
-                      hmat.reshape(g, mp, *((2,) if split_up else ()), nb_down, 2, n_groups, n_shift, 4, 4))
+        if split_up:
+            hmat = hmat[:, :, 0] * jax.nn.sigmoid(hmat[:, :, 0]) * hmat[:, :, 1]
+        y = down_call(ids, *_plane_views(bank["down"], fmt), hmat.reshape(g, mp, nb_down, 2, n_groups, n_shift, 4, 4))
     return y[:, :m]
