@@ -9,11 +9,13 @@ copy of 2 GiB (bytes read + written over time) and a 2 GiB reduction (bytes read
 bandwidth = quantized weight bytes of the selected experts / call time. Without CUPTI the fallback
 is host wall-clock around synchronised calls (an upper bound; the JSON says which).
 
-For each format (q2_k, q3_k, q4_k) and M ∈ {1, 2, 4, 8, 16, 64}: single expert (G = 1) and grouped
-layer (G = 8 experts in one call). A few block configurations are tried at M = 1, 16, 64 and the
-fastest launch-A and launch-B settings are kept (each launch is timed on its own through its
-kernel name). Baselines: bf16 jnp dots of the same shapes, and the XLA path (dequantize the
-selected experts to bf16 with jnp, then the same dots).
+For each format (q2_k, q3_k, q4_k) and M ∈ {1, 2, 4, 8, 16, 64}: grouped layer (G = 8 experts in one
+call) for every configuration of `candidates(M)`, the fastest becoming the cell, then a single expert
+(G = 1) with that configuration; each launch is also timed on its own through its kernel name.
+Everything is compiled ahead of time in a thread pool before timing starts (XLA autotunes the
+baselines on the GPU while compiling). Baselines: bf16 jnp dots of the same shapes, and the XLA path
+(gather the experts' planes from the same bank, dequantize to bf16 with jnp, the same dots). Each
+cell's relative error against the float32 reference is measured at M = 1, 16, 64.
 
 Examples:
   python -m jaxmoe.bench_kernels --out-dir results/            # full run on a GPU (a few minutes)

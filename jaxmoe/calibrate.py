@@ -13,6 +13,10 @@ Measures, on the GPU this runs on:
   fixed_s + nbytes / gbps (least squares on relative error); 1–4 copies in flight.
 It writes the JSON profile the simulator loads (sim/profiles.py) and keeps raw measurements.
 
+`--reuse-run DIR` takes the transfer and dense-layer measurements (and device facts) from an earlier
+run's `calibrate_raw.json` and measures only the kernels; with `--from-bench FILE` as well it measures
+nothing and rebuilds the profile from a saved `bench_kernels.json` (CPU).
+
 `--from-run DIR` rebuilds the profile from a device run's saved `calibrate.log` and
 `calibrate_raw.json` (for a run stopped at its time limit before it wrote the profile): the kernel
 figures come from the log's "cell" lines and, where a cell is missing, from its "tune" lines (best
@@ -22,6 +26,8 @@ Examples:
   python -m jaxmoe.calibrate --out sim/profiles/h200.json --raw-dir results/
   python -m jaxmoe.calibrate --out /tmp/h200.json --quick
   python -m jaxmoe.calibrate --from-run results/run2_v2 --out sim/profiles/h200.json
+  python -m jaxmoe.calibrate --reuse-run results/run2_v2 --out sim/profiles/h200.json --raw-dir results/run6
+  python -m jaxmoe.calibrate --reuse-run results/run2_v2 --from-bench results/run5_v3c/bench_kernels.json --out /tmp/h200.json
 """
 from __future__ import annotations
 

@@ -263,6 +263,29 @@ def test_profile_from_saved_device_run(tmp_path):
     assert exc.value.code == 2 and not (tmp_path / "x.json").exists()
 
 
+def test_profile_from_saved_bench_json(tmp_path):
+    # The committed h200 profile's kernel table is rebuilt from run 5's saved benchmark without a GPU.
+    from pathlib import Path
+
+    from jaxmoe import calibrate
+    from sim.profiles import load_hardware
+
+    root = Path(__file__).resolve().parents[1] / "results"
+    bench = root / "run5_v3c" / "bench_kernels.json"
+    if not bench.exists():
+        pytest.skip("device run files absent")
+    out = tmp_path / "h200.json"
+    assert calibrate.main(["--reuse-run", str(root / "run2_v2"), "--from-bench", str(bench), "--out", str(out),
+                           "--raw-dir", str(tmp_path)]) == 0
+    hw = load_hardware(str(out))
+    assert hw.compute_tokens.tolist() == [1, 2, 4, 8, 16, 64]
+    assert hw.grouped_s["q2_k"][0] == pytest.approx(17.3755e-6)  # "cell q2_k M=1 G=8" of the run-5 log
+    assert hw.compute_s["q2_k"][0] < hw.grouped_s["q2_k"][0] < hw.grouped_s["bf16"][0]
+    with pytest.raises(SystemExit) as exc:
+        calibrate.main(["--from-bench", str(bench), "--out", str(tmp_path / "x.json"), "--raw-dir", str(tmp_path)])
+    assert exc.value.code == 2 and not (tmp_path / "x.json").exists()
+
+
 def test_fit_linear_recovers_fixed_and_bandwidth():
     from jaxmoe.calibrate import fit_linear
 
