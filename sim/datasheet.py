@@ -129,7 +129,8 @@ def h200_architecture_profile() -> dict:
 def main(argv=None) -> None:
     """Rewrite the datasheet-scaled profiles in sim/profiles/."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--h200", action="store_true", help="also (re)write h200.json from architecture-doc figures")
+    ap.add_argument("--h200", action="store_true",
+                    help="also write h200.json from architecture-doc figures (REPLACES the measured profile)")
     args = ap.parse_args(argv)
     profiles = {name: datasheet_profile(name) for name in GPUS}
     if args.h200:
