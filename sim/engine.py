@@ -96,7 +96,6 @@ def oracle_predictions(trace: Trace, accuracy: float, seed: int) -> np.ndarray:
 
 def build_groups(trace: Trace, calib_steps: np.ndarray, *, ubatch: int = 512, predicted: np.ndarray | None = None) -> AccessGroups:
     """Turn a trace into access groups (see the module docstring)."""
-    n_layers, k = trace.meta.n_layers, trace.meta.top_k
     parts: list[dict] = []
     bounds = np.flatnonzero(np.diff(trace.seq.astype(np.int64)) | np.diff(trace.phase.astype(np.int64))) + 1
     for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, trace.n_steps]):
@@ -109,7 +108,6 @@ def build_groups(trace: Trace, calib_steps: np.ndarray, *, ubatch: int = 512, pr
     counts = np.concatenate([p["counts"] for p in parts])
     start = np.zeros(counts.size + 1, dtype=np.int64)
     np.cumsum(counts, out=start[1:])
-    del n_layers, k
     return AccessGroups(start=start, **cat)
 
 

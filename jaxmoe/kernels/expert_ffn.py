@@ -427,16 +427,6 @@ def _quantize_tile(xf, two: bool):
     return (pack(hi), None), step, step * jnp.sum(jnp.sum(hi, axis=-1), axis=-1)
 
 
-def _chunks(nb: int) -> list[tuple[int, int]]:
-    """Split nb super-blocks into power-of-2 runs (Triton tiles are powers of 2): 3 → [(0, 2), (2, 1)]."""
-    out, start = [], 0
-    for bit in reversed(range(nb.bit_length())):
-        if nb & (1 << bit):
-            out.append((start, 1 << bit))
-            start += 1 << bit
-    return out
-
-
 def _tile_vec(fmt: str, w: dict, e, rows, nb: int, get_x, use_asm: bool):
     """acc [MT, BN] float32 = x · W[rows]ᵀ: every super-block at once as a tile axis, no K loop.
 
@@ -444,7 +434,7 @@ def _tile_vec(fmt: str, w: dict, e, rows, nb: int, get_x, use_asm: bool):
     activations of the same slice come from get_x(blocks, c, t) already quantized.
     """
     acc = None
-    for b0, nbt in _chunks(nb):
+    for b0, nbt in dequant_fma._chunks(nb):
         bs = pl.ds(b0, nbt)
         d = w["d"][e, rows, bs].astype(F32)[None]  # [1, BN, NBt]
         blk = mins = None
