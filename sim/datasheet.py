@@ -51,15 +51,18 @@ def _kernel_s(nbytes: float, flops: float, gpu: dict, bw_gbps: float) -> float:
     return max(mem, math) + gpu["launch_s"]
 
 
+def _expert_table(gpu: dict, bw_gbps: float) -> dict[str, list[float]]:
+    """Seconds of one Qwen3-30B-A3B expert per format at each of TOKENS, priced by `_kernel_s`."""
+    weights = 3 * HIDDEN * FFN
+    return {fmt: [_kernel_s(FORMATS[fmt].nbytes(weights), 2 * weights * t, gpu, bw_gbps) for t in TOKENS]
+            for fmt in ("q2_k", "q3_k", "q4_k", "q6_k", "q8_0", "bf16")}
+
+
 def datasheet_profile(name: str) -> dict:
     """A hardware profile dict priced from `GPUS[name]` datasheet figures."""
     gpu = GPUS[name]
     model = qwen3_30b_a3b()
-    weights = 3 * HIDDEN * FFN
-    seconds = {}
-    for fmt in ("q2_k", "q3_k", "q4_k", "q6_k", "q8_0", "bf16"):
-        nbytes = FORMATS[fmt].nbytes(weights)
-        seconds[fmt] = [_kernel_s(nbytes, 2 * weights * t, gpu, gpu["vram_gbps"]) for t in TOKENS]
+    seconds = _expert_table(gpu, gpu["vram_gbps"])
     dense_ref = max(model.dense_bytes)
     kv_layer = model.kv_bytes_per_token // model.n_layers * CONTEXT
     attn_flops = lambda t: 2 * dense_ref * 2 * t + 4 * 32 * 128 * CONTEXT * t  # noqa: E731  (weights ~1 B/w at Q4)
@@ -91,11 +94,7 @@ def h200_architecture_profile() -> dict:
     """The H200 profile from the architecture doc's measured figures (until jaxmoe.calibrate runs)."""
     gpu = dict(tflops=990.0, launch_s=4e-6)
     hbm = 3700.0  # GB/s measured read+write (architecture doc)
-    weights = 3 * HIDDEN * FFN
-    seconds = {}
-    for fmt in ("q2_k", "q3_k", "q4_k", "q6_k", "q8_0", "bf16"):
-        nbytes = FORMATS[fmt].nbytes(weights)
-        seconds[fmt] = [_kernel_s(nbytes, 2 * weights * t, gpu, hbm) for t in TOKENS]
+    seconds = _expert_table(gpu, hbm)
     model = qwen3_30b_a3b()
     dense_ref = max(model.dense_bytes)
     kv_layer = model.kv_bytes_per_token // model.n_layers * CONTEXT
