@@ -10,7 +10,7 @@ import jax.numpy as jnp  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from jaxmoe.kernels import dequant_fma  # noqa: E402
+from jaxmoe.kernels import dequant_fma, int_dot  # noqa: E402
 from jaxmoe.kernels import expert_ffn as ef  # noqa: E402
 from jaxmoe.kernels import repack  # noqa: E402
 
@@ -167,6 +167,63 @@ def test_v3_split_gate_up_interpret(fmt, variant, block_m):
     assert rel_err(got, numpy_ffn(np.asarray(x, np.float64), raw, [1, 0], fmt)) < (1e-5 if variant == "fma" else 1e-2)
 
 
+@pytest.mark.parametrize("fmt,block_m", [("q2_k", 1), ("q3_k", 2), ("q4_k", 2)])
+def test_v4_int_interpret_matches_float64(fmt, block_m):
+    # Integer dots on int16 activations: down projection of 3 super-blocks, 3 tokens, a repeated id.
+    raw, bank = make_case(fmt, 3, 256, 768, seed=21)
+    x = jnp.asarray(np.random.default_rng(22).standard_normal((3, 256)), jnp.bfloat16)
+    ids = jnp.array([2, 2, 0], jnp.int32)
+    cfg = ef.BlockConfig(block_n_up=256, block_n_down=128, block_m=block_m, variant="int")
+    got = ef.expert_ffn(x, bank, ids, fmt=fmt, implementation="pallas", block_config=cfg, interpret=True)
+    assert got.shape == (3, 3, 256) and got.dtype == jnp.float32
+    want = numpy_ffn(np.asarray(x, np.float64), raw, [2, 2, 0], fmt)
+    assert rel_err(got, want) < 2e-4  # int16 activations (x and h): ≈ 1e-5 per value
+
+
+def test_v4_int_kernel_equals_its_quantized_reference():
+    # The kernel computes exactly the FFN of the int16-quantized x and h (up to float32 summation order).
+    raw, bank = make_case("q2_k", 2, 512, 256, seed=31)
+    x = jnp.asarray(np.random.default_rng(32).standard_normal((2, 512)) * 3, jnp.float32)
+    ids = jnp.array([1, 0], jnp.int32)
+    got = int_dot.ffn(x, bank, ids, "q2_k", block_n_up=32, block_n_down=64, interpret=True)
+    xq = int_dot.dequantize_int16(*int_dot.quantize_int16(x)[:2])
+    wg, wu, wd = (np.stack([dequant64(raw[k][e], "q2_k") for e in (1, 0)]) for k in ("gate", "up", "down"))
+    xq64 = np.asarray(xq, np.float64)
+    g, u = np.einsum("mk,gnk->gmn", xq64, wg), np.einsum("mk,gnk->gmn", xq64, wu)
+    hq = int_dot.dequantize_int16(*int_dot.quantize_int16(jnp.asarray(g / (1 + np.exp(-g)) * u, jnp.float32))[:2])
+    want = np.einsum("gmk,gnk->gmn", np.asarray(hq, np.float64), wd)
+    assert rel_err(got, want) < 1e-5
+
+
+@settings(max_examples=50, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), scale=st.floats(1e-6, 1e4), zero_block=st.booleans())
+def test_int16_activation_quantization(seed, scale, zero_block):
+    # Every value within half a step (plus float32 rounding: ≈ 32767 ulps of 1) of its code, step = max|block| / 32767; a zero block stays zero.
+    x = np.random.default_rng(seed).standard_normal((3, 64)).astype(np.float32) * np.float32(scale)
+    if zero_block:
+        x[1, 16:32] = 0
+    words, step, sums = (np.asarray(a) for a in int_dot.quantize_int16(jnp.asarray(x)))
+    assert words.shape == (3, 32) and words.dtype == np.uint32 and step.shape == sums.shape == (3, 4)
+    back = np.asarray(int_dot.dequantize_int16(jnp.asarray(words), jnp.asarray(step)), np.float64)
+    blocks = np.abs(x.astype(np.float64)).reshape(3, 4, 16).max(axis=-1)
+    np.testing.assert_allclose(step, blocks / 32767, rtol=1e-6)
+    assert np.all(np.abs(back - x).reshape(3, 4, 16) <= 0.505 * step[..., None] + 1e-30)  # float32 x·(32767/max)
+    np.testing.assert_allclose(sums, back.reshape(3, 4, 16).sum(axis=-1), rtol=1e-5, atol=1e-6 * scale)
+    if zero_block:
+        assert np.all(back[1, 16:32] == 0) and step[1, 1] == 0
+
+
+def test_dp2a_emulation_matches_bytes():
+    rng = np.random.default_rng(5)
+    q = rng.integers(0, 2**32, 64, dtype=np.uint64).astype(np.uint32)
+    xv = rng.integers(-32767, 32768, (64, 4))
+    lo = ((xv[:, 0] & 0xFFFF) | ((xv[:, 1] & 0xFFFF) << 16)).astype(np.uint32)
+    hi = ((xv[:, 2] & 0xFFFF) | ((xv[:, 3] & 0xFFFF) << 16)).astype(np.uint32)
+    got = np.asarray(int_dot._dp2a_pair(jnp.asarray(q), jnp.asarray(lo), jnp.asarray(hi), use_asm=False))
+    want = sum(((q.astype(np.int64) >> (8 * i)) & 0xFF) * xv[:, i] for i in range(4))
+    np.testing.assert_array_equal(got, want)
+
+
 @settings(max_examples=200, deadline=None)
 @given(word=st.integers(0, 2**32 - 1), lane=st.integers(0, 3), s=st.integers(0, 3), bits=st.sampled_from([2, 3, 4]))
 def test_magic_field_is_exact(word, lane, s, bits):
@@ -227,7 +284,9 @@ def test_gpu_v3_kernels_match_reference(fmt):
     if fmt == "q2_k":  # padding paths (M = 3 in 2-token programs, M = 5 in a 16-token tile) and split gate/up
         cases += [(1, 8, ef.BlockConfig(split_up=True), 1e-5),
                   (16, 4, ef.BlockConfig(block_n_up=32, block_m=16, variant="mma", split_up=True), 1e-2),(3, 1, ef.BlockConfig(block_n_up=4, num_warps_up=1, block_n_down=8, num_warps_down=1, block_m=2), 1e-5),
-                  (5, 2, ef.BlockConfig(block_m=16, variant="mma"), 1e-2)]
+                  (5, 2, ef.BlockConfig(block_m=16, variant="mma"), 1e-2),
+                  (3, 8, ef.BlockConfig(block_n_up=32, num_warps_up=8, block_n_down=16, block_m=2, variant="int"), 2e-4)]
+    cases.append((1, 8, ef.BlockConfig(variant="int"), 2e-4))  # v4 integer dots, int16 activations
     for m, g, cfg, tol in cases:
         ids = rng.choice(16, g, replace=False)
         x = rng.standard_normal((m, 2048))

@@ -43,11 +43,11 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from jaxmoe.kernels import dequant_fma, repack
+from jaxmoe.kernels import dequant_fma, int_dot, repack
 
 F32 = jnp.float32
 IMPLEMENTATIONS = ("reference", "xla", "pallas")
-VARIANTS = ("fma", "mma", "vec", "loop")
+VARIANTS = ("int", "fma", "mma", "vec", "loop")
 MASK2 = 0x03030303
 MASK4 = 0x0F0F0F0F
 MASKH = 0x04040404
@@ -64,7 +64,7 @@ class BlockConfig:
     num_warps_down: int = 1
     num_stages_down: int = 1
     block_m: int = 1  # tokens per program ("mma": ≥ 16, a power of 2)
-    variant: str = "fma"  # "fma"/"mma": v3 (dequant_fma.py); "vec"/"loop": v2/v1 int8 dp4a kernels
+    variant: str = "fma"  # "int": v4 (int_dot.py); "fma"/"mma": v3 (dequant_fma.py); "vec"/"loop": v2/v1 int8 dp4a
     split_up: bool = False  # v3: gate and up rows in separate programs of launch A, SiLU·mul as an XLA fusion
     act_bits: int = 16  # v1/v2 only: activation precision, 16 (two int8 words, hi·256 + lo) or 8 (llama.cpp's q8_1)
 
@@ -545,6 +545,10 @@ def ffn_pallas(x: jax.Array, bank: dict, ids: jax.Array, fmt: str, block_config:
     _check_config(cfg, h, f)
     m = x.shape[0]
     g = ids.shape[0]
+    if cfg.variant == "int":
+        return int_dot.ffn(x, bank, ids.astype(jnp.int32), fmt, block_n_up=cfg.block_n_up, num_warps_up=cfg.num_warps_up,
+                           block_n_down=cfg.block_n_down, num_warps_down=cfg.num_warps_down, block_m=cfg.block_m,
+                           interpret=interpret)
     if cfg.variant in ("fma", "mma"):
         return dequant_fma.ffn(x, bank, ids.astype(jnp.int32), fmt, block_n_up=cfg.block_n_up,
                                num_warps_up=cfg.num_warps_up, block_n_down=cfg.block_n_down,
