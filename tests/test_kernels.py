@@ -213,6 +213,12 @@ def test_int16_activation_quantization(seed, scale, zero_block):
         assert np.all(back[1, 16:32] == 0) and step[1, 1] == 0
 
 
+def test_pallas_quantization_launch_equals_jnp():
+    x = jnp.asarray(np.random.default_rng(7).standard_normal((3, 512)) * 5, jnp.bfloat16).at[1, 32:48].set(0)
+    for a, b in zip(int_dot.quantize_int16(x), int_dot.quantize_pallas(x, interpret=True)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_dp2a_emulation_matches_bytes():
     rng = np.random.default_rng(5)
     q = rng.integers(0, 2**32, 64, dtype=np.uint64).astype(np.uint32)
