@@ -105,35 +105,45 @@ def _rows_int(fmt: str, mats: list, e, rows, nb: int, xget, mt: int, use_asm: bo
     out = [[None] * mt for _ in mats]
     for b0, nbt in _chunks(nb):
         bs = pl.ds(b0, nbt)
+        # Every load of the block run first (weights, scales, d/dmin, activations of every field), so that
+        # a program waits for one memory round trip, not one per field (run 7: the time did not fall
+        # with twice the warps, so the per-warp chain of dependent loads set it).
         st = []
         for w in mats:
             flat = w["qs"][e, rows, pl.ds(b0 * words, nbt * words)]  # [BN, NBt·W] uint32
             t = {"q": jnp.swapaxes(flat.reshape(flat.shape[0], nbt, n_groups, 2, 4), 2, 3),  # [BN, NBt, 2c, P, 4w]
-                 "acc": [None] * mt, "mins": [None] * mt}
+                 "acc": [None] * mt, "mins": [None] * mt, "d": w["d"][e, rows, bs]}
+            if fmt != "q3_k":
+                t["dmin"] = w["dmin"][e, rows, bs]
             if fmt == "q3_k":
                 hm = w["hm"][e, rows, bs, :, :][:, :, :, None, :]  # [BN, NBt, 2c, 1, 4w]: lane i bit t = 4p + s
                 p_shift = (jax.lax.broadcasted_iota(jnp.int32, (1, 1, 1, n_groups, 1), 3) * 4).astype(jnp.uint32)
                 t["h2"] = hm >> p_shift  # bit s of lane i: high bit of slice 4p + s
             if fmt == "q4_k":  # one scale and min per 32 weights (both nibbles s)
-                t["sc"] = w["sc"][e, rows, bs, :, :].astype(F32)
-                t["mn"] = w["mn"][e, rows, bs, :, :].astype(F32)
+                t["sc"] = w["sc"][e, rows, bs, :, :]
+                t["mn"] = w["mn"][e, rows, bs, :, :]
+            else:  # the 4 scale bytes of fields s = 0..3 as one word per (row, block, c, p): one 4-byte load
+                sc4 = (w["sc"][e, rows, bs, :, :, :].astype(jnp.int32) & 0xFF).astype(jnp.uint32)  # [BN, NBt, 2c, P, S]
+                shifts = (jax.lax.broadcasted_iota(jnp.int32, (1, 1, 1, 1, n_shift), 4) * 8).astype(jnp.uint32)
+                t["sc4"] = jnp.sum(sc4 << shifts, axis=4)  # byte s: Q2_K scale | min << 4, Q3_K signed scale
             st.append(t)
+        xs_all = [[xget(bs, m, s) for m in range(mt)] for s in range(n_shift)]
         for s in range(n_shift):
             # Field s stays in place, q·2^pos in each byte (no shift): the step absorbs 2^−pos (exact).
             # Q3_K's 3-bit value would overflow its byte at s = 3, so it moves down to pos 4 there.
             pos = min(bits * s, 4) if fmt == "q3_k" else bits * s
-            xs = [xget(bs, m, s) for m in range(mt)]
+            xs = xs_all[s]
             for w, t in zip(mats, st):
                 q = _shr(t["q"], bits * s - pos) & jnp.uint32(MASK[fmt] << pos)
                 if fmt == "q3_k":
                     q = q | (_shr(t["h2"], s - pos - 2) & jnp.uint32(MASKH << pos))  # (value + 4)·2^pos
                 if fmt == "q2_k":
-                    scb = w["sc"][e, rows, bs, :, :, s]  # [BN, NBt, 2c, P] uint8: scale | min << 4
-                    sc, mn = (scb & 15).astype(F32), (scb >> 4).astype(F32)
-                elif fmt == "q3_k":
-                    sc = w["sc"][e, rows, bs, :, :, s].astype(F32)
+                    sc = ((t["sc4"] >> 8 * s) & 15).astype(F32)
+                    mn = ((t["sc4"] >> 8 * s + 4) & 15).astype(F32)
+                elif fmt == "q3_k":  # sign-extend byte s
+                    sc = ((t["sc4"] << 24 - 8 * s).astype(jnp.int32) >> 24).astype(F32)
                 else:
-                    sc, mn = t["sc"], t["mn"]
+                    sc, mn = t["sc"].astype(F32), t["mn"].astype(F32)
                 for m in range(mt):
                     lo, hi, step, xsum = xs[m]
                     step = step * 2.0 ** -pos
@@ -145,9 +155,9 @@ def _rows_int(fmt: str, mats: list, e, rows, nb: int, xget, mt: int, use_asm: bo
                         mterm = xsum[None] * mn
                         t["mins"][m] = mterm if t["mins"][m] is None else t["mins"][m] + mterm
                     t["acc"][m] = term if t["acc"][m] is None else t["acc"][m] + term
-        for k, (w, t) in enumerate(zip(mats, st)):
-            d = w["d"][e, rows, bs].astype(F32)  # [BN, NBt]
-            dmin = None if fmt == "q3_k" else w["dmin"][e, rows, bs].astype(F32)
+        for k, t in enumerate(st):
+            d = t["d"].astype(F32)  # [BN, NBt]
+            dmin = t["dmin"].astype(F32) if "dmin" in t else None
             for m in range(mt):
                 part = d * jnp.sum(jnp.sum(t["acc"][m], axis=3), axis=2)
                 if dmin is not None:
@@ -225,8 +235,7 @@ def _up_kernel(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm):
     m0 = i * mt
     rows = pl.ds(j * bn, bn)
     xget = _x_getter(xw_ref, xd_ref, xs_ref, (), m0)
-    (hg,) = _rows_int(fmt, [gate], e, rows, nb, xget, mt, use_asm)  # matrix by matrix: fewer live registers
-    (hu,) = _rows_int(fmt, [up], e, rows, nb, xget, mt, use_asm)
+    hg, hu = _rows_int(fmt, [gate, up], e, rows, nb, xget, mt, use_asm)  # both matrices' loads issue together
     for m in range(mt):
         words, step, sums = _quantize_rows(hg[m] * jax.nn.sigmoid(hg[m]) * hu[m])
         hw_ref[g, m0 + m, pl.ds(j * (bn // 2), bn // 2)] = words
