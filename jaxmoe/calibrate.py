@@ -268,9 +268,10 @@ def build_profile(bench: dict, dense: dict, transfers: dict, info: dict, command
         "expert_compute": {"shape": {"hidden": bk.HIDDEN, "ffn": bk.FFN}, "tokens": tokens, "seconds": seconds,
                            "grouped_seconds": grouped, "grouped_experts": bk.TOP_K, "variants": configs,
                            "xla_grouped_seconds": xla,
-                           "note": "device time per call (CUPTI sum of kernel durations) of the v3 Pallas kernels "
-                                   "(docs/kernels.md): weights dequantized in registers, 'fma' = float32 FMAs, "
-                                   "'mma' = bf16 tensor-core dots (M padded to 16); the fastest measured "
+                           "note": "device time per call (CUPTI sum of kernel durations) of the Pallas kernels "
+                                   "(docs/kernels.md): 'int' = v4 integer dp2a dots on int16 activations "
+                                   "(the activation quantization launch included), 'fma' = v3 float32 FMAs, "
+                                   "'mma' = v3 bf16 tensor-core dots (M padded to 16); the fastest measured "
                                    "configuration per (format, M) for 8 experts, the same configuration for 1. "
                                    "bf16 = jnp dots on bf16 weights; xla_grouped_seconds = XLA dequantize-then-dot"},
         "dense_compute": {"tokens": dense["tokens"], "seconds": dense["seconds"], "context": dense["context"],

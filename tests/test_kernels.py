@@ -249,7 +249,8 @@ def test_magic_field_is_exact(word, lane, s, bits):
 
 
 def test_default_config_by_token_count():
-    assert ef.default_config(1).variant == "fma" and ef.default_config(1).block_m == 1
+    assert ef.default_config(1).variant == "int" and ef.default_config(1).block_m == 1
+    assert ef.default_config(8).variant == "int" and ef.default_config(8).block_m == 2
     assert ef.default_config(64).variant == "mma" and ef.default_config(64).block_m == 64
     with pytest.raises(ValueError, match="block_m"):
         dequant_fma.ffn(jnp.ones((1, 256)), make_case("q2_k", 1, 256, 256, 0)[1], jnp.array([0]), "q2_k",

@@ -72,13 +72,14 @@ class BlockConfig:
 def default_config(m: int) -> BlockConfig:
     """The block configuration `expert_ffn` uses for m tokens when none is given: the fastest measured.
 
-    From device run 5 (results/run5_v3c, H200, 8 experts of Qwen3-30B-A3B shape): float32 FMAs up to
-    8 tokens (2 tokens per program), bf16 tensor cores with split gate/up programs from 16.
+    From device run 8 (results/run8_v4c, H200, 8 experts of Qwen3-30B-A3B shape): v4 integer dots up to
+    8 tokens (launch B with 16 rows per program at M = 1, 2 tokens per program above), bf16 tensor cores
+    with split gate/up programs from 16.
     """
     if m == 1:
-        return BlockConfig()
+        return BlockConfig(block_n_down=16, variant="int")
     if m < 16:
-        return BlockConfig(block_m=2)
+        return BlockConfig(block_m=2, variant="int")
     if m < 64:
         return BlockConfig(block_n_up=32, block_n_down=64, num_warps_down=4, block_m=16, variant="mma", split_up=True)
     return BlockConfig(block_n_up=32, block_n_down=32, num_warps_down=4, block_m=64, variant="mma", split_up=True)
