@@ -199,9 +199,10 @@ def candidates(m: int):
         return BlockConfig(block_n_up=bu, num_warps_up=wu, block_n_down=bd, num_warps_down=wd, block_m=bm, variant="int")
 
     if m == 1:
-        return [int_(16, 4, 8, 1), int_(16, 8, 8, 1), int_(16, 4, 16, 1), fma(16, 4, 8, 1)]
+        return [int_(16, 4, 16, 1), int_(16, 4, 8, 1), int_(16, 8, 16, 1), int_(16, 8, 8, 1), int_(16, 2, 16, 1),
+                fma(16, 4, 8, 1)]
     if m < 16:
-        return [int_(16, 4, 8, 1, bm=2), int_(16, 4, 8, 1), fma(16, 4, 8, 1, bm=2)]
+        return [int_(16, 4, 8, 1, bm=2), int_(16, 4, 16, 1, bm=2), int_(16, 4, 8, 1), fma(16, 4, 8, 1, bm=2)]
     if m < 64:
         return [mma(32, 64, 16), mma(32, 64, 16, split=True)]
     return [mma(16, 32, 64), mma(32, 32, 64, split=True)]
