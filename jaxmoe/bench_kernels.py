@@ -180,9 +180,9 @@ def probe() -> None:
 def candidates(m: int):
     """Block configurations tried for the grouped layer (G = 8) at m tokens; the fastest total wins.
 
-    Runs 3–7 tried more (results/run3_v3 … run7_v4b: v3 split gate/up with SiLU in launch B, 1-warp
-    and 2-warp tilings, mma at M < 16; v4 with 32-row or 8-warp launch A programs and 2-warp or
-    4-row launch B programs, all slower). M ≤ 8: v4 integer kernels, and v3's best for reference;
+    Runs 3–9 tried more (results/run3_v3 … run9_v4d: v3 split gate/up with SiLU in launch B, 1-warp
+    and 2-warp tilings, mma at M < 16; v4 with 32-row or 8-warp launch A programs, 2-warp or 4-row
+    launch B programs, gathered activations; all slower). M ≤ 8: v4 integer kernels, and v3's best for reference;
     M ≥ 16: v3 tensor-core kernels, with and without split gate/up.
     """
     from jaxmoe.kernels.expert_ffn import BlockConfig
@@ -199,10 +199,9 @@ def candidates(m: int):
         return BlockConfig(block_n_up=bu, num_warps_up=wu, block_n_down=bd, num_warps_down=wd, block_m=bm, variant="int")
 
     if m == 1:
-        return [int_(16, 4, 16, 1), int_(16, 4, 8, 1), int_(16, 8, 16, 1), int_(16, 8, 8, 1), int_(16, 2, 16, 1),
-                fma(16, 4, 8, 1)]
+        return [int_(16, 4, 16, 1), int_(16, 4, 8, 1), int_(16, 8, 16, 1), fma(16, 4, 8, 1)]
     if m < 16:
-        return [int_(16, 4, 8, 1, bm=2), int_(16, 4, 16, 1, bm=2), int_(16, 4, 8, 1), fma(16, 4, 8, 1, bm=2)]
+        return [int_(16, 4, 8, 1, bm=2), int_(16, 4, 16, 1, bm=2), fma(16, 4, 8, 1, bm=2)]
     if m < 64:
         return [mma(32, 64, 16), mma(32, 64, 16, split=True)]
     return [mma(16, 32, 64), mma(32, 32, 64, split=True)]

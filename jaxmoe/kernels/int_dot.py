@@ -95,7 +95,7 @@ def _shr(w, n: int):
 def _rows_int(fmt: str, mats: list, e, rows, nb: int, xget, mt: int, use_asm: bool) -> list:
     """x·W[rows]ᵀ for one expert and each matrix of `mats` → per matrix, per token, [BN] float32.
 
-    xget(bs, m, s) → (lo words, hi words [BN, NBt, 2c, P, 4w] uint32, step, sums [NBt, 2c, P] float32):
+    xget(bs, m, s) → (lo words, hi words [NBt, 2c, P, 4w] uint32, step, sums [NBt, 2c, P] float32):
     the quantized activations that meet bit field s of the weight words, shared by every matrix
     and row of the program.
     """
@@ -110,12 +110,9 @@ def _rows_int(fmt: str, mats: list, e, rows, nb: int, xget, mt: int, use_asm: bo
         # with twice the warps, so the per-warp chain of dependent loads set it).
         st = []
         for w in mats:
-            # Gathered as [BN, NBt, 2c, P, 4w] (plane word (b, p, c, w) of row r at (r·NB + b)·W + (2p + c)·4 + w):
-            # the same shape and index structure as the activation gathers, so both get one register layout.
-            shape = (rows.size, nbt, 2, n_groups, 4)
-            iota = lambda axis: jax.lax.broadcasted_iota(jnp.int32, shape, axis)
-            off = (((rows.start + iota(0)) * nb + b0 + iota(1)) * words + (iota(3) * 2 + iota(2)) * 4 + iota(4))
-            t = {"q": w["qs"][e, off], "acc": [None] * mt, "mins": [None] * mt, "d": w["d"][e, rows, bs]}
+            flat = w["qs"][e, rows, pl.ds(b0 * words, nbt * words)]  # [BN, NBt·W] uint32
+            t = {"q": jnp.swapaxes(flat.reshape(flat.shape[0], nbt, n_groups, 2, 4), 2, 3),  # [BN, NBt, 2c, P, 4w]
+                 "acc": [None] * mt, "mins": [None] * mt, "d": w["d"][e, rows, bs]}
             if fmt != "q3_k":
                 t["dmin"] = w["dmin"][e, rows, bs]
             if fmt == "q3_k":
@@ -150,7 +147,7 @@ def _rows_int(fmt: str, mats: list, e, rows, nb: int, xget, mt: int, use_asm: bo
                 for m in range(mt):
                     lo, hi, step, xsum = xs[m]
                     step = step * 2.0 ** -pos
-                    isum = jnp.sum(_dp2a_pair(q, lo, hi, use_asm), axis=-1)  # [BN, NBt, 2c, P]
+                    isum = jnp.sum(_dp2a_pair(q, lo[None], hi[None], use_asm), axis=-1)  # [BN, NBt, 2c, P]
                     if fmt == "q3_k":
                         term = (isum.astype(F32) * step[None] - 4.0 * xsum[None]) * sc
                     else:
@@ -170,26 +167,15 @@ def _rows_int(fmt: str, mats: list, e, rows, nb: int, xget, mt: int, use_asm: bo
     return out
 
 
-def _x_getter(words_ref, step_ref, sums_ref, lead, m0, bn: int, fmt: str):
-    """Activation tiles of bit field s for token m0 + m, cached per (block run, m, field): gate and up share them.
-
-    The words are gathered straight into the weight tile's shape [BN, NBt, 2c, P, 4w] (every row reads the
-    same addresses): a load of that shape gets the weight tile's register layout, where a [NBt, 2c, P, 4w]
-    tile broadcast over the rows needs a shared-memory layout conversion per field (run 8: 8 per program).
-    words_ref is the flat view [*lead, M, K/2]; step_ref / sums_ref are [*lead, M, NB, 2c, P, S].
-    """
-    n_groups, n_shift = GROUPS[fmt]
+def _x_getter(words_ref, step_ref, sums_ref, lead, m0):
+    """Activation tiles of bit field s for token m0 + m, cached per (block run, m, field): gate and up share them."""
     cache = {}
 
     def get(bs, m, s):
         key = (bs.start, m, s)
         if key not in cache:
-            shape = (bn, bs.size, 2, n_groups, 4)
-            iota = lambda axis: jax.lax.broadcasted_iota(jnp.int32, shape, axis)
-            # word (b, c, p, s, half, w) of the token: ((((b·2 + c)·P + p)·S + s)·2 + half)·4 + w
-            base = ((((iota(1) + bs.start) * 2 + iota(2)) * n_groups + iota(3)) * n_shift + s) * 8 + iota(4)
             idx = (*lead, m0 + m, bs, slice(None), slice(None), s)
-            cache[key] = (words_ref[(*lead, m0 + m, base)], words_ref[(*lead, m0 + m, base + 4)],
+            cache[key] = (words_ref[(*idx, 0, slice(None))], words_ref[(*idx, 1, slice(None))],
                           step_ref[idx], sums_ref[idx])
         return cache[key]
 
@@ -248,7 +234,7 @@ def _up_kernel(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm):
     e = ids_ref[g]
     m0 = i * mt
     rows = pl.ds(j * bn, bn)
-    xget = _x_getter(xw_ref, xd_ref, xs_ref, (), m0, bn, fmt)
+    xget = _x_getter(xw_ref, xd_ref, xs_ref, (), m0)
     hg, hu = _rows_int(fmt, [gate, up], e, rows, nb, xget, mt, use_asm)  # both matrices' loads issue together
     for m in range(mt):
         words, step, sums = _quantize_rows(hg[m] * jax.nn.sigmoid(hg[m]) * hu[m])
@@ -266,13 +252,13 @@ def _down_kernel(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm):
     e = ids_ref[g]
     m0 = i * mt
     rows = pl.ds(j * bn, bn)
-    (y,) = _rows_int(fmt, [down], e, rows, nb, _x_getter(hw_ref, hd_ref, hs_ref, (g,), m0, bn, fmt), mt, use_asm)
+    (y,) = _rows_int(fmt, [down], e, rows, nb, _x_getter(hw_ref, hd_ref, hs_ref, (g,), m0), mt, use_asm)
     for m in range(mt):
         y_ref[g, m0 + m, rows] = y[m]
 
 
 def _plane_views(planes: dict, fmt: str) -> list:
-    """The kernel's views of a bank's planes (free reshapes): qs flat per expert, Q2_K/Q3_K scales as [.., 2c, P, S]."""
+    """The kernel's views of a bank's planes (free reshapes): qs flat per row, Q2_K/Q3_K scales as [.., 2c, P, S]."""
     n_groups, n_shift = GROUPS[fmt]
     out = []
     for name in repack.PLANES[fmt]:
@@ -280,15 +266,15 @@ def _plane_views(planes: dict, fmt: str) -> list:
         if name == "sc" and fmt != "q4_k":
             a = a.reshape(*a.shape[:-1], n_groups, n_shift)
         elif name == "qs":
-            a = a.reshape(a.shape[0], -1)  # [E, N·NB·W]: gathered by `_rows_int`
+            a = a.reshape(*a.shape[:2], -1)
         out.append(a)
     return out
 
 
 def _act_views(words, step, sums, lead: tuple, nb: int, fmt: str):
-    """Activation arrays as flat words [*lead, K/2] (gathered by `_x_getter`) and [*lead, NB, 2c, P, S] steps / sums (free reshapes)."""
+    """Activation arrays as [*lead, NB, 2c, P, S, 2 halves, 4w] words and [*lead, NB, 2c, P, S] steps / sums (free reshapes)."""
     n_groups, n_shift = GROUPS[fmt]
-    return (words.reshape(*lead, nb * 2 * n_groups * n_shift * 8),
+    return (words.reshape(*lead, nb, 2, n_groups, n_shift, 2, 4),
             step.reshape(*lead, nb, 2, n_groups, n_shift), sums.reshape(*lead, nb, 2, n_groups, n_shift))
 
 
