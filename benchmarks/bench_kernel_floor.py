@@ -1,0 +1,191 @@
+"""Structural floor of the v4 expert-FFN launches on a GPU: the same grids reading the same bytes, no arithmetic.
+
+The Q2_K grouped layer (8 experts of Qwen3-30B-A3B shape, M = 1) runs as three launches (activation
+quantization, A: gate/up, B: down). This benchmark asks how much of their time is the launch
+structure itself, by timing in the same run (CUPTI device time, calls rotating over a 128-expert
+bank so the weights come from HBM):
+
+- `empty`: launch A's grid (8 × 48 programs of 4 warps) writing one word each: the cost of a launch;
+- `read_a` / `read_b`: launch A's / B's grid loading exactly the planes the kernel loads (qs, sc, d,
+  dmin of 16 rows) and folding them into one word per program: the floor of a read-only launch;
+- `read_ab`: both reads in one launch (programs j < 48 read gate/up rows, the others down rows);
+- `v4_a` / `v4_b` / `v4_layer`: the kernels themselves (`expert_ffn` default configuration);
+- `copy`: a 2 GiB device copy (HBM bandwidth) and the bf16 jnp layer, the baselines of the targets.
+
+It prints each row as µs, as achieved GB/s of the plane bytes and as a ratio to `v4_layer`, and writes
+the JSON with `--out`.
+
+Examples (GPU only):
+    python benchmarks/bench_kernel_floor.py --out results/run10_floor/floor.json
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sim.io import InputError, exit_on_input_error, write_text_atomic
+
+HIDDEN, FFN, N_EXPERTS, TOP_K, ROWS = 2048, 768, 128, 8, 16
+
+
+def _fold(*tiles):
+    """One uint32 from tiles of any dtype (wrapping sum of their bit patterns): keeps every load alive, ≈ no arithmetic."""
+    import jax
+    import jax.numpy as jnp
+
+    acc = None
+    for t in tiles:
+        a = (jax.lax.bitcast_convert_type(t, jnp.uint16) if t.dtype == jnp.float16 else t).astype(jnp.uint32)
+        while a.ndim > 1:
+            a = jnp.sum(a, axis=-1)
+        v = jnp.sum(a, axis=0)
+        acc = v if acc is None else acc + v
+    return acc
+
+
+def _read_rows(planes: dict, e, rows):
+    """Load one row tile of a matrix's Q2_K planes as the kernel does (power-of-2 block runs) → one uint32."""
+    from jax.experimental import pallas as pl
+
+    from jaxmoe.kernels.dequant_fma import _chunks
+
+    words = 16  # qs words per Q2_K super-block
+    acc = None
+    for b0, nbt in _chunks(planes["d"].shape[-1]):
+        bs = pl.ds(b0, nbt)
+        v = _fold(planes["qs"][e, rows, pl.ds(b0 * words, nbt * words)], planes["sc"][e, rows, bs, :],
+                  planes["d"][e, rows, bs], planes["dmin"][e, rows, bs])
+        acc = v if acc is None else acc + v
+    return acc
+
+
+def floor_calls(interpret: bool = False):
+    """The read-only and empty launches → dict name → f(bank, ids)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import pallas as pl
+    from jax.experimental.pallas import triton as plt
+
+    names = ("qs", "sc", "d", "dmin")
+    n_a, n_b = FFN // ROWS, HIDDEN // ROWS
+
+    def views(p):  # qs flat per row, sc [.., NB, 16]: the same bytes the kernel reads
+        return [p["qs"].reshape(*p["qs"].shape[:2], -1), p["sc"].reshape(*p["sc"].shape[:3], -1), p["d"], p["dmin"]]
+
+    def call(kernel, grid, n_in, name):
+        def f(bank, ids):
+            args = [ids]
+            for mat in ("gate", "up", "down")[:n_in]:
+                args += views(bank[mat])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return pl.pallas_call(kernel, grid=grid, out_shape=jax.ShapeDtypeStruct(grid, jnp.uint32),
+                                      compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
+                                      interpret=interpret, name=name)(*args)
+        return f
+
+    def empty(ids_ref, o_ref):
+        g, j = pl.program_id(0), pl.program_id(1)
+        o_ref[g, j] = (ids_ref[g] + j).astype(jnp.uint32)
+
+    def a_body(ids_ref, refs, g, j):
+        gate, up, o_ref = dict(zip(names, refs[:4])), dict(zip(names, refs[4:8])), refs[-1]
+        rows = pl.ds(j * ROWS, ROWS)
+        o_ref[g, j] = _read_rows(gate, ids_ref[g], rows) ^ _read_rows(up, ids_ref[g], rows)
+
+    def b_body(ids_ref, refs, g, j, j0):
+        down, o_ref = dict(zip(names, refs[8:12])), refs[-1]
+        o_ref[g, j] = _read_rows(down, ids_ref[g], pl.ds((j - j0) * ROWS, ROWS))
+
+    def read_a(ids_ref, *refs):
+        a_body(ids_ref, refs, pl.program_id(0), pl.program_id(1))
+
+    def read_b(ids_ref, *refs):
+        b_body(ids_ref, refs, pl.program_id(0), pl.program_id(1), 0)
+
+    def read_ab(ids_ref, *refs):
+        g, j = pl.program_id(0), pl.program_id(1)
+        pl.when(j < n_a)(lambda: a_body(ids_ref, refs, g, j))
+        pl.when(j >= n_a)(lambda: b_body(ids_ref, refs, g, j, n_a))
+
+    return {"empty": call(lambda ids_ref, *refs: empty(ids_ref, refs[-1]), (TOP_K, n_a), 0, "floor_empty"),
+            "read_a": call(read_a, (TOP_K, n_a), 3, "floor_read_a"),
+            "read_b": call(read_b, (TOP_K, n_b), 3, "floor_read_b"),
+            "read_ab": call(read_ab, (TOP_K, n_a + n_b), 3, "floor_read_ab")}
+
+
+def run(reps: int) -> dict:
+    """Time every row in one process → results dict."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from jaxmoe import bench_kernels as bk
+    from jaxmoe.kernels import expert_ffn as ef
+
+    timer = bk.Timer()
+    bank = ef.random_bank("q2_k", N_EXPERTS, HIDDEN, FFN, seed=0)
+    rng = np.random.default_rng(0)
+    perm = rng.permutation(N_EXPERTS)
+    id_sets = [jnp.asarray(np.sort(perm[i:i + TOP_K]), jnp.int32) for i in range(0, N_EXPERTS, TOP_K)]
+    x = jnp.asarray(rng.standard_normal((1, HIDDEN)), jnp.bfloat16)
+    per_expert = sum(int(a.nbytes) for a in jax.tree_util.tree_leaves(bank)) // N_EXPERTS
+    a_bytes = per_expert * TOP_K * 2 // 3  # gate + up: two of the three equal-sized matrices
+    b_bytes = per_expert * TOP_K // 3
+    rows = {}
+
+    def timed(name, fn, args_list, nbytes, tag=None):
+        calls = timer.time_calls(jax.jit(fn), args_list, reps)
+        s = bk.kernel_time(calls, tag) if tag else bk.summarize(calls)["total_s"]
+        rows[name] = {"us": s * 1e6, "bytes": nbytes, "gbps": nbytes / s / 1e9 if nbytes else None}
+        bk.log(f"{name}: {s * 1e6:.2f} us")
+
+    for name, f in floor_calls().items():
+        nbytes = {"empty": 0, "read_a": a_bytes, "read_b": b_bytes, "read_ab": a_bytes + b_bytes}[name]
+        timed(name, f, [(bank, ids) for ids in id_sets], nbytes)
+    layer = lambda x, bank, ids: ef.expert_ffn(x, bank, ids, fmt="q2_k", implementation="pallas")
+    args = [(x, bank, ids) for ids in id_sets]
+    timed("v4_layer", layer, args, a_bytes + b_bytes)
+    timed("v4_a", layer, args, a_bytes, tag="ffn_up")
+    timed("v4_b", layer, args, b_bytes, tag="ffn_down")
+    timed("v4_quantize_x", layer, args, 0, tag="ffn_quantize")
+    hbm = bk.hbm_bandwidth(timer)
+    bf = ef.random_bank("bf16", TOP_K, HIDDEN, FFN, seed=1)
+    bf16 = lambda x, b: ef.ffn_xla(x, b, jnp.arange(TOP_K, dtype=jnp.int32), "bf16")
+    timed("bf16_layer", bf16, [(x, bf)] * 4, 3 * TOP_K * HIDDEN * FFN * 2)
+    ref = rows["v4_layer"]["us"]
+    for r in rows.values():
+        r["ratio_to_v4_layer"] = r["us"] / ref
+    return {"timer": timer.method, "device": str(jax.devices()[0].device_kind), "jax": jax.__version__,
+            "hbm": hbm, "rows": rows}
+
+
+@exit_on_input_error
+def main(argv=None) -> int:
+    """CLI entry point."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--reps", type=int, default=6, help="rounds over the 16 expert groups (default 6)")
+    args = p.parse_args(argv)
+    if args.reps < 1:
+        raise InputError(None, f"--reps must be ≥ 1, not {args.reps}")
+    res = run(args.reps)
+    print(f"HBM copy {res['hbm']['copy_gbps']:.0f} GB/s ({res['timer']}, {res['device']})")
+    print(f"{'row':14} {'us':>8} {'GB/s':>7} {'x v4_layer':>10}")
+    for name, r in res["rows"].items():
+        gbps = f"{r['gbps']:7.0f}" if r["gbps"] else f"{'':7}"
+        print(f"{name:14} {r['us']:8.2f} {gbps} {r['ratio_to_v4_layer']:10.2f}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(args.out, json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
