@@ -9,6 +9,9 @@ bank so the weights come from HBM):
 - `read_a` / `read_b`: launch A's / B's grid loading exactly the planes the kernel loads (qs, sc, d,
   dmin of 16 rows) and folding them into one word per program: the floor of a read-only launch;
 - `read_ab`: both reads in one launch (programs j < 48 read gate/up rows, the others down rows);
+- `read_a_persistent_pN_sS`: launch A's reads by N programs that each loop over (expert, tile) items,
+  compiled with S software-pipelining stages (Triton's `num_stages`); `read_a_prefetch_pN` loads item
+  k + 1 before folding item k (a register double buffer carried by the loop);
 - `v4_a` / `v4_b` / `v4_layer`: the kernels themselves (`expert_ffn` default configuration);
 - `bf16_layer`: bf16 weights of the 8 experts (16 pre-selected sets) and jnp dots, `bench_kernels`'
   baseline; the HBM copy bandwidth of a 2 GiB device copy is printed in the header.
@@ -50,20 +53,24 @@ def _fold(*tiles):
     return acc
 
 
-def _read_rows(planes: dict, e, rows):
-    """Load one row tile of a matrix's Q2_K planes as the kernel does (power-of-2 block runs) → one uint32."""
+def _load_rows(planes: dict, e, rows) -> list:
+    """The tiles of one row tile of a matrix's Q2_K planes, loaded as the kernel does (power-of-2 block runs)."""
     from jax.experimental import pallas as pl
 
     from jaxmoe.kernels.dequant_fma import _chunks
 
     words = 16  # qs words per Q2_K super-block
-    acc = None
+    tiles = []
     for b0, nbt in _chunks(planes["d"].shape[-1]):
         bs = pl.ds(b0, nbt)
-        v = _fold(planes["qs"][e, rows, pl.ds(b0 * words, nbt * words)], planes["sc"][e, rows, bs, :],
-                  planes["d"][e, rows, bs], planes["dmin"][e, rows, bs])
-        acc = v if acc is None else acc + v
-    return acc
+        tiles += [planes["qs"][e, rows, pl.ds(b0 * words, nbt * words)], planes["sc"][e, rows, bs, :],
+                  planes["d"][e, rows, bs], planes["dmin"][e, rows, bs]]
+    return tiles
+
+
+def _read_rows(planes: dict, e, rows):
+    """Load one row tile of a matrix's Q2_K planes as the kernel does → one uint32."""
+    return _fold(*_load_rows(planes, e, rows))
 
 
 def floor_calls(interpret: bool = False):
@@ -115,7 +122,67 @@ def floor_calls(interpret: bool = False):
         pl.when(j < n_a)(lambda: a_body(ids_ref, refs, g, j))
         pl.when(j >= n_a)(lambda: b_body(ids_ref, refs, g, j, n_a))
 
-    return {"empty": call(lambda ids_ref, *refs: empty(ids_ref, refs[-1]), (TOP_K, n_a), 0, "floor_empty"),
+    def persistent(n_prog: int, stages: int):
+        """Read-only launch A with n_prog programs, each looping over (expert, tile) items pid + k·n_prog."""
+        n_items = TOP_K * n_a
+        trips = -(-n_items // n_prog)
+
+        def kernel(ids_ref, *refs):
+            pid = pl.program_id(0)
+
+            def body(k, acc):
+                item = jnp.minimum(pid + k * n_prog, n_items - 1)  # the last trip re-reads a valid item
+                gate, up = dict(zip(names, refs[:4])), dict(zip(names, refs[4:8]))
+                e, rows = ids_ref[item // n_a], pl.ds((item % n_a) * ROWS, ROWS)
+                return acc ^ _read_rows(gate, e, rows) ^ _read_rows(up, e, rows)
+
+            refs[-1][pid] = jax.lax.fori_loop(0, trips, body, jnp.uint32(0))
+
+        def f(bank, ids):
+            args = [ids] + views(bank["gate"]) + views(bank["up"])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return pl.pallas_call(kernel, grid=(n_prog,), out_shape=jax.ShapeDtypeStruct((n_prog,), jnp.uint32),
+                                      compiler_params=plt.CompilerParams(num_warps=4, num_stages=stages),
+                                      interpret=interpret, name=f"floor_persistent_{n_prog}_{stages}")(*args)
+        return f
+
+    def prefetching(n_prog: int):
+        """As `persistent`, with item k+1's tiles loaded before item k's are folded (registers carried by the loop)."""
+        n_items = TOP_K * n_a
+        trips = -(-n_items // n_prog)
+
+        def kernel(ids_ref, *refs):
+            pid = pl.program_id(0)
+            gate, up = dict(zip(names, refs[:4])), dict(zip(names, refs[4:8]))
+
+            def load(k):
+                item = jnp.minimum(pid + k * n_prog, n_items - 1)
+                e, rows = ids_ref[item // n_a], pl.ds((item % n_a) * ROWS, ROWS)
+                return _load_rows(gate, e, rows) + _load_rows(up, e, rows)
+
+            def body(k, carry):
+                acc, tiles = carry
+                nxt = load(k + 1)
+                half = len(tiles) // 2  # gate's tiles, then up's: folded as `persistent` folds them
+                return acc ^ _fold(*tiles[:half]) ^ _fold(*tiles[half:]), nxt
+
+            acc, _ = jax.lax.fori_loop(0, trips, body, (jnp.uint32(0), load(0)))
+            refs[-1][pid] = acc
+
+        def f(bank, ids):
+            args = [ids] + views(bank["gate"]) + views(bank["up"])
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return pl.pallas_call(kernel, grid=(n_prog,), out_shape=jax.ShapeDtypeStruct((n_prog,), jnp.uint32),
+                                      compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
+                                      interpret=interpret, name=f"floor_prefetch_{n_prog}")(*args)
+        return f
+
+    persistent_calls = {f"read_a_persistent_p{n}_s{st}": persistent(n, st) for n in (132, 264, 396) for st in (1, 3)}
+    persistent_calls.update({f"read_a_prefetch_p{n}": prefetching(n) for n in (132, 264, 396)})
+    return {**persistent_calls,
+            "empty": call(lambda ids_ref, *refs: empty(ids_ref, refs[-1]), (TOP_K, n_a), 0, "floor_empty"),
             "read_a": call(read_a, (TOP_K, n_a), 3, "floor_read_a"),
             "read_b": call(read_b, (TOP_K, n_b), 3, "floor_read_b"),
             "read_ab": call(read_ab, (TOP_K, n_a + n_b), 3, "floor_read_ab")}
@@ -148,7 +215,7 @@ def run(reps: int) -> dict:
         bk.log(f"{name}: {s * 1e6:.2f} us")
 
     for name, f in floor_calls().items():
-        nbytes = {"empty": 0, "read_a": a_bytes, "read_b": b_bytes, "read_ab": a_bytes + b_bytes}[name]
+        nbytes = {"empty": 0, "read_b": b_bytes, "read_ab": a_bytes + b_bytes}.get(name, a_bytes)
         timed(name, f, [(bank, ids) for ids in id_sets], nbytes)
     layer = lambda x, bank, ids: ef.expert_ffn(x, bank, ids, fmt="q2_k", implementation="pallas")
     args = [(x, bank, ids) for ids in id_sets]
