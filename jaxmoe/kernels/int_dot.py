@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from jaxmoe.kernels import repack
-from jaxmoe.kernels.dequant_fma import GROUPS, _chunks
+from jaxmoe.kernels.dequant_fma import GROUPS, _chunks, _plane_views
 
 F32 = jnp.float32
 QMAX = 32767.0
@@ -255,20 +255,6 @@ def _down_kernel(ids_ref, *refs, fmt, names, nb, bn, mt, use_asm):
     (y,) = _rows_int(fmt, [down], e, rows, nb, _x_getter(hw_ref, hd_ref, hs_ref, (g,), m0), mt, use_asm)
     for m in range(mt):
         y_ref[g, m0 + m, rows] = y[m]
-
-
-def _plane_views(planes: dict, fmt: str) -> list:
-    """The kernel's views of a bank's planes (free reshapes): qs flat per row, Q2_K/Q3_K scales as [.., 2c, P, S]."""
-    n_groups, n_shift = GROUPS[fmt]
-    out = []
-    for name in repack.PLANES[fmt]:
-        a = planes[name]
-        if name == "sc" and fmt != "q4_k":
-            a = a.reshape(*a.shape[:-1], n_groups, n_shift)
-        elif name == "qs":
-            a = a.reshape(*a.shape[:2], -1)
-        out.append(a)
-    return out
 
 
 def _act_views(words, step, sums, lead: tuple, nb: int, fmt: str):
