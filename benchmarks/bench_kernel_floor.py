@@ -25,7 +25,6 @@ Examples (GPU only):
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import warnings

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 jax = pytest.importorskip("jax")
-import jax.numpy as jnp  # noqa: E402
+import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import bench_kernel_floor as bf  # noqa: E402
+import bench_kernel_floor as bf
 
-from jaxmoe.kernels import expert_ffn as ef  # noqa: E402
+from jaxmoe.kernels import expert_ffn as ef
 
 
 def _fold_numpy(planes: dict, e: int, rows: slice) -> int:
