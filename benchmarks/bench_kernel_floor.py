@@ -13,6 +13,8 @@ bank so the weights come from HBM):
   compiled with S software-pipelining stages (Triton's `num_stages`); `read_a_prefetch_pN` loads item
   k + 1 before folding item k (a register double buffer carried by the loop);
 - `v4_a` / `v4_b` / `v4_layer`: the kernels themselves (`expert_ffn` default configuration);
+- `xla_sum_layer_bytes` / `xla_sum_a_bytes`: XLA's reduction over a contiguous buffer of the layer's
+  (launch A's) byte count, 16 rotating buffers: how fast one launch can read that many bytes at all;
 - `bf16_layer`: bf16 weights of the 8 experts (16 pre-selected sets) and jnp dots, `bench_kernels`'
   baseline; the HBM copy bandwidth of a 2 GiB device copy is printed in the header.
 
@@ -216,6 +218,11 @@ def run(reps: int) -> dict:
     for name, f in floor_calls().items():
         nbytes = {"empty": 0, "read_b": b_bytes, "read_ab": a_bytes + b_bytes}.get(name, a_bytes)
         timed(name, f, [(bank, ids) for ids in id_sets], nbytes)
+    for name, nbytes in (("xla_sum_layer_bytes", a_bytes + b_bytes), ("xla_sum_a_bytes", a_bytes)):
+        # XLA's own reduction over a contiguous buffer of the same size: the best one launch reads it at
+        bufs = [jax.random.bits(jax.random.PRNGKey(i), (nbytes // 4,), jnp.uint32) for i in range(16)]
+        timed(name, lambda b: jnp.sum(b, dtype=jnp.uint32), [(b,) for b in bufs], nbytes)
+        del bufs
     layer = lambda x, bank, ids: ef.expert_ffn(x, bank, ids, fmt="q2_k", implementation="pallas")
     args = [(x, bank, ids) for ids in id_sets]
     timed("v4_layer", layer, args, a_bytes + b_bytes)
