@@ -27,7 +27,7 @@ Examples:
   python -m jaxmoe.calibrate --out /tmp/h200.json --quick
   python -m jaxmoe.calibrate --from-run results/run2_v2 --out sim/profiles/h200.json
   python -m jaxmoe.calibrate --reuse-run results/run2_v2 --out sim/profiles/h200.json --raw-dir results/run6
-  python -m jaxmoe.calibrate --reuse-run results/run2_v2 --from-bench results/run5_v3c/bench_kernels.json --out /tmp/h200.json
+  python -m jaxmoe.calibrate --reuse-run results/run2_v2 --from-bench results/run8_v4c/bench_kernels.json --out /tmp/h200.json
 """
 from __future__ import annotations
 
