@@ -25,7 +25,7 @@ SIGNAL_RANGE = ["#d62728", "#ff7f0e", "#bcbd22", "#7f7f7f", "#1f77b4", "#9467bd"
 def _signal_color() -> alt.Color:
     return alt.Color("signal:N", title="importance signal",
                      scale=alt.Scale(domain=SIGNAL_DOMAIN, range=SIGNAL_RANGE))
-GROUP_KEYS = ("trace", "gpu", "policy", "partition", "prefetch", "phase", "capacity_bytes")
+GROUP_KEYS = ("trace", "gpu", "policy", "protected_share", "partition", "prefetch", "phase", "capacity_bytes")
 
 
 def precision_label(spec: str) -> str:
@@ -44,8 +44,9 @@ def precision_label(spec: str) -> str:
 def with_native_baseline(frame: pd.DataFrame) -> pd.DataFrame:
     """Add tokens_per_s_native, speedup (ratio to native − 1) and delta_tokens_per_s per matching config.
 
-    The baseline is the `native` row with the same trace, GPU, cache policy, partition, prefetch,
-    phase and capacity; rows without one get NaN.
+    The baseline is the `native` row with the same trace, GPU, cache policy (and SLRU protected
+    share, where the frame has that column), partition, prefetch, phase and capacity; rows without
+    one get NaN.
     """
     keys = [k for k in GROUP_KEYS if k in frame.columns]
     base = frame[frame["precision"] == "native"][keys + ["tokens_per_s", "bytes_per_token", "hit_rate"]]
@@ -135,6 +136,30 @@ def bytes_per_token_vs_budget(frame: pd.DataFrame) -> alt.FacetChart:
     y = alt.Y("mb_per_token:Q", title="PCIe MB per decoded token (log scale)", scale=alt.Scale(type="log"))
     return _line_by_precision(data, y, "mb_per_token", "policy", "cache policy", "Bytes moved per token vs budget",
                               label_top=True)
+
+
+def hit_rate_vs_budget_by_share(frame: pd.DataFrame) -> alt.FacetChart:
+    """SLRU decode hit rate vs expert budget, one line per protected share, one panel per trace.
+
+    `frame`: SLRU rows of one precision (one GPU per trace) with `protected_share`; a `share_label`
+    column, when present, names the lines (e.g. marking the default share).
+    """
+    data = _labelled(frame)
+    if "share_label" not in data.columns:
+        data["share_label"] = [f"{x:g}" for x in data["protected_share"]]
+    if "budget_kind" not in data.columns:
+        data["budget_kind"] = "fraction"
+    order = list(dict.fromkeys(data.sort_values("protected_share")["share_label"]))
+    base = alt.Chart().mark_line(point=True, opacity=0.85).encode(
+        x=_budget_x(), y=alt.Y("hit_rate:Q", title="decode hit rate", scale=alt.Scale(zero=False)),
+        color=alt.Color("share_label:N", title="SLRU protected share", sort=order,
+                        scale=alt.Scale(scheme="tableau10"), legend=alt.Legend(orient="bottom")),
+        tooltip=["trace:N", "gpu:N", "share_label:N", alt.Tooltip("budget_pct:Q", format=".0f"),
+                 alt.Tooltip("hit_rate:Q", format=".3f")],
+    ).properties(width=WIDTH, height=HEIGHT)
+    layered = alt.layer(base, _budget_rule(), data=data)
+    chart = layered.facet(facet=alt.Facet("trace:N", title="trace", sort=list(dict.fromkeys(data["trace"]))), columns=2)
+    return chart.properties(title="SLRU hit rate vs budget by protected share")
 
 
 def low_mass_vs_gain(frame: pd.DataFrame) -> alt.Chart | alt.FacetChart:
@@ -298,6 +323,7 @@ def per_layer_heatmap(layers: pd.DataFrame) -> alt.Chart:
 __all__ = [
     "bytes_per_token_vs_budget",
     "hit_rate_vs_budget",
+    "hit_rate_vs_budget_by_share",
     "join_quality",
     "low_mass_vs_gain",
     "main_quality_rows",

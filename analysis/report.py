@@ -5,8 +5,12 @@ Inputs (nothing else): `results/sweeps/NAME.csv` with its `NAME.json` provenance
 (written by `python -m jaxmoe.quality`), and the hardware profiles in `sim/profiles/`. Every number
 in the document is computed here from those files; where quality results are absent the document
 says so in a "pending" section. Tables are built by pure functions of the frames (`precision_table`,
-`signal_table`, `policy_table`, `gpu_table`, `quality_*_table`); charts come from `analysis.charts`
-and are saved as PNG through vl-convert.
+`signal_table`, `policy_table`, `gpu_table`, `slru_share_table`, `quality_*_table`); charts come from
+`analysis.charts` and are saved as PNG through vl-convert.
+
+Every section but one reads `Inputs.sweeps`: the engine's configurations, i.e. SLRU at its default
+protected share (`engine_rows`). The `slru-share` panel's other shares feed only the "SLRU's
+protected share" subsection (`slru_share_table`, `slru_share_bullets`), from `Inputs.all_sweeps`.
 """
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis import charts
-from analysis.sweep import PER_LAYER_COLUMNS, SWEEP_COLUMNS, VRAM
+from analysis.sweep import DEFAULT_PROTECTED_SHARE, PER_LAYER_COLUMNS, SHARED_POLICY, SWEEP_COLUMNS, VRAM
 from sim.formats import FORMATS
 from sim.io import InputError, atomic_path, exit_on_input_error
 from sim.precision import parse_precision
@@ -37,18 +41,26 @@ TIGHT = "30%"  # the second budget of the headline tables (a GPU with less VRAM 
 Q2, Q3 = "static:mass:30%:q2_k", "static:mass:30%:q3_k"
 DYN = "dynamic:0.6:0.9:q2_k"
 QUALITY_COLUMNS = ("ppl", "kld", "top1")
+SHARE_FIG = "slru-protected-share"  # the figure shown in the protected-share subsection, not under Figures
+SHARE_GAP = 0.005  # hit-rate difference below which two protected shares count as equal in the text
 
 
 @dataclass
 class Inputs:
     """Everything the report reads, already parsed."""
 
-    sweeps: pd.DataFrame  # SWEEP_COLUMNS, all traces
+    sweeps: pd.DataFrame  # SWEEP_COLUMNS, all traces; SLRU only at its default protected share
     provenance: dict[str, dict]  # trace name → NAME.json
     layers: pd.DataFrame  # trace, config_id, layer, hit_rate
     quality: pd.DataFrame | None  # one row per quality record (None: no quality file)
     quality_meta: list[dict] = field(default_factory=list)  # one provenance summary per quality file
     profiles: dict[str, dict] = field(default_factory=dict)  # gpu name → profile JSON
+    all_sweeps: pd.DataFrame | None = None  # every row, SLRU at every protected share (None: `sweeps`)
+
+    @property
+    def every_row(self) -> pd.DataFrame:
+        """All sweep rows, whatever SLRU's protected share."""
+        return self.sweeps if self.all_sweeps is None else self.all_sweeps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -66,6 +78,8 @@ def load_sweeps(sweep_dir: str | Path) -> tuple[pd.DataFrame, dict[str, dict], p
             f = pd.read_csv(path, keep_default_na=True)
         except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
             raise InputError(path, f"not a readable CSV ({exc})") from None
+        if "protected_share" not in f.columns and "policy" in f.columns:  # written before the column existed
+            f["protected_share"] = [DEFAULT_PROTECTED_SHARE if p == SHARED_POLICY else math.nan for p in f["policy"]]
         missing = [c for c in SWEEP_COLUMNS if c not in f.columns]
         if missing:
             raise InputError(path, f"missing column(s) {', '.join(missing)} (write it with python -m analysis.sweep)")
@@ -173,11 +187,21 @@ def load_profiles(names) -> dict[str, dict]:
     return out
 
 
+def engine_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    """The rows of the engine's configurations: every other cache policy, SLRU at its default protected share."""
+    if "protected_share" not in frame.columns:
+        return frame
+    share = frame["protected_share"]
+    keep = (frame["policy"] != SHARED_POLICY) | share.isna() | ((share - DEFAULT_PROTECTED_SHARE).abs() < 1e-9)
+    return frame[keep].reset_index(drop=True)
+
+
 def load_inputs(sweep_dir: str | Path = SWEEP_DIR, quality_glob: str = QUALITY_GLOB) -> Inputs:
     """Load sweeps, quality files and the hardware profiles they name (plus h200)."""
     sweeps, provs, layers = load_sweeps(sweep_dir)
     quality, qmeta = load_quality(sorted(glob.glob(quality_glob)))
-    return Inputs(sweeps, provs, layers, quality, qmeta, load_profiles(list(sweeps["gpu"].unique()) + ["h200"]))
+    return Inputs(engine_rows(sweeps), provs, layers, quality, qmeta,
+                  load_profiles(list(sweeps["gpu"].unique()) + ["h200"]), all_sweeps=sweeps)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -451,6 +475,150 @@ def compounding_table(q: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------------------------------------
+# SLRU's protected share (the slru-share panel)
+# ------------------------------------------------------------------------------------------------
+
+def share_rows(inp: Inputs, precision: str = "native") -> pd.DataFrame:
+    """Per trace, its primary GPU's SLRU rows of one precision at every protected share it was swept with
+    (only traces with more than one share), sorted by trace, budget and share."""
+    out = []
+    every = inp.every_row
+    if "protected_share" not in every.columns:
+        return every.iloc[:0]
+    for t in sorted(set(every["trace"])):
+        f = every[every["trace"] == t]
+        gpu = primary_gpu(f, inp.provenance.get(t, {}))
+        f = f[(f["gpu"] == gpu) & (f["policy"] == SHARED_POLICY) & (f["precision"] == precision)]
+        f = f[f["protected_share"].notna()]
+        if f["protected_share"].nunique() > 1:
+            out.append(f)
+    if not out:
+        return every.iloc[:0]
+    f = pd.concat(out, ignore_index=True)
+    f = f.assign(_b=[_budget_order(b) for b in f["budget"]])
+    return f.sort_values(["trace", "_b", "protected_share"]).drop(columns="_b").reset_index(drop=True)
+
+
+def _budget_order(budget: str) -> float:
+    return 1000.0 if budget == VRAM else float(budget[:-1])
+
+
+def _share_name(x: float) -> str:
+    if abs(x - DEFAULT_PROTECTED_SHARE) < 1e-9:
+        return f"{x:g} (default)"
+    return f"{x:g} (= LRU)" if x == 0 else f"{x:g}"
+
+
+def _best_shares(sub: pd.DataFrame) -> list[float]:
+    """The shares whose hit rate (at 3 decimals) is the highest of `sub` (one trace and budget)."""
+    top = sub["hit_rate"].round(3).max()
+    return sorted(sub[sub["hit_rate"].round(3) == top]["protected_share"])
+
+
+def slru_share_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Hit rate and tok/s per (trace, budget) for each protected share, and the best share(s) by hit rate."""
+    if rows.empty:
+        return pd.DataFrame()
+    shares = sorted(set(rows["protected_share"]))
+    out = []
+    for (t, b), sub in rows.groupby(["trace", "budget"], sort=False):
+        by = sub.set_index("protected_share")
+        frac = sub["capacity_fraction"].iloc[0]
+        row = {"trace": t, "budget": f"12 GB ({f_pct(frac)})" if b == VRAM else b}
+        for x in shares:
+            row[f"hit rate @{x:g}"] = f_rate(by.loc[x, "hit_rate"]) if x in by.index else "–"
+        for x in shares:
+            row[f"tok/s @{x:g}"] = f_num(by.loc[x, "tokens_per_s"]) if x in by.index else "–"
+        best = _best_shares(sub)
+        row["best share"] = "all equal" if len(best) == len(sub) else ", ".join(f"{x:g}" for x in best)
+        out.append(row)
+    return pd.DataFrame(out)
+
+
+def _share_point(sub: pd.DataFrame, x: float) -> str:
+    r = sub.loc[x]
+    return f"{f_rate(r['hit_rate'])} ({f_num(r['tokens_per_s'])} tok/s)"
+
+
+def _best_phrase(sub: pd.DataFrame) -> tuple[float, str]:
+    """(a best share, "share 0.5 hits 0.534 (35.2 tok/s)" or "shares 0, 0.2 hit 0.990 (up to 73.4 tok/s)") for
+    one trace and budget (`sub` indexed by share); best = the highest hit rate at 3 decimals, as in the table."""
+    best = _best_shares(sub.reset_index())
+    bx = max(best, key=lambda x: (sub.loc[x, "tokens_per_s"], x))
+    if len(best) == 1:
+        return bx, f"share {bx:g} hits {_share_point(sub, bx)}"
+    return bx, (f"shares {', '.join(f'{x:g}' for x in best)} hit {f_rate(sub.loc[bx, 'hit_rate'])} "
+                f"(up to {f_num(sub.loc[bx, 'tokens_per_s'])} tok/s)")
+
+
+def slru_share_bullets(inp: Inputs, gap: float = SHARE_GAP) -> list[str]:
+    """Sentences computed from the share rows: per trace, where the default share trails the best one by more
+    than `gap` and what it loses at the worst such budget, the best share at the smallest and the 12 GB budget,
+    what the default does to the Q2_K gain there; then each share's worst shortfall over every trace and budget."""
+    nat = share_rows(inp)
+    if nat.empty:
+        return []
+    low = share_rows(inp, Q2)
+    d = DEFAULT_PROTECTED_SHARE
+    out = []
+    shortfall: dict[float, tuple[float, str, str]] = {}
+    for t in sorted(set(nat["trace"])):
+        f = nat[nat["trace"] == t]
+        budgets = sorted(dict.fromkeys(f["budget"]), key=_budget_order)
+        subs = {b: f[f["budget"] == b].set_index("protected_share") for b in budgets}
+        for b, sub in subs.items():
+            top = sub["hit_rate"].max()
+            for x, h in sub["hit_rate"].items():
+                if top - h > shortfall.get(x, (-1.0, "", ""))[0]:
+                    shortfall[x] = (top - h, t, b)
+        if any(d not in sub.index for sub in subs.values()):
+            continue
+        loss = {b: sub["hit_rate"].max() - sub.loc[d, "hit_rate"] for b, sub in subs.items()}
+        trailing = [b for b in budgets if loss[b] > gap]
+        parts = []
+        if trailing:
+            worst = max(trailing, key=lambda b: loss[b])
+            sub = subs[worst]
+            bx, phrase = _best_phrase(sub)
+            r, rd = sub.loc[bx], sub.loc[d]
+            parts.append(f"the default share {d:g} trails the best share by more than {gap:g} of hit rate at "
+                         f"{', '.join(trailing)} (within {gap:g} at every other budget); most at {worst}, where "
+                         f"{phrase} and the default {_share_point(sub, d)}: "
+                         f"{-loss[worst]:+.3f} hit rate, {f_pct(rd['tokens_per_s'] / r['tokens_per_s'] - 1, signed=True)} "
+                         "decode tokens/s")
+            lo = low[(low["trace"] == t) & (low["budget"] == worst)].set_index("protected_share")
+            if d in lo.index and bx in lo.index:
+                g_d = lo.loc[d, "tokens_per_s"] / rd["tokens_per_s"] - 1
+                g_b = lo.loc[bx, "tokens_per_s"] / r["tokens_per_s"] - 1
+                verdict = ("the default share inflates the low-bit gain there" if g_d > g_b + gap else
+                           "the default share shrinks the low-bit gain there" if g_d < g_b - gap else
+                           "about the same low-bit gain")
+                parts.append(f"at {worst} `{Q2}` gains {f_pct(g_d, signed=True)} tok/s over native under the default "
+                             f"share and {f_pct(g_b, signed=True)} under share {bx:g} ({verdict})")
+        else:
+            parts.append(f"the default share {d:g} is within {gap:g} of the best share's hit rate at every budget")
+        for b in dict.fromkeys((budgets[0], VRAM)):
+            if b not in subs or (trailing and b == worst):
+                continue
+            sub = subs[b]
+            where = "the 12 GB budget" if b == VRAM else f"the smallest budget ({b})"
+            best = _best_shares(sub.reset_index())
+            if len(best) == len(sub):
+                parts.append(f"at {where} every share hits {f_rate(sub['hit_rate'].iloc[0])}")
+            elif best == [d]:
+                parts.append(f"at {where} the default is the best share, {_share_point(sub, d)}")
+            else:
+                parts.append(f"at {where} {_best_phrase(sub)[1]}, the default {_share_point(sub, d)}")
+        out.append(f"`{t}`: " + "; ".join(parts) + ".")
+    if len(shortfall) > 1:
+        pick = min(shortfall, key=lambda x: (round(shortfall[x][0], 6), -x))
+        each = "; ".join(f"share {_share_name(x)}: {v[0]:.3f} ({v[1]}, {v[2]})" for x, v in sorted(shortfall.items()))
+        out.append(f"Worst hit-rate shortfall against the best share over every trace and budget above: {each}. "
+                   f"The smallest worst case is share {pick:g}'s.")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
 # The answer bullets
 # ------------------------------------------------------------------------------------------------
 
@@ -604,6 +772,13 @@ def figures(inp: Inputs) -> list[tuple[str, object, str]]:
             if not hm.empty:
                 out.append((f"{t}-per-layer", charts.per_layer_heatmap(hm),
                             f"Per-layer decode hit rate, SLRU, native ({t}, {gpu}; results/sweeps/{t}.per_layer.csv)."))
+    sr = share_rows(inp)
+    if not sr.empty:
+        sr = sr.assign(share_label=[_share_name(x) for x in sr["protected_share"]])
+        gpus = ", ".join(f"{t}: {g}" for t, g in dict(zip(sr["trace"], sr["gpu"])).items())
+        out.append((SHARE_FIG, charts.hit_rate_vs_budget_by_share(sr),
+                    (f"SLRU decode hit rate vs expert budget per protected share, native precision ({gpus}; "
+                     "rows of the slru-share panel in results/sweeps/TRACE.csv).")))
     if inp.quality is not None:
         joined = [charts.join_quality(sim, inp.quality) for sim in headline_sims(inp).values()]
         j = pd.concat(joined, ignore_index=True) if joined else pd.DataFrame()
@@ -622,7 +797,7 @@ def _trace_rows(inp: Inputs) -> pd.DataFrame:
     rows = []
     for t in sorted(set(inp.sweeps["trace"])):
         p = inp.provenance.get(t, {})
-        f = inp.sweeps[inp.sweeps["trace"] == t]
+        f = inp.every_row[inp.every_row["trace"] == t]
         counted = int(f["tokens"].iloc[0]) if len(f) else 0
         rows.append({
             "trace": t,
@@ -759,6 +934,8 @@ def render(inp: Inputs, figs: list[tuple[str, object, str]], fig_rel: str = "fig
     add(f"All figures are rebuilt by `{REPRO}` from the CSVs named in their captions.")
     add("")
     for stem, _, caption in figs:
+        if stem == SHARE_FIG:  # shown in its own subsection under Caveats
+            continue
         add(f"![{caption}]({fig_rel}/{stem}.png)")
         add("")
         add(f"*{caption}*")
@@ -854,7 +1031,55 @@ def render(inp: Inputs, figs: list[tuple[str, object, str]], fig_rel: str = "fig
     add("- Dynamic precision changes the access sequence online (skips, low copies), so `belady` is only run with "
         "native/static precision.")
     add("")
+    share_section(inp, figs, fig_rel, add)
     return "\n".join(L)
+
+
+def _lru_check(inp: Inputs, rows: pd.DataFrame) -> str:
+    """`: here the share-0 rows equal the LRU rows` (or how far they are apart), from the data."""
+    z = rows[rows["protected_share"] == 0.0]
+    lru = inp.sweeps[(inp.sweeps["policy"] == "lru") & (inp.sweeps["precision"] == "native")]
+    m = z.merge(lru, on=["trace", "gpu", "budget"], suffixes=("", "_lru"))
+    if m.empty:
+        return ""
+    diff = (m["hit_rate"] - m["hit_rate_lru"]).abs().max()
+    if diff == 0 and (m["tokens_per_s"] == m["tokens_per_s_lru"]).all():
+        return f": its {len(m)} native rows here equal the LRU rows of the same budgets exactly"
+    return f"; its native rows here differ from LRU's by up to {diff:.4f} of hit rate"
+
+
+def share_section(inp: Inputs, figs: list[tuple[str, object, str]], fig_rel: str, add) -> None:
+    """The "SLRU's protected share" subsection (nothing when no sweep has the slru-share panel)."""
+    rows = share_rows(inp)
+    tab = slru_share_table(rows)
+    if tab.empty:
+        return
+    traces = sorted(set(rows["trace"]))
+    add("### SLRU's protected share")
+    add("")
+    add(f"The SLRU small-budget collapse above depends on the protected segment's share of the cache (default "
+        f"{DEFAULT_PROTECTED_SHARE:g}; 0 makes SLRU exactly LRU{_lru_check(inp, rows)}). The `slru-share` panel of "
+        "each sweep reruns SLRU at several shares (`sim.cache.slru.SLRU(protected_share=…)`, `--protected-share` "
+        "of `python -m sim.replay`) on the primary GPU; `–` where a share was not run. Best share: the highest "
+        "hit rate at 3 decimals.")
+    add("")
+    for b in slru_share_bullets(inp):
+        add(f"- {b}")
+    add("")
+    srcs = ", ".join(f"`results/sweeps/{t}.csv`" for t in traces)
+    cmds = "; ".join(f"`{inp.provenance[t]['command']}`" for t in traces if inp.provenance.get(t, {}).get("command"))
+    add(f"Decode hit rate and simulated tok/s by protected share, native precision, each trace's primary GPU "
+        f"(source: {srcs}, rows with policy `{SHARED_POLICY}` by column `protected_share`; reproduce: "
+        + (f"{cmds}, then " if cmds else "") + f"`{REPRO}`):")
+    add("")
+    add(markdown_table(tab))
+    add("")
+    for stem, _, caption in figs:
+        if stem == SHARE_FIG:
+            add(f"![{caption}]({fig_rel}/{stem}.png)")
+            add("")
+            add(f"*{caption}*")
+            add("")
 
 
 def save_png(chart, path: Path, scale: float = 1.5) -> None:

@@ -17,21 +17,33 @@ Default grid (`GRIDS["default"]`; PRIMARY is the first `--gpu`, default rtx3060-
   static:mass:{20,30}%:q3_k+dynamic:0.6:0.9.
 - `gpus` (every `--gpu`): slru × budgets 10 %…90 % and the derived one × native,
   static:mass:30 %:{q2_k,q3_k}, dynamic:0.6:0.9.
+- `slru-share` (PRIMARY): slru with protected share 0, 0.2, 0.5 and 0.8 (0.8 is SLRU's default,
+  so those rows are the `budget` panel's) × budgets 10 %…90 % and the derived one × native and
+  static:mass:30 %:q2_k. Share 0 is exactly LRU (`sim/cache/slru.py`).
 
 `--quick` (`GRIDS["quick"]`, for tests): slru and lru × 30 % and the derived budget × native,
-static:mass:30 %:q2_k, dynamic:0.6:0.9, plus belady native at 30 %, on every `--gpu`.
+static:mass:30 %:q2_k, dynamic:0.6:0.9, plus belady native at 30 % and slru with protected share 0
+and 0.5 native at 30 %, on every `--gpu`.
+
+SLRU's protected share is a column of its own, `protected_share` (the last one): the share of the
+capacity its protected segment may hold, written for every slru row (its default, 0.8, unless a
+panel sets `protected_shares`) and empty for every other cache policy. The `policy` column stays the
+plain policy name, so a consumer that wants the engine's configuration filters slru rows on
+`protected_share == 0.8` (`DEFAULT_PROTECTED_SHARE`).
 
 The derived budget (label `vram`) is VRAM − dense − head − KV cache at 4 k tokens − runtime reserve
 (`sim.profiles.derived_expert_budget`); a GPU whose VRAM holds every expert has none and skips it.
 
 Outputs (atomically, byte-identical for the same inputs): `results/sweeps/NAME.csv`, one row per
-configuration with the columns of `SWEEP_COLUMNS`; `NAME.per_layer.csv`, long form
+configuration with the columns of `SWEEP_COLUMNS` (panels run in order, so a panel added at the end
+of a grid appends rows and leaves earlier config_ids alone); `NAME.per_layer.csv`, long form
 (config_id, layer, hit_rate); `NAME.json`, the provenance (trace, its metadata, grid, command).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
+import inspect
 import io
 import json
 import sys
@@ -40,6 +52,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from sim.cache.slru import SLRU
 from sim.io import InputError, atomic_path, exit_on_input_error
 from sim.precision import parse_precision
 from sim.profiles import load_hardware
@@ -56,9 +69,13 @@ DYN = "dynamic:0.6:0.9"
 STATIC_GRID = tuple(f"static:{s}:{f}:{fmt}" for s in SIGNALS for f in STATIC_FRACTIONS for fmt in LOW)
 PRIMARY = "primary"  # a panel's gpus entry meaning "the first --gpu"
 ALL_GPUS = "all"  # "every --gpu"
+SHARED_POLICY = "slru"  # the cache policy whose protected share a panel may sweep
+DEFAULT_PROTECTED_SHARE = float(inspect.signature(SLRU.__init__).parameters["protected_share"].default)
+PROTECTED_SHARES = (0.0, 0.2, 0.5, DEFAULT_PROTECTED_SHARE)
 
 # Columns of NAME.csv in order: sweep bookkeeping, the parsed precision policy (to join with the
-# quality measurements), then sim.replay's record without its per-layer list.
+# quality measurements), then sim.replay's record without its per-layer list, then SLRU's protected
+# share (last, so that adding it left the earlier columns of every row as they were).
 SWEEP_COLUMNS = (
     "config_id", "trace", "budget", "budget_kind",
     "policy", "precision", "static_signal", "static_fraction", "static_format", "t1", "t2", "dynamic_format",
@@ -67,6 +84,7 @@ SWEEP_COLUMNS = (
     "accesses", "hits", "misses", "skipped", "hit_rate",
     "demand_bytes", "prefetch_bytes", "bytes_moved", "tokens", "bytes_per_token",
     "low_precision_mass", "skipped_mass", "tokens_per_s", "stall_fraction", "decode_s", "prefill_s",
+    "protected_share",
 )
 PER_LAYER_COLUMNS = ("config_id", "layer", "hit_rate")
 
@@ -80,6 +98,7 @@ class Panel:
     policies: tuple[str, ...]
     precisions: tuple[str, ...]
     budgets: tuple[str, ...]  # "30%" (of all expert bytes) or VRAM
+    protected_shares: tuple[float, ...] = ()  # slru only: its protected shares; () = its default
 
 
 BASIC = ("native", "static:mass:30%:q2_k", "static:mass:30%:q3_k")
@@ -93,10 +112,12 @@ GRIDS: dict[str, tuple[Panel, ...]] = {
                                            f"static:mass:30%:q3_k+{DYN}"),
               (VRAM, "30%")),
         Panel("gpus", ALL_GPUS, ("slru",), BASIC + (DYN,), FRACTIONS + (VRAM,)),
+        Panel("slru-share", PRIMARY, ("slru",), BASIC[:2], FRACTIONS + (VRAM,), PROTECTED_SHARES),
     ),
     "quick": (
         Panel("quick", ALL_GPUS, ("slru", "lru"), ("native", "static:mass:30%:q2_k", DYN), ("30%", VRAM)),
         Panel("quick", ALL_GPUS, ("belady",), ("native",), ("30%",)),
+        Panel("quick", ALL_GPUS, ("slru",), ("native",), ("30%",), (0.0, 0.5)),
     ),
 }
 DEFAULT_GPUS = ("rtx3060-12gb", "rtx4070-12gb")
@@ -110,6 +131,25 @@ class SweepConfig:
     policy: str
     precision: str
     budget: str
+    protected_share: float | None = None  # slru: its protected share (always set); other policies: None
+
+    @property
+    def policy_params(self) -> dict:
+        """The cache policy's keyword arguments (none at the policy's defaults)."""
+        if self.protected_share is None or self.protected_share == DEFAULT_PROTECTED_SHARE:
+            return {}
+        return {"protected_share": self.protected_share}
+
+
+def _shares(panel: Panel, policy: str) -> tuple[float | None, ...]:
+    """The protected shares a panel runs `policy` with: slru always has one, other policies none."""
+    if policy != SHARED_POLICY:
+        return (None,)
+    shares = tuple(float(x) for x in panel.protected_shares) or (DEFAULT_PROTECTED_SHARE,)
+    bad = [x for x in shares if not 0.0 <= x <= 1.0]
+    if bad:
+        raise InputError(None, f"panel {panel.name!r}: protected share(s) {bad} outside [0, 1]")
+    return shares
 
 
 def expand_grid(panels: tuple[Panel, ...], gpus: tuple[str, ...]) -> list[SweepConfig]:
@@ -119,10 +159,11 @@ def expand_grid(panels: tuple[Panel, ...], gpus: tuple[str, ...]) -> list[SweepC
         for gpu in (gpus[:1] if p.gpus == PRIMARY else gpus):
             for budget in p.budgets:
                 for pol in p.policies:
-                    for prec in p.precisions:
-                        if pol == "belady" and parse_precision(prec).is_dynamic:
-                            continue
-                        out.setdefault(SweepConfig(gpu, pol, prec, budget), None)
+                    for share in _shares(p, pol):
+                        for prec in p.precisions:
+                            if pol == "belady" and parse_precision(prec).is_dynamic:
+                                continue
+                            out.setdefault(SweepConfig(gpu, pol, prec, budget, share), None)
     return list(out)
 
 
@@ -203,16 +244,19 @@ def run_sweep(trace_path: str | Path, *, gpus: tuple[str, ...] = DEFAULT_GPUS, g
             if cap is None:
                 advance(f"{sc.gpu} {sc.budget} (n/a)")
                 continue
-            cfg = ReplayConfig(trace=trace, gpu=sc.gpu, policy=sc.policy, precision=sc.precision, capacity_bytes=cap)
+            cfg = ReplayConfig(trace=trace, gpu=sc.gpu, policy=sc.policy, precision=sc.precision, capacity_bytes=cap,
+                               policy_params=sc.policy_params)
             rec = run_prepared(prep, replace(cfg))
             cid = len(rows)
             per_layer = rec.pop("per_layer_hit_rate")
             row = dict(config_id=cid, trace=label, budget=sc.budget,
                        budget_kind="derived" if sc.budget == VRAM else "fraction",
-                       **precision_columns(sc.precision), **rec)
+                       **precision_columns(sc.precision), **rec,
+                       protected_share=float("nan") if sc.protected_share is None else sc.protected_share)
             rows.append({k: row.get(k) for k in SWEEP_COLUMNS})
             layer_rows.extend({"config_id": cid, "layer": i, "hit_rate": h} for i, h in enumerate(per_layer))
-            advance(f"{sc.gpu} {sc.policy} {sc.budget} {sc.precision}")
+            share = "" if sc.protected_share is None else f"@{sc.protected_share:g}"
+            advance(f"{sc.gpu} {sc.policy}{share} {sc.budget} {sc.precision}")
     frame = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
     layers = pd.DataFrame(layer_rows, columns=list(PER_LAYER_COLUMNS))
     m = trace.meta

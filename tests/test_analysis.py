@@ -109,7 +109,8 @@ def test_default_grid_shape():
     assert all((c.gpu, c.policy, c.budget) in natives for c in cfgs)
     assert {c.gpu for c in cfgs} == set(sweep.DEFAULT_GPUS)
     assert len([c for c in cfgs if c.precision.startswith("static:") and "+" not in c.precision
-                and c.budget == "vram" and c.gpu == "rtx3060-12gb" and c.policy == "slru"]) == 32
+                and c.budget == "vram" and c.gpu == "rtx3060-12gb" and c.policy == "slru"
+                and c.protected_share == sweep.DEFAULT_PROTECTED_SHARE]) == 32
 
 
 # ------------------------------------------------------------------------------------------------
