@@ -18,6 +18,7 @@ from analysis import report, sweep
 from sim.replay import ReplayConfig, run
 from sim.synth import preset, synthesize
 from sim.trace import save_trace
+from tests.test_analysis import _table_after
 
 GPU = "rtx3060-12gb"
 GPUS = ("rtx3060-12gb", "rtx4070-12gb", "h200")
@@ -136,20 +137,6 @@ def test_share_rows_equal_reference_replay(share_sweep, trace):
 # ------------------------------------------------------------------------------------------------
 # the report
 # ------------------------------------------------------------------------------------------------
-
-def _table_after(md: str, heading_start: str) -> list[dict]:
-    lines = md.splitlines()
-    i = next(k for k, line in enumerate(lines) if line.startswith(heading_start))
-    while not lines[i].startswith("|"):
-        i += 1
-    header = [c.strip() for c in lines[i].strip("|").split("|")]
-    rows = []
-    for line in lines[i + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
-    return rows
-
 
 def test_report_share_section(share_sweep, tmp_path):
     md, paths = report.generate(share_sweep, str(tmp_path / "none*.json"), tmp_path / "d.md", tmp_path / "figures",
