@@ -48,9 +48,7 @@ from jaxmoe.kernels import dequant_fma, int_dot, repack
 F32 = jnp.float32
 IMPLEMENTATIONS = ("reference", "xla", "pallas")
 VARIANTS = ("int", "fma", "mma", "vec", "loop")
-MASK2 = 0x03030303
-MASK4 = 0x0F0F0F0F
-MASKH = 0x04040404
+MASK2, MASK4, MASKH = repack.MASK2, repack.MASK4, repack.MASKH
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,10 +307,6 @@ def _slice_dot(q, xw, use_asm):
     return dot.astype(F32)
 
 
-def _shr(w, n: int):
-    return w if n == 0 else (w >> n if n > 0 else w << (-n))
-
-
 def _tile(fmt: str, w: dict, e, rows, nb: int, get_x, use_asm: bool, shape: tuple[int, int]):
     """acc [MT, BN] float32 = x · W[rows]ᵀ for one expert `e`: a loop over the nb super-blocks."""
 
@@ -326,7 +320,7 @@ def _tile(fmt: str, w: dict, e, rows, nb: int, get_x, use_asm: bool, shape: tupl
                 for s in range(4):
                     t = 4 * p + s
                     xw, dx, xs = get_x(b, t)
-                    dot = _slice_dot(_shr(qw, 2 * s) & jnp.uint32(MASK2), xw, use_asm)
+                    dot = _slice_dot(repack.shift(qw, 2 * s) & jnp.uint32(MASK2), xw, use_asm)
                     scb = w["sc"][e, rows, b, :, t]  # [BN, 2] uint8: scale | min << 4
                     sc = (scb & 15).astype(F32)[None]
                     mn = (scb >> 4).astype(F32)[None]
@@ -343,7 +337,7 @@ def _tile(fmt: str, w: dict, e, rows, nb: int, get_x, use_asm: bool, shape: tupl
                 for s in range(4):
                     t = 4 * p + s
                     xw, dx, xs = get_x(b, t)
-                    q = (_shr(qw, 2 * s) & jnp.uint32(MASK2)) | (_shr(hw, t - 2) & jnp.uint32(MASKH))  # q + 4 ∈ [0, 8)
+                    q = (repack.shift(qw, 2 * s) & jnp.uint32(MASK2)) | (repack.shift(hw, t - 2) & jnp.uint32(MASKH))  # q + 4 ∈ [0, 8)
                     dot = _slice_dot(q, xw, use_asm)
                     sc = w["sc"][e, rows, b, :, t].astype(F32)[None]  # [1, BN, 2]
                     term = (dot * dx[:, None, :] - 4.0 * xs[:, None, :]) * sc
@@ -357,7 +351,7 @@ def _tile(fmt: str, w: dict, e, rows, nb: int, get_x, use_asm: bool, shape: tupl
                 for s in range(2):
                     t = 2 * p + s
                     xw, dx, xs = get_x(b, t)
-                    dot = _slice_dot(_shr(qw, 4 * s) & jnp.uint32(MASK4), xw, use_asm)
+                    dot = _slice_dot(repack.shift(qw, 4 * s) & jnp.uint32(MASK4), xw, use_asm)
                     term = dot * dx[:, None, :] * sc
                     mterm = xs[:, None, :] * mn
                     blk = term if blk is None else blk + term
@@ -446,7 +440,7 @@ def _tile_vec(fmt: str, w: dict, e, rows, nb: int, get_x, use_asm: bool):
                     for s in range(4):
                         t = 4 * p + s
                         xw, dx, xs = get_x(bs, c, t)
-                        dot = _slice_dot(_shr(qw, 2 * s) & jnp.uint32(MASK2), xw, use_asm)  # [MT, BN, NBt]
+                        dot = _slice_dot(repack.shift(qw, 2 * s) & jnp.uint32(MASK2), xw, use_asm)  # [MT, BN, NBt]
                         scb = w["sc"][e, rows, bs, c, t]  # [BN, NBt]
                         term = dot * dx[:, None, :] * (scb & 15).astype(F32)[None]
                         mterm = xs[:, None, :] * (scb >> 4).astype(F32)[None]
@@ -459,7 +453,7 @@ def _tile_vec(fmt: str, w: dict, e, rows, nb: int, get_x, use_asm: bool):
                     for s in range(4):
                         t = 4 * p + s
                         xw, dx, xs = get_x(bs, c, t)
-                        q = (_shr(qw, 2 * s) & jnp.uint32(MASK2)) | (_shr(hw, t - 2) & jnp.uint32(MASKH))
+                        q = (repack.shift(qw, 2 * s) & jnp.uint32(MASK2)) | (repack.shift(hw, t - 2) & jnp.uint32(MASKH))
                         dot = _slice_dot(q, xw, use_asm)
                         sc = w["sc"][e, rows, bs, c, t].astype(F32)[None]
                         term = (dot * dx[:, None, :] - 4.0 * xs[:, None, :]) * sc
@@ -472,7 +466,7 @@ def _tile_vec(fmt: str, w: dict, e, rows, nb: int, get_x, use_asm: bool):
                     for s in range(2):
                         t = 2 * p + s
                         xw, dx, xs = get_x(bs, c, t)
-                        dot = _slice_dot(_shr(qw, 4 * s) & jnp.uint32(MASK4), xw, use_asm)
+                        dot = _slice_dot(repack.shift(qw, 4 * s) & jnp.uint32(MASK4), xw, use_asm)
                         term = dot * dx[:, None, :] * sc
                         mterm = xs[:, None, :] * mn
                         blk = term if blk is None else blk + term
@@ -542,7 +536,7 @@ def ffn_pallas(x: jax.Array, bank: dict, ids: jax.Array, fmt: str, block_config:
                interpret: bool = False) -> jax.Array:
     """The fused kernels (two launches over all selected experts) → [G, M, H] float32."""
     cfg = block_config or default_config(x.shape[0])
-    e_, h, f = bank_shapes(bank, fmt)
+    _, h, f = bank_shapes(bank, fmt)
     _check_config(cfg, h, f)
     m = x.shape[0]
     g = ids.shape[0]

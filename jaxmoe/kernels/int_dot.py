@@ -38,8 +38,7 @@ from jaxmoe.kernels.dequant_fma import GROUPS, _chunks, _plane_views
 
 F32 = jnp.float32
 QMAX = 32767.0
-MASK = {"q2_k": 0x03030303, "q3_k": 0x03030303, "q4_k": 0x0F0F0F0F}
-MASKH = 0x04040404
+MASK = {"q2_k": repack.MASK2, "q3_k": repack.MASK2, "q4_k": repack.MASK4}
 
 
 def quantize_int16(x: jax.Array):
@@ -62,13 +61,15 @@ def quantize_int16(x: jax.Array):
     return words.reshape(*x.shape[:-1], -1), step, step * jnp.sum(q, axis=-1)
 
 
+def _int16(words, shift: int):
+    """The signed 16-bit value in bits shift..shift+15 of uint32 words → int32."""
+    v = ((words >> shift) & 0xFFFF).astype(jnp.int32)
+    return jnp.where(v >= 32768, v - 65536, v)
+
+
 def dequantize_int16(words: jax.Array, step: jax.Array) -> jax.Array:
     """The values `quantize_int16` encodes → [..., K] float32."""
-    lo = (words & 0xFFFF).astype(jnp.int32)
-    lo = jnp.where(lo >= 32768, lo - 65536, lo)
-    hi = (words >> 16).astype(jnp.int32)
-    hi = jnp.where(hi >= 32768, hi - 65536, hi)
-    q = jnp.stack([lo, hi], axis=-1).reshape(*words.shape[:-1], -1, 2, 4, 2)  # [.., half, w, j]
+    q = jnp.stack([_int16(words, 0), _int16(words, 16)], axis=-1).reshape(*words.shape[:-1], -1, 2, 4, 2)  # [.., half, w, j]
     q = jnp.swapaxes(q, -3, -2).reshape(*words.shape[:-1], -1, 16).astype(F32)
     return (q * step[..., None]).reshape(*words.shape[:-1], -1)
 
@@ -83,13 +84,8 @@ def _dp2a_pair(q, xlo, xhi, use_asm: bool):
             result_shape_dtypes=[jax.ShapeDtypeStruct(q.shape, jnp.int32)])[0]
     acc = jnp.zeros(q.shape, jnp.int32)
     for i, (src, shift) in enumerate(((xlo, 0), (xlo, 16), (xhi, 0), (xhi, 16))):
-        xi = ((src >> shift) & 0xFFFF).astype(jnp.int32)
-        acc = acc + ((q >> (8 * i)) & 0xFF).astype(jnp.int32) * jnp.where(xi >= 32768, xi - 65536, xi)
+        acc = acc + ((q >> (8 * i)) & 0xFF).astype(jnp.int32) * _int16(src, shift)
     return acc
-
-
-def _shr(w, n: int):
-    return w if n == 0 else (w >> n if n > 0 else w << (-n))
 
 
 def _rows_int(fmt: str, mats: list, e, rows, nb: int, xget, mt: int, use_asm: bool) -> list:
@@ -134,9 +130,9 @@ def _rows_int(fmt: str, mats: list, e, rows, nb: int, xget, mt: int, use_asm: bo
             pos = min(bits * s, 4) if fmt == "q3_k" else bits * s
             xs = xs_all[s]
             for w, t in zip(mats, st):
-                q = _shr(t["q"], bits * s - pos) & jnp.uint32(MASK[fmt] << pos)
+                q = repack.shift(t["q"], bits * s - pos) & jnp.uint32(MASK[fmt] << pos)
                 if fmt == "q3_k":
-                    q = q | (_shr(t["h2"], s - pos - 2) & jnp.uint32(MASKH << pos))  # (value + 4)·2^pos
+                    q = q | (repack.shift(t["h2"], s - pos - 2) & jnp.uint32(repack.MASKH << pos))  # (value + 4)·2^pos
                 if fmt == "q2_k":
                     sc = ((t["sc4"] >> 8 * s) & 15).astype(F32)
                     mn = ((t["sc4"] >> 8 * s + 4) & 15).astype(F32)

@@ -41,6 +41,13 @@ FORMATS = ("q2_k", "q3_k", "q4_k")
 GGUF_BLOCK_BYTES = {"q2_k": 84, "q3_k": 110, "q4_k": 144}
 PACKED_BLOCK_BYTES = {"q2_k": 84, "q3_k": 114, "q4_k": 148}
 PLANES = {"q2_k": ("qs", "sc", "d", "dmin"), "q3_k": ("qs", "hm", "sc", "d"), "q4_k": ("qs", "sc", "mn", "d", "dmin")}
+# Bit fields of a qs / hm word, one per byte lane: 2-bit quants, 4-bit quants, Q3_K's high bit (at bit 2).
+MASK2, MASK4, MASKH = 0x03030303, 0x0F0F0F0F, 0x04040404
+
+
+def shift(words, n: int):
+    """words >> n, or words << −n for n < 0 (numpy or jnp integers): moves a bit field to another position."""
+    return words if n == 0 else (words >> n if n > 0 else words << (-n))
 
 
 def _check_fmt(fmt: str) -> str:
