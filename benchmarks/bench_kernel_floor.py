@@ -81,36 +81,44 @@ def floor_calls(interpret: bool = False):
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plt
 
-    names = ("qs", "sc", "d", "dmin")
-    n_a, n_b = FFN // ROWS, HIDDEN // ROWS
+    from jaxmoe.kernels.repack import PLANES
 
-    def views(p):  # qs flat per row, sc [.., NB, 16]: the same bytes the kernel reads
+    names = PLANES["q2_k"]
+    k = len(names)
+    n_a, n_b = FFN // ROWS, HIDDEN // ROWS
+    n_items = TOP_K * n_a  # launch A's (expert, row tile) items
+
+    def views(p):  # the bytes the kernel reads: qs flat per row, sc as one 16-byte run per super-block
         return [p["qs"].reshape(*p["qs"].shape[:2], -1), p["sc"].reshape(*p["sc"].shape[:3], -1), p["d"], p["dmin"]]
 
-    def call(kernel, grid, n_in, name):
+    def call(kernel, grid, n_mats, name, stages=1):
+        """f(bank, ids): `kernel` over `grid` on the first n_mats of gate/up/down."""
         def f(bank, ids):
             args = [ids]
-            for mat in ("gate", "up", "down")[:n_in]:
+            for mat in ("gate", "up", "down")[:n_mats]:
                 args += views(bank[mat])
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
                 return pl.pallas_call(kernel, grid=grid, out_shape=jax.ShapeDtypeStruct(grid, jnp.uint32),
-                                      compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
+                                      compiler_params=plt.CompilerParams(num_warps=4, num_stages=stages),
                                       interpret=interpret, name=name)(*args)
         return f
+
+    def mats(refs, n_mats):
+        return [dict(zip(names, refs[i * k:(i + 1) * k])) for i in range(n_mats)]
 
     def empty(ids_ref, o_ref):
         g, j = pl.program_id(0), pl.program_id(1)
         o_ref[g, j] = (ids_ref[g] + j).astype(jnp.uint32)
 
     def a_body(ids_ref, refs, g, j):
-        gate, up, o_ref = dict(zip(names, refs[:4])), dict(zip(names, refs[4:8])), refs[-1]
+        gate, up = mats(refs, 2)
         rows = pl.ds(j * ROWS, ROWS)
-        o_ref[g, j] = _read_rows(gate, ids_ref[g], rows) ^ _read_rows(up, ids_ref[g], rows)
+        refs[-1][g, j] = _read_rows(gate, ids_ref[g], rows) ^ _read_rows(up, ids_ref[g], rows)
 
     def b_body(ids_ref, refs, g, j, j0):
-        down, o_ref = dict(zip(names, refs[8:12])), refs[-1]
-        o_ref[g, j] = _read_rows(down, ids_ref[g], pl.ds((j - j0) * ROWS, ROWS))
+        down = mats(refs, 3)[2]
+        refs[-1][g, j] = _read_rows(down, ids_ref[g], pl.ds((j - j0) * ROWS, ROWS))
 
     def read_a(ids_ref, *refs):
         a_body(ids_ref, refs, pl.program_id(0), pl.program_id(1))
@@ -123,66 +131,49 @@ def floor_calls(interpret: bool = False):
         pl.when(j < n_a)(lambda: a_body(ids_ref, refs, g, j))
         pl.when(j >= n_a)(lambda: b_body(ids_ref, refs, g, j, n_a))
 
-    def persistent(n_prog: int, stages: int):
-        """Read-only launch A with n_prog programs, each looping over (expert, tile) items pid + k·n_prog."""
-        n_items = TOP_K * n_a
-        trips = -(-n_items // n_prog)
+    def item(ids_ref, pid, k_trip, n_prog):
+        """(expert, rows) of launch A's item pid + k_trip·n_prog (the last trip re-reads a valid item)."""
+        i = jnp.minimum(pid + k_trip * n_prog, n_items - 1)
+        return ids_ref[i // n_a], pl.ds((i % n_a) * ROWS, ROWS)
 
+    def persistent(n_prog: int):
+        """Read-only launch A with n_prog programs, each looping over (expert, tile) items pid + k·n_prog."""
         def kernel(ids_ref, *refs):
             pid = pl.program_id(0)
+            gate, up = mats(refs, 2)
 
-            def body(k, acc):
-                item = jnp.minimum(pid + k * n_prog, n_items - 1)  # the last trip re-reads a valid item
-                gate, up = dict(zip(names, refs[:4])), dict(zip(names, refs[4:8]))
-                e, rows = ids_ref[item // n_a], pl.ds((item % n_a) * ROWS, ROWS)
+            def body(k_trip, acc):
+                e, rows = item(ids_ref, pid, k_trip, n_prog)
                 return acc ^ _read_rows(gate, e, rows) ^ _read_rows(up, e, rows)
 
-            refs[-1][pid] = jax.lax.fori_loop(0, trips, body, jnp.uint32(0))
-
-        def f(bank, ids):
-            args = [ids] + views(bank["gate"]) + views(bank["up"])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return pl.pallas_call(kernel, grid=(n_prog,), out_shape=jax.ShapeDtypeStruct((n_prog,), jnp.uint32),
-                                      compiler_params=plt.CompilerParams(num_warps=4, num_stages=stages),
-                                      interpret=interpret, name=f"floor_persistent_{n_prog}_{stages}")(*args)
-        return f
+            refs[-1][pid] = jax.lax.fori_loop(0, -(-n_items // n_prog), body, jnp.uint32(0))
+        return kernel
 
     def prefetching(n_prog: int):
         """As `persistent`, with item k+1's tiles loaded before item k's are folded (registers carried by the loop)."""
-        n_items = TOP_K * n_a
-        trips = -(-n_items // n_prog)
-
         def kernel(ids_ref, *refs):
             pid = pl.program_id(0)
-            gate, up = dict(zip(names, refs[:4])), dict(zip(names, refs[4:8]))
+            gate, up = mats(refs, 2)
 
-            def load(k):
-                item = jnp.minimum(pid + k * n_prog, n_items - 1)
-                e, rows = ids_ref[item // n_a], pl.ds((item % n_a) * ROWS, ROWS)
-                return _load_rows(gate, e, rows) + _load_rows(up, e, rows)
+            def load(k_trip):
+                e, rows = item(ids_ref, pid, k_trip, n_prog)
+                return _load_rows(gate, e, rows), _load_rows(up, e, rows)
 
-            def body(k, carry):
-                acc, tiles = carry
-                nxt = load(k + 1)
-                half = len(tiles) // 2  # gate's tiles, then up's: folded as `persistent` folds them
-                return acc ^ _fold(*tiles[:half]) ^ _fold(*tiles[half:]), nxt
+            def body(k_trip, carry):
+                acc, (g_tiles, u_tiles) = carry
+                nxt = load(k_trip + 1)
+                return acc ^ _fold(*g_tiles) ^ _fold(*u_tiles), nxt
 
-            acc, _ = jax.lax.fori_loop(0, trips, body, (jnp.uint32(0), load(0)))
-            refs[-1][pid] = acc
+            refs[-1][pid] = jax.lax.fori_loop(0, -(-n_items // n_prog), body, (jnp.uint32(0), load(0)))[0]
+        return kernel
 
-        def f(bank, ids):
-            args = [ids] + views(bank["gate"]) + views(bank["up"])
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                return pl.pallas_call(kernel, grid=(n_prog,), out_shape=jax.ShapeDtypeStruct((n_prog,), jnp.uint32),
-                                      compiler_params=plt.CompilerParams(num_warps=4, num_stages=1),
-                                      interpret=interpret, name=f"floor_prefetch_{n_prog}")(*args)
-        return f
-
-    persistent_calls = {f"read_a_persistent_p{n}_s{st}": persistent(n, st) for n in (132, 264, 396) for st in (1, 3)}
-    persistent_calls.update({f"read_a_prefetch_p{n}": prefetching(n) for n in (132, 264, 396)})
-    return {**persistent_calls,
+    out = {}
+    for n in (132, 264, 396):
+        for st in (1, 3):
+            out[f"read_a_persistent_p{n}_s{st}"] = call(persistent(n), (n,), 2, f"floor_persistent_{n}_{st}", st)
+    for n in (132, 264, 396):
+        out[f"read_a_prefetch_p{n}"] = call(prefetching(n), (n,), 2, f"floor_prefetch_{n}")
+    return {**out,
             "empty": call(lambda ids_ref, *refs: empty(ids_ref, refs[-1]), (TOP_K, n_a), 0, "floor_empty"),
             "read_a": call(read_a, (TOP_K, n_a), 3, "floor_read_a"),
             "read_b": call(read_b, (TOP_K, n_b), 3, "floor_read_b"),
