@@ -274,6 +274,11 @@ def primary_gpu(frame: pd.DataFrame, prov: dict) -> str:
     return frame["gpu"].value_counts().index[0]
 
 
+def _budget_order(budget: str) -> float:
+    """Sort key of a budget label: "10%" … "90%", then the VRAM-derived one."""
+    return 1000.0 if budget == VRAM else float(budget[:-1])
+
+
 def _budget_name(budget: str, frac: float) -> str:
     return f"12 GB VRAM ({frac * 100:.1f} %)" if budget == VRAM else f"{budget} of experts"
 
@@ -337,7 +342,7 @@ def policy_table(frame: pd.DataFrame, gpu: str) -> pd.DataFrame:
     pols = [p for p in ("belady", "slru", "lru", "s3fifo") if p in set(f["policy"])] + \
         sorted(set(f["policy"]) - {"belady", "slru", "lru", "s3fifo"})
     shared = set.intersection(*(set(f[f["policy"] == p]["budget"]) for p in pols)) if pols else set()
-    budgets = sorted(shared - {VRAM}, key=lambda b: float(b[:-1])) + ([VRAM] if VRAM in shared else [])
+    budgets = sorted(shared, key=_budget_order)
     if not budgets:
         return pd.DataFrame()
     rows = []
@@ -497,10 +502,6 @@ def share_rows(inp: Inputs, precision: str = "native") -> pd.DataFrame:
     f = pd.concat(out, ignore_index=True)
     f = f.assign(_b=[_budget_order(b) for b in f["budget"]])
     return f.sort_values(["trace", "_b", "protected_share"]).drop(columns="_b").reset_index(drop=True)
-
-
-def _budget_order(budget: str) -> float:
-    return 1000.0 if budget == VRAM else float(budget[:-1])
 
 
 def _share_name(x: float) -> str:
@@ -934,12 +935,8 @@ def render(inp: Inputs, figs: list[tuple[str, object, str]], fig_rel: str = "fig
     add(f"All figures are rebuilt by `{REPRO}` from the CSVs named in their captions.")
     add("")
     for stem, _, caption in figs:
-        if stem == SHARE_FIG:  # shown in its own subsection under Caveats
-            continue
-        add(f"![{caption}]({fig_rel}/{stem}.png)")
-        add("")
-        add(f"*{caption}*")
-        add("")
+        if stem != SHARE_FIG:  # that one is shown in its own subsection under Caveats
+            _add_figure(add, fig_rel, stem, caption)
 
     add("## Quality")
     add("")
@@ -1035,6 +1032,14 @@ def render(inp: Inputs, figs: list[tuple[str, object, str]], fig_rel: str = "fig
     return "\n".join(L)
 
 
+def _add_figure(add, fig_rel: str, stem: str, caption: str) -> None:
+    """A figure and its caption in decision.md."""
+    add(f"![{caption}]({fig_rel}/{stem}.png)")
+    add("")
+    add(f"*{caption}*")
+    add("")
+
+
 def _lru_check(inp: Inputs, rows: pd.DataFrame) -> str:
     """`: here the share-0 rows equal the LRU rows` (or how far they are apart), from the data."""
     z = rows[rows["protected_share"] == 0.0]
@@ -1076,10 +1081,7 @@ def share_section(inp: Inputs, figs: list[tuple[str, object, str]], fig_rel: str
     add("")
     for stem, _, caption in figs:
         if stem == SHARE_FIG:
-            add(f"![{caption}]({fig_rel}/{stem}.png)")
-            add("")
-            add(f"*{caption}*")
-            add("")
+            _add_figure(add, fig_rel, stem, caption)
 
 
 def save_png(chart, path: Path, scale: float = 1.5) -> None:

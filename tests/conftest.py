@@ -1,4 +1,4 @@
-"""Shared fixtures: where the read-only shared data lives, and a skip when it is absent."""
+"""Shared fixtures: where the read-only shared data lives (a skip when it is absent), a tiny synthesized trace."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,3 +16,14 @@ def shared_qwen_csv() -> Path:
     if not SHARED_QWEN_CSV.exists():
         pytest.skip(f"shared data absent: {SHARED_QWEN_CSV} (only in the project's workspace)")
     return SHARED_QWEN_CSV
+
+
+@pytest.fixture(scope="module")
+def tiny_trace(tmp_path_factory) -> Path:
+    """A Qwen3-30B-A3B-shaped synthesized trace of 2 short sequences (8 prefill + 24 decode tokens)."""
+    from sim.synth import preset, synthesize
+    from sim.trace import save_trace
+
+    path = tmp_path_factory.mktemp("trace") / "tiny.npz"
+    save_trace(synthesize(preset("qwen3-30b-a3b", n_seqs=2, prefill_tokens=8, decode_tokens=24, seed=3)), path)
+    return path

@@ -15,19 +15,9 @@ import pytest
 from analysis import charts, report, sweep
 from sim.precision import parse_precision
 from sim.replay import ReplayConfig, run
-from sim.synth import preset, synthesize
-from sim.trace import save_trace
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = "rtx3060-12gb"
-
-
-@pytest.fixture(scope="module")
-def tiny_trace(tmp_path_factory) -> Path:
-    """A Qwen3-30B-A3B-shaped synthesized trace of 2 short sequences."""
-    path = tmp_path_factory.mktemp("trace") / "tiny.npz"
-    save_trace(synthesize(preset("qwen3-30b-a3b", n_seqs=2, prefill_tokens=8, decode_tokens=24, seed=3)), path)
-    return path
 
 
 @pytest.fixture(scope="module")

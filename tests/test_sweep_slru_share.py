@@ -16,8 +16,6 @@ import pytest
 
 from analysis import report, sweep
 from sim.replay import ReplayConfig, run
-from sim.synth import preset, synthesize
-from sim.trace import save_trace
 from tests.test_analysis import _table_after
 
 GPU = "rtx3060-12gb"
@@ -26,15 +24,7 @@ CORE = ("hits", "misses", "accesses", "demand_bytes", "bytes_moved")
 
 
 @pytest.fixture(scope="module")
-def trace(tmp_path_factory) -> Path:
-    """A Qwen3-30B-A3B-shaped synthesized trace: 2 sequences of 8 prefill + 24 decode tokens."""
-    path = tmp_path_factory.mktemp("trace") / "tiny.npz"
-    save_trace(synthesize(preset("qwen3-30b-a3b", n_seqs=2, prefill_tokens=8, decode_tokens=24, seed=3)), path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def share_sweep(trace, tmp_path_factory) -> Path:
+def share_sweep(tiny_trace, tmp_path_factory) -> Path:
     """A sweep of a small grid: slru at shares 0, 0.5 and the default, and lru, at 10 %, 20 % and the VRAM-derived
     budget (native, Q2_K)."""
     budgets = ("10%", "20%", sweep.VRAM)
@@ -43,7 +33,7 @@ def share_sweep(trace, tmp_path_factory) -> Path:
                         (0.0, 0.5, sweep.DEFAULT_PROTECTED_SHARE)))
     sweep.GRIDS["test-share"] = grid
     try:
-        frame, layers, prov = sweep.run_sweep(trace, gpus=(GPU,), grid="test-share", trace_label="tiny")
+        frame, layers, prov = sweep.run_sweep(tiny_trace, gpus=(GPU,), grid="test-share", trace_label="tiny")
     finally:
         del sweep.GRIDS["test-share"]
     out = tmp_path_factory.mktemp("sweeps")
@@ -121,12 +111,12 @@ def test_share_zero_is_lru_and_default_collapses(share_sweep, precision):
     assert d["hit_rate"] < z["hit_rate"] - 0.02
 
 
-def test_share_rows_equal_reference_replay(share_sweep, trace):
+def test_share_rows_equal_reference_replay(share_sweep, tiny_trace):
     """A share-0.5 and a default row equal sim.replay.run through the pure-Python cache at the same share."""
     f = pd.read_csv(share_sweep / "tiny.csv")
     for share, params in ((0.5, {"protected_share": 0.5}), (0.8, {})):
         r = _row(f, "slru", share, "10%", "native")
-        rec = run(ReplayConfig(trace=str(trace), gpu=GPU, policy="slru", capacity_bytes=int(r["capacity_bytes"]),
+        rec = run(ReplayConfig(trace=str(tiny_trace), gpu=GPU, policy="slru", capacity_bytes=int(r["capacity_bytes"]),
                                policy_params=params, fast=False, timeline=False))
         for k in CORE:
             assert rec[k] == r[k], (share, k)
