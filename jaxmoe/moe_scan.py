@@ -79,10 +79,11 @@ def grouped_tiles(h: jax.Array, ids: jax.Array, gates: jax.Array, gate_w: jax.Ar
     rows = h_pad[row_tok].reshape(n_tiles, tile, D).astype(gate_w.dtype)
     g = jnp.einsum("tnd,tdf->tnf", rows, gate_w[tile_expert])
     u = jnp.einsum("tnd,tdf->tnf", rows, up_w[tile_expert])
-    y = jnp.einsum("tnf,tfd->tnd", jax.nn.silu(g) * u, down_w[tile_expert]).astype(odt).reshape(P, D)
+    act = jax.nn.silu(g) * u
+    y = jnp.einsum("tnf,tfd->tnd", act, down_w[tile_expert]).astype(odt).reshape(P, D)
     out = jnp.zeros((N + 1, D), odt).at[row_tok].add(y * row_w[:, None])[:N]
     if return_rows:
-        return out, y, jnp.repeat(tile_expert, tile), row_tok < N
+        return out, y, jnp.repeat(tile_expert, tile), row_tok < N, rows.reshape(P, D), act.reshape(P, -1)
     return out
 
 
@@ -166,13 +167,16 @@ def _layer_attn(x, lw, cfg, pos, kv=None):
 
 def forward(tokens: jax.Array, weights: M.Weights, cfg: M.Config, *, sets: tuple[M.ExpertWeights, ...] | None = None,
             choice: Choice | None = None, tile: int | None = None, checkpoint: bool = False,
-            err_sets: tuple[M.ExpertWeights, M.ExpertWeights] | None = None, want_probs_stats: bool = False):
+            err_sets: tuple[M.ExpertWeights, M.ExpertWeights] | None = None, want_probs_stats: bool = False,
+            imatrix: bool = False):
     """Causal forward of tokens [B, T] through stacked weights → (final-normed hidden [B,T,D] f32, aux dict).
 
     sets: V expert copies, each ExpertWeights with arrays [L, E, ...] (default: the weights' own experts);
     choice: which copy serves each selection (default: copy 0). aux holds routing ids/gates [B,T,L,k],
     `planned` (share of selections found in the plan), low/skipped gate mass sums, and with err_sets
-    (a, b) per-(layer, expert) sums of ||y_b − y_a||², ||y_a||² and counts over the routed rows.
+    (a, b) per-(layer, expert) sums of ||y_b − y_a||², ||y_a||² and counts over the routed rows, and with
+    `imatrix` also per-(layer, expert) Σ x² of each input column of ffn_gate/ffn_up (`im_in` [L,E,D]) and of
+    ffn_down (`im_act` [L,E,F]) over the rows routed to the expert (llama.cpp's imatrix, as sums).
     want_probs_stats: per-layer mean router probability [L, E] and selection share (training's aux loss).
     """
     B, T = tokens.shape
@@ -223,9 +227,12 @@ def forward(tokens: jax.Array, weights: M.Weights, cfg: M.Config, *, sets: tuple
         if err_sets is not None:
             a, b = s["err"]
             hf, idf, gf = h.reshape(N, -1), ids.reshape(N, k), jnp.ones((N, k), F32)
-            _, ya, rexp, valid = grouped_tiles(hf, idf, gf, a.gate, a.up, a.down, tile, return_rows=True)
-            _, yb, _, _ = grouped_tiles(hf, idf, gf, b.gate, b.up, b.down, tile, return_rows=True)
+            _, ya, rexp, valid, rin, act = grouped_tiles(hf, idf, gf, a.gate, a.up, a.down, tile, return_rows=True)
+            _, yb, _, _, _, _ = grouped_tiles(hf, idf, gf, b.gate, b.up, b.down, tile, return_rows=True)
             vf = valid.astype(F32)
+            if imatrix:
+                out["im_in"] = jax.ops.segment_sum(rin.astype(F32) ** 2 * vf[:, None], rexp, num_segments=E)
+                out["im_act"] = jax.ops.segment_sum(act.astype(F32) ** 2 * vf[:, None], rexp, num_segments=E)
             out["err_sum"] = jax.ops.segment_sum(jnp.sum((yb - ya) ** 2, -1) * vf, rexp, num_segments=E)
             out["ref_sq"] = jax.ops.segment_sum(jnp.sum(ya ** 2, -1) * vf, rexp, num_segments=E)
             out["err_n"] = jax.ops.segment_sum(vf, rexp, num_segments=E)
