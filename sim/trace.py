@@ -364,7 +364,7 @@ def save_trace(trace: Trace, path: str | os.PathLike) -> None:
     }
     if trace.predicted is not None:
         arrays["predicted"] = trace.predicted
-    arrays = {k: np.ascontiguousarray(a, dtype=ARRAY_DTYPES[k]) for k, a in arrays.items()}
+    arrays = {k: np.ascontiguousarray(a, dtype=_storage_dtype(k, a)) for k, a in arrays.items()}
     arrays["meta"] = np.array(meta_json)  # 0-d unicode array
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
         for key, a in arrays.items():
@@ -373,6 +373,19 @@ def save_trace(trace: Trace, path: str | os.PathLike) -> None:
             info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE)
             info.external_attr = 0o644 << 16
             zf.writestr(info, buf.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
+
+
+def _storage_dtype(key: str, a: np.ndarray) -> np.dtype:
+    """On-disk dtype: the schema's, or a narrower one that holds `a` exactly (loaders widen it back):
+    ids in int8 when they fit (≤ 127 experts … ids -1..127), weights in float16 when every value
+    round-trips (e.g. gates on a 2⁻¹¹ grid). Halves to quarters a 48-layer top-8 trace's size."""
+    if key in ("experts", "predicted") and a.size and a.min() >= -1 and a.max() <= np.iinfo(np.int8).max:
+        return np.dtype(np.int8)
+    if key == "weights" and a.size:
+        w16 = a.astype(np.float16)
+        if np.isfinite(w16).all() and np.array_equal(w16.astype(a.dtype), a):
+            return np.dtype(np.float16)
+    return np.dtype(ARRAY_DTYPES[key])
 
 
 def open_npz(path: str | os.PathLike, what: str = "npz trace") -> np.lib.npyio.NpzFile:

@@ -1,0 +1,129 @@
+"""jaxmoe.scale (the 48-layer GPU pipeline) on its tiny CPU configuration, its gate rounding, the trace's
+narrow on-disk dtypes, and analysis.trace_stats against brute force."""
+import json
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+
+from analysis import trace_stats as TS
+from jaxmoe import scale as SC
+from sim.trace import DECODE, PREFILL, Trace, TraceMeta, load_trace, save_trace
+
+
+def test_round_gates_exact_sum_float16_and_order():
+    rng = np.random.default_rng(0)
+    g = rng.dirichlet(np.full(8, 0.3), size=(500, 3))
+    g = -np.sort(-g, axis=-1)
+    r = SC.round_gates(g)
+    assert np.all(r.astype(np.float64).sum(-1) == 1.0)  # exactly 1: multiples of 2^-11 add exactly
+    assert np.array_equal(r.astype(np.float16).astype(np.float32), r)
+    assert np.abs(r - g).max() <= 1 / SC.GATE_UNIT + 1e-12
+    assert np.all(np.diff(r, axis=-1) <= 0)  # rank order kept
+
+
+def _trace(weights, n_experts=100):
+    rng = np.random.default_rng(1)
+    S, L, k = weights.shape
+    ids = np.stack([[rng.permutation(n_experts)[:k] for _ in range(L)] for _ in range(S)])
+    return Trace.from_arrays(ids, weights, np.r_[np.zeros(3), np.ones(S - 3)].astype(np.uint8), np.zeros(S, np.int32),
+                             TraceMeta(model="t", n_layers=L, n_experts=n_experts, top_k=k))
+
+
+def test_save_trace_narrows_dtypes_only_when_exact(tmp_path):
+    import zipfile
+    g = SC.round_gates(np.random.default_rng(2).dirichlet(np.ones(4), size=(20, 2)))
+    t = _trace(-np.sort(-g, axis=-1))
+    save_trace(t, tmp_path / "a.npz")
+    with np.load(tmp_path / "a.npz") as z:
+        assert z["experts"].dtype == np.int8 and z["weights"].dtype == np.float16
+    u = load_trace(tmp_path / "a.npz")
+    assert u.experts.dtype == np.int16 and u.weights.dtype == np.float32
+    np.testing.assert_array_equal(u.experts, t.experts)
+    np.testing.assert_array_equal(u.weights, t.weights)
+    raw = np.random.default_rng(3).dirichlet(np.ones(4), size=(20, 2)).astype(np.float32)  # not float16-exact
+    t2 = _trace(-np.sort(-raw, axis=-1), n_experts=300)  # ids beyond int8
+    save_trace(t2, tmp_path / "b.npz")
+    with np.load(tmp_path / "b.npz") as z:
+        assert z["experts"].dtype == np.int16 and z["weights"].dtype == np.float32
+    np.testing.assert_array_equal(load_trace(tmp_path / "b.npz").weights, t2.weights)
+    assert zipfile.is_zipfile(tmp_path / "b.npz")
+
+
+def _brute_lru(ids, cap):
+    hits = n = 0
+    for l in range(ids.shape[1]):
+        c = OrderedDict()
+        for t in range(ids.shape[0]):
+            for e in ids[t, l]:
+                n += 1
+                if e in c:
+                    hits += 1
+                    c.move_to_end(e)
+                else:
+                    c[e] = True
+                    if len(c) > cap:
+                        c.popitem(last=False)
+    return hits / n
+
+
+def test_trace_stats_against_brute_force():
+    rng = np.random.default_rng(4)
+    E, L, k, T = 20, 3, 4, 60
+    seq = np.stack([[rng.choice(E, k, replace=False, p=np.r_[np.full(5, 0.12), np.full(15, 0.4 / 15)])
+                     for _ in range(L)] for _ in range(T)])
+    curves = TS.lru_curves([seq], E, caps=(4, 6, 10))
+    for j, cap in enumerate((4, 6, 10)):
+        assert curves[:, j].mean() * 1 == pytest.approx(_brute_lru(seq, cap), abs=1e-12)
+    w = 8
+    brute = np.mean([len(set(seq[lo:lo + w, l].ravel())) for lo in range(0, T - w + 1, w) for l in range(L)])
+    assert TS.distinct_per_window([seq], w) == pytest.approx(brute)
+    rd = TS.reuse_distances([seq], E).reshape(T, L, k)
+    t, l, r = 37, 1, 2
+    e = seq[t, l, r]
+    prev = [s for s in range(t) if e in seq[s, l]]
+    assert rd[t, l, r] == (t - prev[-1] if prev else 0)
+
+
+def _corpus(path, vocab=8192):
+    rng = np.random.default_rng(0)
+    phrase = rng.integers(2, 500, 40)
+
+    def make(n):
+        x = np.resize(phrase, n).copy()
+        noise = rng.random(n) < 0.1
+        x[noise] = rng.integers(2, vocab, int(noise.sum()))
+        x[::200] = 0
+        return x.astype("<u2")
+
+    path.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", 6000), ("eval", 3000), ("calib", 2000)):
+        make(n).tofile(path / f"{split}.bin")
+    (path / "meta.json").write_text(json.dumps({"tokenizer": {"path": "jaxmoe/tokenizer.json", "vocab_size": vocab}}))
+    return path
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_tiny(tmp_path):
+    """The GPU command's exact entry point on the tiny config: every stage runs and the results hold together."""
+    data = _corpus(tmp_path / "corpus")
+    out = tmp_path / "out"
+    assert SC.main(["--tiny", "--data", str(data), "--out", str(out), "--compact-out", str(out / "compact")]) == 0
+    res = json.loads((out / "quality.json").read_text())
+    rows = {(r["name"], r["reference"]): r for r in res["rows"]}
+    assert rows[("float", "float")]["kld"] == 0 and rows[("float", "float")]["top1"] == 1
+    assert rows[("q4_k", "q4_k")]["kld"] == 0 and rows[("q4_k", "q4_k")]["ppl_ratio"] == pytest.approx(1)
+    assert rows[("q4_k", "float")]["kld"] > 0
+    assert rows[("all-q2r", "q4_k")]["low_mass"] == pytest.approx(1) and rows[("all-q2r", "q4_k")]["kld"] > 0
+    for r in res["rows"]:
+        assert r["kld"] >= 0 and r["kld_ci"][0] <= r["kld"] + 1e-12 and r["kld"] <= r["kld_ci"][1] + 1e-12
+    assert {p["verdict"] for p in res["pairs"]} <= {"a lower", "b lower", "tie"}
+    coupled = [r for r in res["coupled"] if r["name"].startswith("coupled")]
+    assert coupled and all(0 <= r["drift_share"] <= 1 for r in coupled)
+    for r in coupled:
+        if r["precision"] == "native":  # the cache never changes the native model's output
+            assert r["low_mass"] == 0 and r["skipped_mass"] == 0 and (r["reference"] != "q4_k" or r["kld"] == 0)
+    t = load_trace(out / "trace.npz")
+    assert t.meta.n_layers == SC.TINY.n_layers and set(np.unique(t.phase)) == {PREFILL, DECODE}
+    assert len(np.unique(t.seq)) == SC.SMOKE.calib_seqs + SC.SMOKE.eval_seqs
+    assert (out / "compact" / "qwen3moe-compact.gguf").stat().st_size > 0
