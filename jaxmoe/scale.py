@@ -88,7 +88,8 @@ class Plan:
     n_ctx: int = 512
     eval_chunks: int = 64
     calib_chunks: int = 16
-    coupled_eval_chunks: int = 32
+    coupled_calib_chunks: int = 4  # sim's pure-Python replay (no numba on the GPU machine): ~15 µs per access
+    coupled_eval_chunks: int = 12
     batch_chunks: int = 8
     n_boot: int = 1000
     fractions: tuple[float, ...] = (0.25, 0.5)
@@ -105,7 +106,7 @@ FULL = Plan(cfg=MODEL48, train=TR.TrainConfig(batch=64, seq=512, epochs=4.0, lr=
 SMOKE = Plan(cfg=TINY, train=TR.TrainConfig(batch=4, seq=64, epochs=1.0, max_steps=4, lr=3e-3, warmup_steps=2,
                                             log_every=2, eval_every=2, time_budget_s=120.0, compute_dtype="float32"),
              prompt_tokens=8, decode=16, calib_seqs=2, eval_seqs=4, n_ctx=64, eval_chunks=4, calib_chunks=2,
-             coupled_eval_chunks=3, batch_chunks=2, n_boot=200, fractions=(0.5,), budgets=("derived", "25%"),
+             coupled_calib_chunks=2, coupled_eval_chunks=3, batch_chunks=2, n_boot=200, fractions=(0.5,), budgets=("derived", "25%"),
              compact_steps=3, compact_seconds=60.0, workers=2, eval_windows=4, compact_after_s=1e9)
 
 
@@ -542,11 +543,12 @@ def _replay_job(args) -> dict:
             "compiled_replay": _numba_real(), "model_profile": model.name, "gpu": hw.name}
 
 
-def coupled_plans(q4_ids, q4_gates, calib_ids, calib_gates, policies: Sequence[str], budgets: Sequence[str],
-                  work: Path, n_experts: int, toy: bool, workers: int, seed: int = 0) -> list[dict]:
-    """Replay calibration + evaluation chunks (each a teacher-forced decode sequence) through sim's cache and
-    precision decisions, one process per (policy, budget); each returns the plan: per evaluation selection the
-    served variant (0 Q4_K, 1 Q2_K, 2 Q3_K = sim.engine.SLOTS) or SKIP."""
+def start_coupled(q4_ids, q4_gates, calib_ids, calib_gates, policies: Sequence[str], budgets: Sequence[str],
+                  work: Path, n_experts: int, toy: bool, workers: int, seed: int = 0):
+    """Start replaying calibration + evaluation chunks (each a teacher-forced decode sequence) through sim's
+    cache and precision decisions, one process per (policy, budget), while the GPU goes on; `finish_coupled`
+    collects the plans: per evaluation selection the served variant (0 Q4_K, 1 Q2_K, 2 Q3_K = sim.engine.SLOTS)
+    or SKIP."""
     C, T, L, k = q4_ids.shape
     Cc = calib_ids.shape[0]
     ids = np.concatenate([calib_ids, q4_ids]).reshape(-1, L, k)
@@ -559,10 +561,17 @@ def coupled_plans(q4_ids, q4_gates, calib_ids, calib_gates, policies: Sequence[s
     path = work / "coupled_trace.npz"
     save_trace(trace, path)
     jobs = [(str(path), toy, pol, b, Cc, seed) for b in budgets for pol in policies]
-    with ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=get_context("spawn")) as pool:
-        outs = list(pool.map(_replay_job, jobs))
+    pool = ProcessPoolExecutor(max_workers=max(1, min(workers, len(jobs))), mp_context=get_context("spawn"))
+    return pool, [pool.submit(_replay_job, j) for j in jobs], q4_ids.astype(np.int32)
+
+
+def finish_coupled(started) -> list[dict]:
+    pool, futs, q4_ids = started
+    C, T, L, k = q4_ids.shape
+    outs = [f.result() for f in futs]
+    pool.shutdown()
     for o in outs:
-        o["plan"] = (q4_ids.astype(np.int32), o.pop("var").astype(np.int32).reshape(C, T, L, k))
+        o["plan"] = (q4_ids, o.pop("var").astype(np.int32).reshape(C, T, L, k))
         log(f"coupled replay {o['policy']} @ {o['budget']} ({o['capacity_bytes'] / 2**30:.2f} GiB): hit {o['hit_rate']:.3f} "
             f"low {o['low_precision_mass']:.3f} skip {o['skipped_mass']:.3f} ({o['replay_s']} s)")
     return outs
@@ -679,6 +688,14 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
     signals["err"] = err_mean
     signals["err_mass"] = err_mean * signals["mass"]
 
+    # start the cache replays (CPU processes) for the coupled evaluation; the GPU goes on meanwhile
+    Cc = min(plan.coupled_calib_chunks, cal_ids.shape[0])
+    Ce = min(plan.coupled_eval_chunks, chunks.shape[0])
+    policies = ("native", "static:mass:25%:q2_k", "dynamic:0.6:0.9", "static:mass:25%:q3_k+dynamic:0.6:0.9")
+    t_rep = time.perf_counter()
+    started = start_coupled(r_q4["ids"][:Ce], r_q4["gates"][:Ce], cal_ids[:Cc], cal_gates[:Cc], policies, plan.budgets,
+                            work, E, cfg is TINY, plan.workers + 1)
+
     # 4. configurations
     rows: list[dict] = []
 
@@ -746,13 +763,8 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
             pairs.append(Q.paired_diff("all-q2ri", "all-q2r", ref))
 
     # 5. cache-coupled quality: routing of the Q4_K passes → sim decisions → forward in the served formats
-    Cc = min(plan.calib_chunks, cal_ids.shape[0])
-    Ce = min(plan.coupled_eval_chunks, chunks.shape[0])
-    policies = ("native", "static:mass:25%:q2_k", "dynamic:0.6:0.9", "static:mass:25%:q3_k+dynamic:0.6:0.9")
-    t0 = time.perf_counter()
-    cplans = coupled_plans(r_q4["ids"][:Ce], r_q4["gates"][:Ce], cal_ids[:Cc], cal_gates[:Cc], policies, plan.budgets,
-                           work, E, cfg is TINY, plan.workers + 1)
-    coupled_replay_s = time.perf_counter() - t0
+    cplans = finish_coupled(started)
+    coupled_replay_s = time.perf_counter() - t_rep
     Qc = Quality(params, cfg, chunks[:Ce], plan.batch_chunks, plan.n_boot)
     Qc.ref = {"f": Q.ref["f"][:Ce], "q": Q.ref["q"][:Ce]}
     coupled_rows = []
