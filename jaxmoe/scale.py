@@ -97,17 +97,18 @@ class Plan:
     compact_steps: int = 300
     compact_seconds: float = 30.0
     workers: int = 15
+    fit_schedule: bool = True  # fit the step count to the time budget after 10 steps (False with --steps)
     compact_after_s: float = 470.0  # skip the compact model when the run has taken longer than this
     eval_windows: int = 64  # windows of the periodic held-out evaluation
 
 
 FULL = Plan(cfg=MODEL48, train=TR.TrainConfig(batch=64, seq=512, epochs=4.0, lr=3e-3, warmup_steps=50, log_every=10,
-                                              eval_every=50, time_budget_s=200.0))
+                                              eval_every=50, time_budget_s=160.0))
 SMOKE = Plan(cfg=TINY, train=TR.TrainConfig(batch=4, seq=64, epochs=1.0, max_steps=4, lr=3e-3, warmup_steps=2,
                                             log_every=2, eval_every=2, time_budget_s=120.0, compute_dtype="float32"),
              prompt_tokens=8, decode=16, calib_seqs=2, eval_seqs=4, n_ctx=64, eval_chunks=4, calib_chunks=2,
              coupled_calib_chunks=2, coupled_eval_chunks=3, batch_chunks=2, n_boot=200, fractions=(0.5,), budgets=("derived", "25%"),
-             compact_steps=3, compact_seconds=60.0, workers=2, eval_windows=4, compact_after_s=1e9)
+             compact_steps=3, compact_seconds=60.0, workers=2, eval_windows=4, compact_after_s=1e9, fit_schedule=False)
 
 
 def log(msg: str) -> None:
@@ -169,8 +170,12 @@ def heldout_ppl(params, tokens: np.ndarray, cfg: M.Config, seq: int, batch: int,
 
 
 def train_model(cfg: M.Config, tcfg: TR.TrainConfig, train_tokens: np.ndarray, eval_tokens: np.ndarray,
-                eval_windows: int, label: str = "train") -> tuple[M.Weights, dict]:
-    """Train stacked weights from seed; returns (float32 params on device, training log)."""
+                eval_windows: int, label: str = "train", fit_schedule: bool = False) -> tuple[M.Weights, dict]:
+    """Train stacked weights from seed; returns (float32 params on device, training log).
+
+    fit_schedule: after 10 steps, shorten the planned step count (and so the cosine schedule) to what the
+    time budget allows at the measured step time; the log's `steps_planned` is the count used, and
+    `--steps` with that count (without fitting) repeats the run's schedule."""
     starts_all = TR.windows(train_tokens.size, tcfg.seq)
     steps_per_epoch = starts_all.size // tcfg.batch
     if steps_per_epoch == 0:
@@ -192,7 +197,9 @@ def train_model(cfg: M.Config, tcfg: TR.TrainConfig, train_tokens: np.ndarray, e
     total_dev = jnp.float32(total)
     t0 = time.perf_counter()
     compile_s, t_train, step, stopped_early, eval_s = None, None, 0, False, 0.0
-    for step in range(total):
+    step = -1
+    while step + 1 < total:
+        step += 1
         if not order:
             order = rng.permutation(starts_all.size)[: steps_per_epoch * tcfg.batch].tolist()
         idx, order = order[: tcfg.batch], order[tcfg.batch:]
@@ -202,6 +209,15 @@ def train_model(cfg: M.Config, tcfg: TR.TrainConfig, train_tokens: np.ndarray, e
             jax.block_until_ready(m["loss"])
             compile_s = time.perf_counter() - t0
             t_train = time.perf_counter()
+        if fit_schedule and step == 10:
+            jax.block_until_ready(m["loss"])
+            step_s = (time.perf_counter() - t_train) / 10
+            left = tcfg.time_budget_s - (time.perf_counter() - t0)
+            fitted = min(total, step + 1 + int(left / (step_s * 1.03)) - len(evals) - 2)
+            log(f"{label}: {step_s:.3f} s/step; schedule {total} → {fitted} steps to fit {tcfg.time_budget_s:.0f} s")
+            total = max(step + 2, fitted)
+            total_dev = jnp.float32(total)
+
         if (step + 1) % tcfg.log_every == 0 or step + 1 == total:
             row = {k: float(v) for k, v in m.items()} | {"step": step + 1, "tokens": (step + 1) * tcfg.batch * tcfg.seq,
                                                         "elapsed_s": round(time.perf_counter() - t0, 2)}
@@ -611,7 +627,8 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
     log(f"device {dev.platform}:{dev.device_kind}; jax {jax.__version__}; imatrix path: {imatrix_supported()}")
 
     # 1. train
-    params, train_info = train_model(cfg, tcfg, train_tokens, eval_tokens, plan.eval_windows)
+    params, train_info = train_model(cfg, tcfg, train_tokens, eval_tokens, plan.eval_windows,
+                                     fit_schedule=plan.fit_schedule)
     train_info["device"] = f"{dev.platform}:{dev.device_kind}"
     write_text_atomic(out / "train_log.json", json.dumps(train_info, indent=1) + "\n")
 
@@ -725,6 +742,8 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
             name = f"static-{sig}-{frac:g}-q2r"
             Q.run(name, (q4, sets["q2r"]), S.static_choice(dm.astype(np.int32)))
             add(name, "static", "q2_k", "q4_k", signal=sig, fraction=frac)
+        if frac != plan.fractions[-1]:
+            continue
         dm = demoted[f"mass:{frac:g}"]
         for s, fmt, src in (("q3r", "q3_k", "q4_k"), ("q2d", "q2_k", "float"), ("q2ri", "q2_k", "q4_k+imatrix")):
             if s in sets:
@@ -751,6 +770,8 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
             for b in names[i + 1:]:
                 for ref in ("f", "q"):
                     pairs.append(Q.paired_diff(a, b, ref) | {"fraction": frac})
+        if frac != plan.fractions[-1]:
+            continue
         for ref in ("f", "q"):
             pairs.append(Q.paired_diff(f"static-mass-{frac:g}-q2d", f"static-mass-{frac:g}-q2r", ref) | {"fraction": frac})
             pairs.append(Q.paired_diff(f"static-mass-{frac:g}-ta", f"static-mass-{frac:g}-q2r", ref) | {"fraction": frac})
@@ -763,6 +784,8 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
             pairs.append(Q.paired_diff("all-q2ri", "all-q2r", ref))
 
     # 5. cache-coupled quality: routing of the Q4_K passes → sim decisions → forward in the served formats
+    write_text_atomic(out / "quality-partial.json", json.dumps({"rows": rows, "pairs": pairs}, indent=1,
+                                                               default=_np_default) + "\n")
     cplans = finish_coupled(started)
     coupled_replay_s = time.perf_counter() - t_rep
     Qc = Quality(params, cfg, chunks[:Ce], plan.batch_chunks, plan.n_boot)
@@ -924,6 +947,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tr = plan.train
     if a.steps is not None:
         tr = dataclasses.replace(tr, max_steps=a.steps)
+        plan = dataclasses.replace(plan, fit_schedule=False)
     if a.time_budget_s is not None:
         tr = dataclasses.replace(tr, time_budget_s=a.time_budget_s)
     plan = dataclasses.replace(plan, train=tr)

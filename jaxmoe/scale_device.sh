@@ -11,4 +11,4 @@ cp data/meta.json data/calib.bin data/eval.bin /tmp/corpus/
 [ -f /tmp/corpus/train.bin ] || python3 -c "import lzma,shutil; shutil.copyfileobj(lzma.open('data/train.bin.xz'), open('/tmp/corpus/train.bin','wb'))"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 nproc
-python3 -m jaxmoe.scale --data /tmp/corpus "$@" 2>&1 | tee "$OUTDIR/log.txt"
+timeout -s TERM "${SCALE_TIMEOUT:-100000}" python3 -m jaxmoe.scale --data /tmp/corpus "$@" 2>&1 | tee "$OUTDIR/log.txt"
