@@ -147,6 +147,75 @@ def test_quantize_matches_ggml_c_reference(name, kind):
     assert match.all(), f"{name}/{kind}: {match.mean():.2%} of blocks match; first differing {np.flatnonzero(~match)[:5]}"
 
 
+# ggml's imatrix path: `quantize_q*_K(src, dst, nrows, n_per_row, quant_weights)`, one weight vector per row.
+def ggml_weighted_bytes(name: str, x: np.ndarray, quant_weights: np.ndarray) -> np.ndarray:
+    """Bytes from ggml's `quantize_<type>` with `quant_weights` (K,) on rows x (nrows, K)."""
+    cls = QUANT_TYPES[name]
+    fn = getattr(ctypes.CDLL(GGML_LIB), "quantize_" + name[:-1] + name[-1].upper())  # quantize_q4_K, quantize_q8_0
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    qw = np.ascontiguousarray(quant_weights, dtype=np.float32)
+    assert qw.shape == (x.shape[1],)
+    out = np.zeros(x.size // cls.block_weights * cls.type_size, dtype=np.uint8)
+    assert fn(x.ctypes.data, out.ctypes.data, x.shape[0], x.shape[1], qw.ctypes.data) == out.size
+    return out.reshape(-1, cls.type_size)
+
+
+X_KINDS = ["normal", "student_t3", "wide", "per_group", "positive", "sparse", "half_steps", "zero_groups"]
+W_KINDS = ["lognormal", "ones", "one_hot", "sparse", "tiny", "huge", "integers"]
+
+
+def make_quant_weights(kind: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Seeded importance vectors (float32 >= 0) of a named kind; shape (..., K)."""
+    rng = np.random.default_rng(seed)
+    if kind == "lognormal":  # skewed, like real imatrix columns
+        w = np.exp(rng.normal(0, 2, shape))
+    elif kind == "ones":
+        w = np.ones(shape)
+    elif kind == "one_hot":  # a single important column per vector: most groups weigh nothing
+        w = np.zeros(shape)
+        flat = w.reshape(-1, shape[-1])
+        flat[np.arange(flat.shape[0]), rng.integers(0, shape[-1], flat.shape[0])] = 1.0
+    elif kind == "sparse":  # dead columns (weight 0) beside live ones
+        w = rng.exponential(1.0, shape) * (rng.random(shape) < 0.2)
+    elif kind == "tiny":
+        w = np.exp(rng.normal(0, 1, shape)) * 1e-30
+    elif kind == "huge":
+        w = np.exp(rng.normal(0, 1, shape)) * 1e20
+    elif kind == "integers":  # many exact ties between candidate fits
+        w = rng.integers(0, 4, shape).astype(np.float64)
+    else:
+        raise ValueError(kind)
+    return w.astype(np.float32)
+
+
+def weighted_case(wkind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """x (E=len(X_KINDS)+2, 25, 1024) — one expert per input kind, plus all-zero and constant experts —
+    and per-expert quant_weights (E, 1024)."""
+    xs = [make_weights(k, 100, seed=seed + i).reshape(25, 1024) for i, k in enumerate(X_KINDS)]
+    xs.append(np.zeros((25, 1024), np.float32))
+    xs.append(np.full((25, 1024), -0.37, np.float32))
+    x = np.stack(xs)
+    return x, make_quant_weights(wkind, (x.shape[0], x.shape[2]), seed)
+
+
+@pytest.mark.skipif(not GGML_LIB, reason="set GGML_QUANTS_LIB to a ggml shared library (libggml-base.so)")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("wkind", W_KINDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_weighted_quantize_matches_ggml_c_reference(name, wkind):
+    """Our quant_weights path against ggml's quantize_q*_K imatrix path: every block byte-identical."""
+    x, qw = weighted_case(wkind, seed=zlib.crc32(f"{name}/{wkind}".encode()))
+    cls = QUANT_TYPES[name]
+    ours = cls.quantize(x, qw).reshape(x.shape[0], -1, cls.type_size)
+    for e in range(x.shape[0]):
+        ref = ggml_weighted_bytes(name, x[e], qw[e])
+        match = (ours[e] == ref).all(axis=1)
+        assert match.all(), (f"{name}/{wkind} expert {e}: {match.mean():.2%} of blocks match; "
+                             f"first differing {np.flatnonzero(~match)[:5]}")
+
+
 def test_q8_0_quantize_matches_gguf_quantizer():
     """gguf-py's Q8_0 quantizer is documented bit-exact with ggml's reference: an independent check."""
     x = np.concatenate([make_weights("normal", 40, 8), make_weights("half_steps", 40, 9)]).reshape(-1, 32)
