@@ -102,11 +102,14 @@ def fp16_value(bits: np.ndarray) -> np.ndarray:
 
 
 def _first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(amax, max) over axis 0: largest |x| and the signed x where it first occurs (C's strict `>` scan)."""
+    """(amax, max) over axis 0: largest |x| and the signed x where it first occurs — C's scan
+    `amax = max = 0; if (|x| > amax) ...`, which skips NaN and leaves (0, +0) for all-zero columns."""
     ax = np.abs(x)
+    ax = np.where(np.isnan(ax), _F32(-1), ax)
     idx = ax.argmax(axis=0)
     cols = np.arange(x.shape[1])
-    return ax[idx, cols], x[idx, cols]
+    amax = ax[idx, cols]
+    return np.maximum(amax, _F32(0)), np.where(amax > 0, x[idx, cols], _F32(0))
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def ggml_weighted_bytes(name: str, x: np.ndarray, quant_weights: np.ndarray) -> 
 
 
 X_KINDS = ["normal", "student_t3", "wide", "per_group", "positive", "sparse", "half_steps", "zero_groups"]
-W_KINDS = ["lognormal", "ones", "one_hot", "sparse", "tiny", "huge", "integers"]
+W_KINDS = ["lognormal", "ones", "one_hot", "sparse", "tiny", "huge", "overflow", "integers"]
 
 
 def make_quant_weights(kind: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -183,6 +183,9 @@ def make_quant_weights(kind: str, shape: tuple[int, ...], seed: int) -> np.ndarr
         w = np.exp(rng.normal(0, 1, shape)) * 1e-30
     elif kind == "huge":
         w = np.exp(rng.normal(0, 1, shape)) * 1e20
+    elif kind == "overflow":  # weight sums overflow float32 to Inf (and Inf - Inf to NaN) inside the fits
+        w = np.exp(rng.normal(0, 2, shape))
+        w = w / w.max() * 3e38
     elif kind == "integers":  # many exact ties between candidate fits
         w = rng.integers(0, 4, shape).astype(np.float64)
     else:
@@ -191,11 +194,12 @@ def make_quant_weights(kind: str, shape: tuple[int, ...], seed: int) -> np.ndarr
 
 
 def weighted_case(wkind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """x (E=len(X_KINDS)+2, 25, 1024) — one expert per input kind, plus all-zero and constant experts —
-    and per-expert quant_weights (E, 1024)."""
+    """x (E=len(X_KINDS)+3, 25, 1024) — one expert per input kind, plus all-zero, constant and huge
+    (block Σx² overflows) experts — and per-expert quant_weights (E, 1024)."""
     xs = [make_weights(k, 100, seed=seed + i).reshape(25, 1024) for i, k in enumerate(X_KINDS)]
     xs.append(np.zeros((25, 1024), np.float32))
     xs.append(np.full((25, 1024), -0.37, np.float32))
+    xs.append(make_weights("normal", 100, seed=seed + 99).reshape(25, 1024) * np.float32(1e19))
     x = np.stack(xs)
     return x, make_quant_weights(wkind, (x.shape[0], x.shape[2]), seed)
 
