@@ -147,6 +147,25 @@ def block_units(values: np.ndarray, block: int) -> np.ndarray:
     return np.bincount(ids, weights=v)
 
 
+def unit_of_steps(seq: np.ndarray, block_tokens: int = 64) -> np.ndarray:
+    """int [steps]: the resampling unit of each trace step: its sequence when the trace has at least
+    two sequences, else its block of `block_tokens` consecutive steps (last short block merged as in
+    `block_units`). Sum per-step time, tokens, hits and accesses by this id to get `paired_frame` rows."""
+    seq = np.asarray(seq)
+    if seq.ndim != 1 or seq.size == 0:
+        raise ValueError("seq must be a non-empty 1-D array")
+    uniq, ids = np.unique(seq, return_inverse=True)
+    if uniq.size >= 2:
+        return ids.astype(np.int64)
+    if block_tokens < 1:
+        raise ValueError("block_tokens must be >= 1")
+    ids = np.arange(seq.size) // block_tokens
+    n_full, rest = divmod(seq.size, block_tokens)
+    if rest and rest < block_tokens / 2 and n_full >= 1:
+        ids[ids == n_full] = n_full - 1
+    return ids.astype(np.int64)
+
+
 def paired_frame(df: pd.DataFrame, keys: Sequence[str], baseline: str, *, config: str = "config",
                  unit: str = "unit", time_s: str = "time_s", tokens: str = "tokens", hits: str | None = "hits",
                  accesses: str | None = "accesses", n_resamples: int = N_RESAMPLES, seed: int = 0,
@@ -198,5 +217,5 @@ def paired_frame(df: pd.DataFrame, keys: Sequence[str], baseline: str, *, config
 
 __all__ = [
     "Interval", "LEVEL", "MIN_UNITS", "N_RESAMPLES", "block_units", "paired_frame", "paired_ratio_interval",
-    "ratio_interval", "resample_counts", "resample_indices", "speedup_interval",
+    "ratio_interval", "resample_counts", "resample_indices", "speedup_interval", "unit_of_steps",
 ]

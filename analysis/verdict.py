@@ -229,7 +229,7 @@ def paragraph(decisions: pd.DataFrame, flips: pd.DataFrame, rule: Rule = RULE, n
             text += f"The rule is met in this 1 of {n} settings"
         text += "; reject everywhere else. " if len(rec) < n else ". "
     else:
-        cand = decisions.dropna(subset=["delta_lo"])
+        cand = decisions.dropna(subset=["delta_lo"]) if "delta_lo" in decisions else decisions.iloc[:0]
         text = f"Reject: no precision policy meets the rule in any of the {n} settings. "
         if len(cand):
             near = _rank(cand).iloc[0]

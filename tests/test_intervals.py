@@ -5,7 +5,7 @@ import pytest
 
 from analysis.intervals import (
     block_units, paired_frame, paired_ratio_interval, ratio_interval, resample_counts, resample_indices,
-    speedup_interval,
+    speedup_interval, unit_of_steps,
 )
 
 
@@ -141,3 +141,14 @@ def test_paired_frame_rejects_unmatched_units_and_missing_baseline():
         paired_frame(bad, ["gpu"], "native")
     with pytest.raises(ValueError, match="missing"):
         paired_frame(df.drop(columns="tokens"), ["gpu"], "native")
+
+
+def test_unit_of_steps_sequences_or_blocks_agree_with_block_units():
+    np.testing.assert_array_equal(unit_of_steps(np.array([3, 3, 5, 5, 5, 9])), [0, 0, 1, 1, 1, 2])
+    one = np.zeros(10, dtype=int)
+    ids = unit_of_steps(one, block_tokens=4)
+    np.testing.assert_array_equal(ids, [0, 0, 0, 0, 1, 1, 1, 1, 2, 2])
+    vals = np.arange(10.0)
+    np.testing.assert_array_equal(np.bincount(ids, weights=vals), block_units(vals, 4))
+    np.testing.assert_array_equal(np.bincount(unit_of_steps(np.zeros(9), 4), weights=np.arange(9.0)),
+                                  block_units(np.arange(9.0), 4))

@@ -120,3 +120,9 @@ def test_bad_input_names_the_missing_columns():
     with pytest.raises(ValueError, match="kld_hi"):
         verdict(pd.DataFrame([row()]).drop(columns="kld_hi"))
     assert sensitivity(pd.DataFrame([row()])).empty
+
+
+def test_settings_with_only_the_native_row_are_rejects():
+    v = verdict(pd.DataFrame([native(), native(vram=24)]))
+    assert v.settings.recommended.tolist() == [False, False] and v.settings.n_policies.tolist() == [0, 0]
+    assert v.text.startswith("Reject: no precision policy meets the rule in any of the 2 settings.")
