@@ -81,9 +81,10 @@ def _nint_f32(fval: np.ndarray, lo: int, hi: int) -> np.ndarray:
     return r
 
 
-def _seqsum(a: np.ndarray) -> np.ndarray:
-    """Σ over axis 0 in index order, in float32 — C's `for (i...) s += a[i]` (numpy's sum is pairwise)."""
-    s = a[0].copy()
+def _seqsum(a: np.ndarray, from_first: bool = False) -> np.ndarray:
+    """Σ over axis 0 in index order, in float32 — C's `float s = 0; for (i...) s += a[i]` (numpy's sum is
+    pairwise). `from_first`: C's `float s = a[0]; for (i = 1...)`, which differs only in keeping a -0."""
+    s = a[0].copy() if from_first else a[0] + _F32(0)  # 0 + -0 is +0, as in C
     for i in range(1, a.shape[0]):
         s += a[i]
     return s
@@ -101,11 +102,14 @@ def fp16_value(bits: np.ndarray) -> np.ndarray:
 
 
 def _first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(amax, max) over axis 0: largest |x| and the signed x where it first occurs (C's strict `>` scan)."""
+    """(amax, max) over axis 0: largest |x| and the signed x where it first occurs — C's scan
+    `amax = max = 0; if (|x| > amax) ...`, which skips NaN and leaves (0, +0) for all-zero columns."""
     ax = np.abs(x)
+    ax = np.where(np.isnan(ax), _F32(-1), ax)
     idx = ax.argmax(axis=0)
     cols = np.arange(x.shape[1])
-    return ax[idx, cols], x[idx, cols]
+    amax = ax[idx, cols]
+    return np.maximum(amax, _F32(0)), np.where(amax > 0, x[idx, cols], _F32(0))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -113,12 +117,15 @@ def _first_absmax(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # ----------------------------------------------------------------------------------------------------
 def make_qkx2_quants(x: np.ndarray, weights: np.ndarray, nmax: int, rmin: float, rdelta: float,
                      nstep: int, use_mad: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """ggml's `make_qkx2_quants` on columns of x: (scale (R,), the_min (R,), L (n, R) float32 in [0, nmax])."""
+    """ggml's `make_qkx2_quants` on columns of x: (scale (R,), the_min (R,), L (n, R) float32 in [0, nmax]).
+
+    With explicit weights this is also ggml's `make_qkx3_quants` (the imatrix path): the two differ only
+    in qkx3's `max <= min` early exit, which equals qkx2's `max == min` because min <= max always."""
     w = weights
     mn = x.min(axis=0)
     mx = x.max(axis=0)
-    sum_w = _seqsum(w)
-    sum_x = _seqsum(w * x)
+    sum_w = _seqsum(w, from_first=True)
+    sum_x = _seqsum(w * x, from_first=True)
     mn = np.minimum(mn, _F32(0))  # if (min > 0) min = 0
     flat = mx == mn  # such groups return at once: L = 0, scale = 0, the_min = -min
     mn_flat = mn.copy()
@@ -185,11 +192,13 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(zero, _F32(0), scale).astype(_F32), L
 
 
-def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """ggml's `make_qx_quants(rmse_type=1, qw=NULL)` on columns of x: (scale (R,), L (n, R) in [0, 2*nmax))."""
+def make_qx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's `make_qx_quants(rmse_type=1, qw)` on columns of x: (scale (R,), L (n, R) in [0, 2*nmax)).
+
+    `weights` (n, R) is ggml's `qw`; None means qw=NULL, whose rmse_type 1 weights are x²."""
     amax, mx = _first_absmax(x)
     zero = amax < GROUP_MAX_EPS
-    w = x * x
+    w = x * x if weights is None else weights
     wx = w * x
 
     def fit(iscale):
@@ -212,6 +221,58 @@ def make_qx_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(zero, _F32(0), scale).astype(_F32), np.where(zero, _F32(0), L)
 
 
+def make_qp_quants(x: np.ndarray, nmax: int, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ggml's `make_qp_quants` on columns of x (the sub-block scales or mins of the imatrix path, all >= 0
+    in practice): (scale (R,), L (n, R) float32). x ≈ scale*L, L in [0, nmax], fitted under `weights`.
+
+    ggml stores L in a uint8 and clamps it only from above, so a negative level wraps to 256 + l; the
+    stored value then feeds the later sums. L holds those stored (wrapped) values, as ggml's bytes do."""
+    n = x.shape[0]
+    w = weights
+    mx = np.maximum(_F32(0), x.max(axis=0))  # float max = 0; MAX(max, x[i])
+    zero = mx < GROUP_MAX_EPS
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        iscale = _F32(nmax) / mx
+        stored = (nearest_int(iscale * x) & 0xFF).astype(_F32)  # L[i] = nearest_int(...): uint8 store
+        scale = _F32(1) / iscale
+        diff = x - scale * stored
+        best_mse = _seqsum(w * diff * diff)
+        for step in range(-4, 5):
+            if step == 0:
+                continue
+            iscale_is = (_F32(0.1) * _F32(step) + _F32(nmax)) / mx
+            scale_is = _F32(1) / iscale_is
+            l = np.minimum(nearest_int(iscale_is * x), nmax).astype(_F32)
+            diff = x - scale_is * l
+            mse = _seqsum(w * diff * diff)
+            better = mse < best_mse
+            best_mse = np.where(better, mse, best_mse)
+            iscale = np.where(better, iscale_is, iscale)
+        l_int = np.minimum(nearest_int(iscale * x), nmax)
+        l = l_int.astype(_F32)
+        L = (l_int & 0xFF).astype(_F32)
+        wx = w * x
+        sumlx = _seqsum(wx * l)
+        suml2 = _seqsum(w * l * l)
+        # Coordinate descent as in make_q3_quants; a pass that changes nothing ends ggml's loop, and would
+        # change nothing again, so 5 passes everywhere equal ggml's early exit.
+        for _itry in range(5):
+            for i in range(n):
+                Li = L[i]
+                slx0 = sumlx - wx[i] * Li
+                sl20 = suml2 - w[i] * Li * Li
+                new_int = np.minimum(nearest_int(x[i] * sl20 / slx0), nmax)
+                new_l = new_int.astype(_F32)
+                slx = slx0 + wx[i] * new_l
+                sl2 = sl20 + w[i] * new_l * new_l
+                accept = (slx0 > 0) & (sl20 > 0) & (new_int != Li) & (slx * slx * suml2 > sumlx * sumlx * sl2)
+                L[i] = np.where(accept, (new_int & 0xFF).astype(_F32), Li)
+                sumlx = np.where(accept, slx, sumlx)
+                suml2 = np.where(accept, sl2, suml2)
+        scale = np.where(suml2 > 0, sumlx / suml2, _F32(0))
+    return np.where(zero, _F32(0), scale).astype(_F32), np.where(zero, _F32(0), L)
+
+
 def _groups(blocks: np.ndarray, n: int) -> np.ndarray:
     """(nb, 256) → (n, nb*256/n): column g is group g of n consecutive weights (block-major)."""
     return np.ascontiguousarray(blocks.reshape(-1, n).T)
@@ -220,6 +281,16 @@ def _groups(blocks: np.ndarray, n: int) -> np.ndarray:
 def _ungroup(cols: np.ndarray, nb: int) -> np.ndarray:
     """Inverse of `_groups`: (n, nb*256/n) → (nb, 256)."""
     return cols.T.reshape(nb, -1)
+
+
+def _imatrix_weights(blocks: np.ndarray, x: np.ndarray, quant_weights: np.ndarray, n: int,
+                     sigma_factor: np.float32) -> np.ndarray:
+    """ggml's imatrix weights for the groups x (n, R) of `blocks` (nb, 256): qw * sqrt(sigma2 + x²), with
+    sigma2 = sigma_factor * Σ(block x²) / 256 (factor 1 for Q2_K, 2 for Q3_K and Q4_K)."""
+    sumx2 = _seqsum((blocks * blocks).T)  # (nb,)
+    sigma2 = sigma_factor * sumx2 / _F32(QK_K)
+    sigma2 = np.repeat(sigma2, QK_K // n)  # per group column
+    return _groups(quant_weights, n) * np.sqrt(sigma2 + x * x)
 
 
 def _pack_2bit(L: np.ndarray) -> np.ndarray:
@@ -258,8 +329,9 @@ class QuantFormat:
         raise TypeError("format classes are used through their classmethods")
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        """(n, block_weights) float32 → (n, type_size) uint8, ggml's reference algorithm."""
+    def quantize_blocks(cls, blocks: np.ndarray, quant_weights: np.ndarray | None = None) -> np.ndarray:
+        """(n, block_weights) float32 → (n, type_size) uint8, ggml's reference algorithm; `quant_weights`
+        (n, block_weights) float32 >= 0, the importance of each weight, selects ggml's imatrix path."""
         raise NotImplementedError
 
     @classmethod
@@ -276,17 +348,23 @@ class QuantFormat:
         return (*shape[:-1], shape[-1] // cls.block_weights * cls.type_size)
 
     @classmethod
-    def quantize(cls, array: np.ndarray) -> np.ndarray:
-        """Quantize a float array (last axis a multiple of the block) → uint8 (..., row_bytes)."""
+    def quantize(cls, array: np.ndarray, quant_weights: np.ndarray | None = None) -> np.ndarray:
+        """Quantize a float array (last axis a multiple of the block) → uint8 (..., row_bytes).
+
+        `quant_weights`: importance per input column (ggml's `quant_weights`, an imatrix row), float >= 0 of
+        shape (K,) for every row, or array.shape[:-2] + (K,) for one vector per matrix (e.g. per expert of
+        an (E, N, K) tensor). None is ggml's reference path (`quantize_row_*_ref`), unchanged."""
         arr = np.asarray(array)
         out_shape = cls.byte_shape(arr.shape)
         blocks = np.ascontiguousarray(arr, dtype=_F32).reshape(-1, cls.block_weights)
         bad = ~np.isfinite(blocks)
         if bad.any():
             raise ValueError(f"{cls.name}: cannot quantize {int(bad.sum())} non-finite value(s) (NaN or Inf)")
+        qw = None if quant_weights is None else _row_weights(cls, arr.shape, quant_weights)
         out = np.empty((blocks.shape[0], cls.type_size), dtype=np.uint8)
         for start in range(0, blocks.shape[0], QUANT_CHUNK_BLOCKS):
-            out[start:start + QUANT_CHUNK_BLOCKS] = cls.quantize_blocks(blocks[start:start + QUANT_CHUNK_BLOCKS])
+            stop = start + QUANT_CHUNK_BLOCKS
+            out[start:stop] = cls.quantize_blocks(blocks[start:stop], None if qw is None else qw.blocks(start, stop))
         return out.reshape(out_shape)
 
     @classmethod
@@ -311,23 +389,33 @@ class Q2_K(QuantFormat, name="q2_k", ggml_type=10):
     """2.625 bpw: 16 groups of 16, x = d*sc*q - dmin*m with 4-bit sc, m and 2-bit q."""
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        """ggml's `quantize_row_q2_K_ref`."""
+    def quantize_blocks(cls, blocks: np.ndarray, quant_weights: np.ndarray | None = None) -> np.ndarray:
+        """ggml's `quantize_row_q2_K_ref`, or with `quant_weights` its `quantize_row_q2_K_impl`."""
         nb = blocks.shape[0]
         x = _groups(blocks, 16)  # (16, nb*16)
-        scales, mins, L = make_qkx2_quants(x, np.abs(x), 3, -0.5, 0.1, 15, True)
-        # (nb, 16)
-        scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
-        max_scale = np.maximum(scales.max(axis=1), _F32(0))
-        max_min = np.maximum(mins.max(axis=1), _F32(0))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ls = nearest_int((_F32(15) / max_scale)[:, None] * scales)
-            lm = nearest_int((_F32(15) / max_min)[:, None] * mins)
-        has_s, has_m = max_scale > 0, max_min > 0
-        sc = np.where(has_s[:, None], ls & 0xFF, 0)
-        sc = np.where(has_m[:, None], (sc | (lm << 4)) & 0xFF, sc).astype(np.uint8)
-        d_bits = fp16_bits(np.where(has_s, max_scale / _F32(15), _F32(0)))
-        dmin_bits = fp16_bits(np.where(has_m, max_min / _F32(15), _F32(0)))
+        if quant_weights is None:
+            scales, mins, L = make_qkx2_quants(x, np.abs(x), 3, -0.5, 0.1, 15, True)
+            # (nb, 16)
+            scales, mins = scales.reshape(nb, 16), mins.reshape(nb, 16)
+            max_scale = np.maximum(scales.max(axis=1), _F32(0))
+            max_min = np.maximum(mins.max(axis=1), _F32(0))
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ls = nearest_int((_F32(15) / max_scale)[:, None] * scales)
+                lm = nearest_int((_F32(15) / max_min)[:, None] * mins)
+            has_s, has_m = max_scale > 0, max_min > 0
+            sc = np.where(has_s[:, None], ls & 0xFF, 0)
+            sc = np.where(has_m[:, None], (sc | (lm << 4)) & 0xFF, sc).astype(np.uint8)
+            d_bits = fp16_bits(np.where(has_s, max_scale / _F32(15), _F32(0)))
+            dmin_bits = fp16_bits(np.where(has_m, max_min / _F32(15), _F32(0)))
+        else:
+            weight = _imatrix_weights(blocks, x, quant_weights, 16, _F32(1))
+            scales, mins, L = make_qkx2_quants(x, weight, 3, -0.9, 0.05, 36, False)  # make_qkx3_quants
+            sw = _seqsum(weight).reshape(nb, 16).T  # (16, nb)
+            dm, ls = make_qp_quants(scales.reshape(nb, 16).T, 15, sw)
+            mm, lm = make_qp_quants(mins.reshape(nb, 16).T, 15, sw)
+            ls, lm = ls.T.astype(np.uint8), lm.T.astype(np.uint8)  # (nb, 16) stored uint8 levels
+            sc = ls | (lm << 4)  # uint8: bits shifted out are dropped, as in ggml's store
+            d_bits, dmin_bits = fp16_bits(dm), fp16_bits(mm)
         # re-round against the stored scales; (nb, 16) per group
         dl = fp16_value(d_bits)[:, None] * (sc & 0xF).astype(_F32)
         ml = fp16_value(dmin_bits)[:, None] * (sc >> 4).astype(_F32)
@@ -361,25 +449,33 @@ class Q3_K(QuantFormat, name="q3_k", ggml_type=11):
     """3.4375 bpw: 16 groups of 16, x = d*(sc-32)*(q-4) with 6-bit sc and 3-bit q (high bit in hmask)."""
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        """ggml's `quantize_row_q3_K_ref`."""
+    def quantize_blocks(cls, blocks: np.ndarray, quant_weights: np.ndarray | None = None) -> np.ndarray:
+        """ggml's `quantize_row_q3_K_ref`, or with `quant_weights` its `quantize_row_q3_K_impl`."""
         nb = blocks.shape[0]
         x = _groups(blocks, 16)  # (16, nb*16)
-        scales, L = make_q3_quants(x, 4)
-        scales = scales.reshape(nb, 16)
-        _, max_scale = _first_absmax(scales.T)
-        has = max_scale != 0
-        with np.errstate(divide="ignore", invalid="ignore"):
-            iscale = _F32(-32) / max_scale
-            l = nearest_int(iscale[:, None] * scales)
-        l = ((l + 128) & 0xFF) - 128  # int8_t l = nearest_int(...)
-        l = np.where(has[:, None], np.clip(l, -32, 31) + 32, 0).astype(np.uint8)  # (nb, 16) in 0..63
+        if quant_weights is None:
+            scales, L = make_q3_quants(x, 4)
+            scales = scales.reshape(nb, 16)
+            _, max_scale = _first_absmax(scales.T)
+            has = max_scale != 0
+            with np.errstate(divide="ignore", invalid="ignore"):
+                iscale = _F32(-32) / max_scale
+                l = nearest_int(iscale[:, None] * scales)
+            l = ((l + 128) & 0xFF) - 128  # int8_t l = nearest_int(...)
+            l = np.where(has[:, None], np.clip(l, -32, 31) + 32, 0).astype(np.uint8)  # (nb, 16) in 0..63
+            with np.errstate(divide="ignore"):
+                d_float = np.where(has, _F32(1) / iscale, _F32(0))
+        else:
+            weight = _imatrix_weights(blocks, x, quant_weights, 16, _F32(2))
+            scales, L = make_qx_quants(x, 4, weight)
+            sw = _seqsum(weight).reshape(nb, 16).T  # (16, nb)
+            d_float, ls = make_qx_quants(scales.reshape(nb, 16).T, 32, sw)
+            l = ls.T.astype(np.uint8)  # (nb, 16) in 0..63
         sb = np.empty((nb, 12), dtype=np.uint8)
         sb[:, :8] = (l[:, :8] & 0xF) | ((l[:, 8:] & 0xF) << 4)
         hi = l >> 4  # (nb, 16) 2-bit high parts; byte 8 + j%4 holds j's at bits 2*(j//4)
         sb[:, 8:] = hi[:, 0:4] | (hi[:, 4:8] << 2) | (hi[:, 8:12] << 4) | (hi[:, 12:16] << 6)
-        with np.errstate(divide="ignore"):
-            d_bits = fp16_bits(np.where(has, _F32(1) / iscale, _F32(0)))
+        d_bits = fp16_bits(d_float)
         # re-round against the stored scales (unpacking gives back l); (nb, 16)
         dl = fp16_value(d_bits)[:, None] * (l.astype(np.int32) - 32).astype(_F32)
         xb = blocks.reshape(nb, 16, 16)
@@ -424,31 +520,41 @@ class Q4_K(QuantFormat, name="q4_k", ggml_type=12):
     """4.5 bpw: 8 groups of 32, x = d*sc*q - dmin*m with 6-bit sc, m and 4-bit q."""
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        """ggml's `quantize_row_q4_K_ref`."""
+    def quantize_blocks(cls, blocks: np.ndarray, quant_weights: np.ndarray | None = None) -> np.ndarray:
+        """ggml's `quantize_row_q4_K_ref`, or with `quant_weights` its `quantize_row_q4_K_impl`."""
         nb = blocks.shape[0]
         x = _groups(blocks, 32)  # (32, nb*8)
-        sum_x2 = _seqsum(x * x)
-        av_x = np.sqrt(sum_x2 / _F32(32))
-        scales, mins, L = make_qkx2_quants(x, av_x + np.abs(x), 15, -1.0, 0.1, 20, False)
-        # (nb, 8)
-        scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
-        max_scale = np.maximum(scales.max(axis=1), _F32(0))
-        max_min = np.maximum(mins.max(axis=1), _F32(0))
-        with np.errstate(divide="ignore"):
-            inv_scale = np.where(max_scale > 0, _F32(63) / max_scale, _F32(0))
-            inv_min = np.where(max_min > 0, _F32(63) / max_min, _F32(0))
-        ls = np.minimum(nearest_int(inv_scale[:, None] * scales) & 0xFF, 63).astype(np.uint8)
-        lm = np.minimum(nearest_int(inv_min[:, None] * mins) & 0xFF, 63).astype(np.uint8)
+        if quant_weights is None:
+            sum_x2 = _seqsum(x * x)
+            av_x = np.sqrt(sum_x2 / _F32(32))
+            scales, mins, L = make_qkx2_quants(x, av_x + np.abs(x), 15, -1.0, 0.1, 20, False)
+            # (nb, 8)
+            scales, mins = scales.reshape(nb, 8), mins.reshape(nb, 8)
+            max_scale = np.maximum(scales.max(axis=1), _F32(0))
+            max_min = np.maximum(mins.max(axis=1), _F32(0))
+            with np.errstate(divide="ignore"):
+                inv_scale = np.where(max_scale > 0, _F32(63) / max_scale, _F32(0))
+                inv_min = np.where(max_min > 0, _F32(63) / max_min, _F32(0))
+            ls = np.minimum(nearest_int(inv_scale[:, None] * scales) & 0xFF, 63).astype(np.uint8)
+            lm = np.minimum(nearest_int(inv_min[:, None] * mins) & 0xFF, 63).astype(np.uint8)
+            d_float, dmin_float = max_scale / _F32(63), max_min / _F32(63)
+        else:
+            weight = _imatrix_weights(blocks, x, quant_weights, 32, _F32(2))
+            scales, mins, L = make_qkx2_quants(x, weight, 15, -0.9, 0.05, 36, False)  # make_qkx3_quants
+            sw = _seqsum(weight).reshape(nb, 8).T  # (8, nb)
+            d_float, ls = make_qp_quants(scales.reshape(nb, 8).T, 63, sw)
+            dmin_float, lm = make_qp_quants(mins.reshape(nb, 8).T, 63, sw)
+            ls, lm = ls.T.astype(np.uint8), lm.T.astype(np.uint8)  # (nb, 8) stored uint8 levels
         sb = np.empty((nb, 12), dtype=np.uint8)
         sb[:, 0:4] = ls[:, :4] | ((ls[:, 4:] >> 4) << 6)
         sb[:, 4:8] = lm[:, :4] | ((lm[:, 4:] >> 4) << 6)
         sb[:, 8:12] = (ls[:, 4:] & 0xF) | ((lm[:, 4:] & 0xF) << 4)
-        d_bits = fp16_bits(max_scale / _F32(63))
-        dmin_bits = fp16_bits(max_min / _F32(63))
-        # re-round against the stored scales (get_scale_min_k4 gives back ls, lm); (nb, 8)
-        dl = fp16_value(d_bits)[:, None] * ls.astype(_F32)
-        ml = fp16_value(dmin_bits)[:, None] * lm.astype(_F32)
+        d_bits = fp16_bits(d_float)
+        dmin_bits = fp16_bits(dmin_float)
+        # re-round against the stored scales as get_scale_min_k4 decodes them (ls, lm when <= 63); (nb, 8)
+        sc_stored, m_stored = cls.scale_min(sb)
+        dl = fp16_value(d_bits)[:, None] * sc_stored.astype(_F32)
+        ml = fp16_value(dmin_bits)[:, None] * m_stored.astype(_F32)
         xb = blocks.reshape(nb, 8, 32)
         with np.errstate(divide="ignore", invalid="ignore"):
             l2 = _nint_f32((xb + ml[:, :, None]) / dl[:, :, None], 0, 15)
@@ -490,11 +596,13 @@ class Q6_K(QuantFormat, name="q6_k", ggml_type=14):
     """6.5625 bpw: 16 groups of 16, x = d*sc*(q-32) with int8 sc and 6-bit q."""
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        """ggml's `quantize_row_q6_K_ref`."""
+    def quantize_blocks(cls, blocks: np.ndarray, quant_weights: np.ndarray | None = None) -> np.ndarray:
+        """ggml's `quantize_row_q6_K_ref`, or with `quant_weights` its `quantize_row_q6_K_impl`, whose only
+        change is that the group fits weigh by the importance itself (no sigma term)."""
         nb = blocks.shape[0]
         x = _groups(blocks, 16)  # (16, nb*16)
-        scales, L = make_qx_quants(x, 32)
+        qw = None if quant_weights is None else _groups(quant_weights, 16)
+        scales, L = make_qx_quants(x, 32, qw)
         scales = scales.reshape(nb, 16)
         max_abs_scale, max_scale = _first_absmax(scales.T)
         zero = max_abs_scale < GROUP_MAX_EPS
@@ -544,8 +652,9 @@ class Q8_0(QuantFormat, name="q8_0", ggml_type=8):
     """8.5 bpw: blocks of 32, x = d*q with int8 q."""
 
     @classmethod
-    def quantize_blocks(cls, blocks: np.ndarray) -> np.ndarray:
-        """ggml's `quantize_row_q8_0_ref` (roundf: half away from zero)."""
+    def quantize_blocks(cls, blocks: np.ndarray, quant_weights: np.ndarray | None = None) -> np.ndarray:
+        """ggml's `quantize_row_q8_0_ref` (roundf: half away from zero); ggml's `quantize_q8_0` ignores
+        `quant_weights`, and so does this."""
         amax = np.abs(blocks).max(axis=1)
         d = amax / _F32(127)
         with np.errstate(divide="ignore"):
@@ -561,6 +670,39 @@ class Q8_0(QuantFormat, name="q8_0", ggml_type=8):
         return blocks[:, 2:34].view(np.int8).astype(_F32) * d
 
 
+class _RowWeights:
+    """Per-block quant_weights of a (..., N, K) tensor, built per chunk instead of N copies of each vector."""
+
+    def __init__(self, vectors: np.ndarray, rows_per_vector: int, block_weights: int):
+        self.vectors = vectors  # (V, K) float32: one importance vector per matrix
+        self.rows_per_vector = rows_per_vector
+        self.block_weights = block_weights
+
+    def blocks(self, start: int, stop: int) -> np.ndarray:
+        """Weights of blocks start..stop-1 (row-major, as the tensor's blocks), (stop - start, block_weights)."""
+        v, k = self.vectors.shape
+        per_row = k // self.block_weights
+        idx = np.arange(start, min(stop, v * self.rows_per_vector * per_row))
+        row, col_block = np.divmod(idx, per_row)
+        return self.vectors.reshape(v, per_row, self.block_weights)[row // self.rows_per_vector, col_block]
+
+
+def _row_weights(fmt: type[QuantFormat], shape: tuple[int, ...], quant_weights: np.ndarray) -> _RowWeights:
+    """Check quant_weights against a tensor's shape; ValueError names the format and the problem."""
+    qw = np.asarray(quant_weights, dtype=_F32)
+    k = shape[-1]
+    per_matrix = (*shape[:-2], k)
+    if qw.shape not in ((k,), per_matrix):
+        raise ValueError(f"{fmt.name}: quant_weights has shape {qw.shape}; a tensor of shape {shape} takes "
+                         f"({k},) or {per_matrix}")
+    bad = ~(np.isfinite(qw) & (qw >= 0))
+    if bad.any():
+        raise ValueError(f"{fmt.name}: quant_weights holds {int(bad.sum())} negative or non-finite value(s)")
+    vectors = qw.reshape(-1, k) + _F32(0)  # -0 → +0, as ggml's sums that start from 0 would make it
+    rows = int(np.prod(shape[:-1], dtype=np.int64))
+    return _RowWeights(vectors, rows // vectors.shape[0], fmt.block_weights)
+
+
 def get_quant(name: str) -> type[QuantFormat]:
     """Look up a format class by (case-insensitive) name; ValueError names the known ones."""
     key = name.lower()
@@ -569,9 +711,10 @@ def get_quant(name: str) -> type[QuantFormat]:
     return QUANT_TYPES[key]
 
 
-def quantize(array: np.ndarray, fmt: str) -> np.ndarray:
-    """Quantize `array` (last axis whole blocks) to format `fmt` → uint8 (..., row_bytes)."""
-    return get_quant(fmt).quantize(array)
+def quantize(array: np.ndarray, fmt: str, quant_weights: np.ndarray | None = None) -> np.ndarray:
+    """Quantize `array` (last axis whole blocks) to format `fmt` → uint8 (..., row_bytes); `quant_weights`
+    as in `QuantFormat.quantize` (None: ggml's reference quantizer)."""
+    return get_quant(fmt).quantize(array, quant_weights)
 
 
 def dequantize(qbytes: np.ndarray | bytes, fmt: str, shape: Sequence[int]) -> np.ndarray:
@@ -579,6 +722,7 @@ def dequantize(qbytes: np.ndarray | bytes, fmt: str, shape: Sequence[int]) -> np
     return get_quant(fmt).dequantize(qbytes, shape)
 
 
-def requantize(qbytes: np.ndarray | bytes, src: str, dst: str, shape: Sequence[int]) -> np.ndarray:
+def requantize(qbytes: np.ndarray | bytes, src: str, dst: str, shape: Sequence[int],
+               quant_weights: np.ndarray | None = None) -> np.ndarray:
     """Re-quantize a `src`-format tensor of float `shape` to `dst` (dequantize to float32, quantize)."""
-    return get_quant(dst).quantize(get_quant(src).dequantize(qbytes, shape))
+    return get_quant(dst).quantize(get_quant(src).dequantize(qbytes, shape), quant_weights)

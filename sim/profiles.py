@@ -4,7 +4,11 @@ A model profile answers "how many bytes is expert e of layer l in format f": its
 format per tensor (gate, up, down) and the weights per expert. Built-ins follow llama.cpp's
 Q4_K_M recipe: ffn_down and attn_v get Q6_K in the layers `use_more_bits` picks (the first and
 last eighth and every third layer between), Q4_K elsewhere; this reproduces the per-layer
-expert_bytes and dense_bytes in the header of the shared Qwen3-30B-A3B trace exactly.
+expert_bytes and dense_bytes in the header of the shared Qwen3-30B-A3B trace exactly. Q5_K_M is the
+same recipe on a Q5_K base (llama.cpp src/llama-quant.cpp, `llama_tensor_get_type_impl`: the
+FFN_DOWN branch gives Q6_K to `use_more_bits` layers for both Q4_K_M and Q5_K_M, and
+`llama_ftype_get_default_type` maps Q4_K_M → Q4_K, Q5_K_M → Q5_K). Models with exactly 8 experts
+(Mixtral) get attn_k and attn_v at Q8_0 and, under Q4_K_M, attn_output at Q5_K (same function).
 A trace's own metadata wins over a built-in where present.
 
 A hardware profile is JSON in sim/profiles/ (schema in docs/hardware-profiles.md): host→device
@@ -90,17 +94,28 @@ class ModelProfile:
         return int(self.native_bytes_per_layer().sum()) * self.n_experts
 
 
+# llama.cpp "_M" mixes: variant -> base K-quant of every 2-D weight; ffn_down and attn_v get Q6_K
+# in the `use_more_bits` layers (src/llama-quant.cpp, llama_tensor_get_type_impl).
+K_M_BASE = {"q4_k_m": "q4_k", "q5_k_m": "q5_k"}
+
+
+def _k_m(n_layers: int, base: str) -> tuple[tuple[str, str, str], ...]:
+    """Per-layer (gate, up, down) formats of a llama.cpp Q4_K_M / Q5_K_M expert FFN on `base`."""
+    return tuple((base, base, "q6_k" if use_more_bits(i, n_layers) else base) for i in range(n_layers))
+
+
 def _q4_k_m(n_layers: int) -> tuple[tuple[str, str, str], ...]:
-    return tuple(("q4_k", "q4_k", "q6_k" if use_more_bits(i, n_layers) else "q4_k") for i in range(n_layers))
+    return _k_m(n_layers, "q4_k")
 
 
-def _attention_bytes(hidden: int, n_heads: int, n_kv: int, head_dim: int, n_experts: int, v_fmt: str) -> int:
-    """Dense bytes of one layer: Q/K/O at Q4_K, V at `v_fmt`, f32 router and norms (llama.cpp Q4_K_M)."""
-    q4 = get_format("q4_k")
-    q = q4.nbytes(hidden * n_heads * head_dim)
-    k = q4.nbytes(hidden * n_kv * head_dim)
+def _attention_bytes(hidden: int, n_heads: int, n_kv: int, head_dim: int, n_experts: int, v_fmt: str,
+                     base: str = "q4_k", k_fmt: str | None = None, o_fmt: str | None = None) -> int:
+    """Dense bytes of one layer: Q/K/O at `base` (K, O overridable), V at `v_fmt`, f32 router and norms."""
+    fb = get_format(base)
+    q = fb.nbytes(hidden * n_heads * head_dim)
+    k = get_format(k_fmt or base).nbytes(hidden * n_kv * head_dim)
     v = get_format(v_fmt).nbytes(hidden * n_kv * head_dim)
-    o = q4.nbytes(n_heads * head_dim * hidden)
+    o = get_format(o_fmt or base).nbytes(n_heads * head_dim * hidden)
     router = 4 * hidden * n_experts
     norms = 4 * (2 * hidden + 2 * head_dim)
     return q + k + v + o + router + norms
@@ -108,15 +123,20 @@ def _attention_bytes(hidden: int, n_heads: int, n_kv: int, head_dim: int, n_expe
 
 def _llama_cpp_moe(name: str, variant: str, *, n_layers: int, hidden: int, ffn: int, n_heads: int, n_kv: int,
                    head_dim: int, n_experts: int, top_k: int, vocab: int, qk_norm: bool) -> ModelProfile:
-    """An MoE model as llama.cpp stores it: experts in Q4_K_M (or uniformly in `variant`)."""
-    if variant == "q4_k_m":
-        native = _q4_k_m(n_layers)
+    """An MoE model as llama.cpp stores it: experts in Q4_K_M / Q5_K_M (or uniformly in `variant`)."""
+    base = K_M_BASE.get(variant, "q4_k")
+    if variant in K_M_BASE:
+        native = _k_m(n_layers, base)
     else:
         get_format(variant)
         native = tuple((variant,) * 3 for _ in range(n_layers))
     no_qk_norm = 0 if qk_norm else 4 * 2 * head_dim
+    # llama.cpp: an 8-expert model (Mixtral) gets attn_k and attn_v at Q8_0, and attn_output at Q5_K under Q4_K_M
+    eight = n_experts == 8
     dense = tuple(
-        _attention_bytes(hidden, n_heads, n_kv, head_dim, n_experts, "q6_k" if use_more_bits(i, n_layers) else "q4_k")
+        _attention_bytes(hidden, n_heads, n_kv, head_dim, n_experts,
+                         "q8_0" if eight else ("q6_k" if use_more_bits(i, n_layers) else base), base,
+                         k_fmt="q8_0" if eight else None, o_fmt="q5_k" if eight else None)
         - no_qk_norm
         for i in range(n_layers)
     )
@@ -129,9 +149,10 @@ def _llama_cpp_moe(name: str, variant: str, *, n_layers: int, hidden: int, ffn: 
         expert_ffn=ffn,
         native_formats=native,
         dense_bytes=dense,
-        head_bytes=get_format("q6_k").nbytes(vocab * hidden) + get_format("q4_k").nbytes(hidden),
+        head_bytes=get_format("q6_k").nbytes(vocab * hidden) + get_format(base).nbytes(hidden),
         kv_bytes_per_token=n_layers * 2 * n_kv * head_dim * 2,
-        notes="GGUF Q4_K_M recipe; dense = attention + f32 router + norms per layer",
+        notes=f"GGUF {variant.upper()} recipe (llama.cpp llama-quant.cpp); dense = attention + f32 router + norms "
+              "per layer; head = Q6_K output + one embedding row; KV cache f16",
     )
 
 
@@ -147,8 +168,21 @@ def mixtral_8x7b(variant: str = "q4_k_m") -> ModelProfile:
                           head_dim=128, n_experts=8, top_k=2, vocab=32_000, qk_norm=False)
 
 
-MODEL_BUILDERS = {"qwen3-30b-a3b": qwen3_30b_a3b, "mixtral-8x7b": mixtral_8x7b}
-MODEL_NAMES = tuple(f"{m}:{v}" for m in MODEL_BUILDERS for v in ("q4_k_m", "q4_k", "q3_k", "q2_k", "bf16"))
+def qwen3_235b_a22b(variant: str = "q4_k_m") -> ModelProfile:
+    """Qwen3-235B-A22B: 94 layers, 128 experts, top-8, hidden 4096, moe ffn 1536, 64 q / 4 kv heads.
+
+    Geometry from its Hugging Face config.json (Qwen/Qwen3-235B-A22B: num_hidden_layers 94,
+    hidden_size 4096, moe_intermediate_size 1536, num_experts 128, num_experts_per_tok 8,
+    num_attention_heads 64, num_key_value_heads 4, head_dim 128, vocab_size 151936,
+    tie_word_embeddings false); every layer is an MoE layer (mlp_only_layers empty).
+    """
+    return _llama_cpp_moe("qwen3-235b-a22b", variant, n_layers=94, hidden=4096, ffn=1536, n_heads=64, n_kv=4,
+                          head_dim=128, n_experts=128, top_k=8, vocab=151_936, qk_norm=True)
+
+
+MODEL_BUILDERS = {"qwen3-30b-a3b": qwen3_30b_a3b, "mixtral-8x7b": mixtral_8x7b, "qwen3-235b-a22b": qwen3_235b_a22b}
+MODEL_NAMES = tuple(f"{m}:{v}" for m in MODEL_BUILDERS
+                    for v in ("q4_k_m", "q5_k_m", "q4_k", "q5_k", "q3_k", "q2_k", "bf16"))
 
 
 def get_model(name: str) -> ModelProfile:

@@ -161,6 +161,12 @@ PRESETS: dict[str, SynthConfig] = {
         skew_early=0.3, skew_deep=0.6, depth_scale_layers=4.0, reuse_p_early=0.05, reuse_p=0.15,
         gate_temperature=0.4,
     ),
+    # Qwen3-235B-A22B: 94 layers, 128 experts, top-8 (config.json; sim.profiles.qwen3_235b_a22b). No
+    # routing trace of it is at hand: the Qwen3-30B-A3B fit (same family, same 128-expert top-8
+    # router) is reused, including the depth ramp in absolute layers. An assumption, not a fit.
+    "qwen3-235b-a22b": SynthConfig(
+        model="qwen3-235b-a22b", n_layers=94, n_experts=128, top_k=8, expert_weights=3 * 4096 * 1536,
+    ),
 }
 
 
@@ -499,6 +505,56 @@ def distinct_experts(trace: Trace, phase: int | None = DECODE) -> float:
     return float(np.mean(counts)) if counts else float("nan")
 
 
+def calibration_fraction(calib_seqs: int, n_seqs: int) -> float:
+    """The `--calib-fraction` that makes the replay calibrate on exactly the first `calib_seqs` of
+    `n_seqs` sequences (sim.engine.calibration_steps rounds fraction × sequences)."""
+    if not 1 <= calib_seqs < n_seqs:
+        raise InputError(None, f"calibration sequences must be in [1, {n_seqs - 1}], got {calib_seqs}")
+    return calib_seqs / n_seqs
+
+
+def with_calibration(trace: Trace, calib_seqs: int) -> Trace:
+    """`trace` with meta.extra recording that its first `calib_seqs` sequences are for calibration."""
+    n = len(np.unique(trace.seq))
+    extra = dict(trace.meta.extra, calib_seqs=int(calib_seqs), calib_fraction=calibration_fraction(calib_seqs, n))
+    meta = dataclasses.replace(trace.meta, extra=extra)
+    return Trace.from_arrays(trace.experts, trace.weights, trace.phase, trace.seq, meta, trace.predicted, copy=False)
+
+
+def distinct_keys(trace: Trace, steps: np.ndarray | None = None) -> int:
+    """Distinct (layer, expert) pairs selected in the steps where `steps` is True (all by default)."""
+    m = trace.meta
+    ex = (trace.experts if steps is None else trace.experts[steps]).astype(np.int64)
+    keys = (np.arange(m.n_layers)[None, :, None] * m.n_experts + ex)[ex != ABSENT]
+    return int(np.unique(keys).size)
+
+
+def pressure(trace: Trace, budget_bytes: int, expert_bytes_per_layer: np.ndarray, calib_seqs: int = 0) -> dict:
+    """How far the experts a trace touches exceed what a byte budget holds (native sizes).
+
+    `fit` counts the experts the budget holds if filled smallest-first (an upper bound on any
+    policy's residency); `touched_eval` is the distinct (layer, expert) pairs of the sequences after
+    the first `calib_seqs`. A ratio touched_eval / fit above 1 means the cache must evict.
+    """
+    m = trace.meta
+    sizes = np.asarray(expert_bytes_per_layer, dtype=np.int64)
+    if sizes.shape != (m.n_layers,):
+        raise InputError(None, f"need one expert size per layer ({m.n_layers}), got {sizes.shape}")
+    per_key = np.sort(np.repeat(sizes, m.n_experts))
+    fit = int(np.searchsorted(np.cumsum(per_key), budget_bytes, side="right"))
+    seqs = list(dict.fromkeys(trace.seq.tolist()))
+    evals = ~np.isin(trace.seq, seqs[:calib_seqs])
+    touched_eval = distinct_keys(trace, evals)
+    return {
+        "model": m.model, "steps": int(trace.n_steps), "sequences": len(seqs), "calib_seqs": int(calib_seqs),
+        "decode_steps_eval": int((evals & (trace.phase == DECODE)).sum()),
+        "experts_total": m.n_layers * m.n_experts, "budget_bytes": int(budget_bytes), "fit": fit,
+        "touched_all": distinct_keys(trace), "touched_eval": touched_eval,
+        "touched_per_seq": distinct_experts(trace, None),
+        "touched_over_fit": touched_eval / fit if fit else float("inf"),
+    }
+
+
 def popularity_entropy(trace: Trace, phase: int | None = DECODE) -> np.ndarray:
     """Per-layer entropy of the expert-selection histogram divided by log(n_experts) (1 = uniform)."""
     m = trace.meta
@@ -635,6 +691,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                     "predicted with this probability")
     ap.add_argument("--prefill-skip-last-layer", action="store_true", default=None,
                     help="mark the last layer absent on prefill steps but each prompt's last (as llama.cpp)")
+    ap.add_argument("--calib-seqs", type=int, help="of the --seqs sequences, this many first ones are for "
+                    "calibration: recorded in meta.extra (calib_seqs, calib_fraction) and printed as the "
+                    "sim.replay --calib-fraction that selects them")
+    ap.add_argument("--pressure-gib", type=float, help="also print how many distinct experts the evaluation "
+                    "sequences touch vs how many fit in the expert budget of a GPU with this much VRAM "
+                    "(sim.hwgrid from --pressure-base, the model's built-in profile, 4 k context)")
+    ap.add_argument("--pressure-base", default="rtx3060-12gb", help="hardware profile for --pressure-gib "
+                    "(default %(default)s: its runtime reserve is used)")
     ap.add_argument("--stats", action="store_true", help="print the full stats() JSON after the summary")
     ap.add_argument("--compare", metavar="REAL.npz", help="instead of writing a trace: print REAL's statistics "
                     "beside synthetic traces of the same shape (model knobs above apply)")
@@ -659,8 +723,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         a.model, n_seqs=a.seqs, prefill_tokens=a.prefill, decode_tokens=a.decode, seed=a.seed,
         predict_accuracy=a.predict_accuracy, prefill_skip_last_layer=a.prefill_skip_last_layer, **knobs,
     )
+    if a.calib_seqs is not None:
+        calib_fraction = calibration_fraction(a.calib_seqs, cfg.n_seqs)
+    pressure_model = None
+    if a.pressure_gib is not None:
+        from sim.hwgrid import derive
+        from sim.profiles import derived_expert_budget, get_model
+
+        pressure_model = get_model(cfg.model)
+        budget = derived_expert_budget(pressure_model, derive(a.pressure_base, a.pressure_gib, "gen4x16"))
     t0 = time.perf_counter()
     trace = synthesize(cfg)
+    if a.calib_seqs is not None:
+        trace = with_calibration(trace, a.calib_seqs)
     elapsed_s = time.perf_counter() - t0
     save_trace(trace, a.output)
     ph = DECODE if cfg.decode_tokens > 0 else PREFILL
@@ -670,6 +745,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         extra = f", prediction accuracy {prediction_accuracy(trace):.3f}"
     print(f"{a.output}: {describe(trace)}; {PHASE_WORD[ph]} next-token reuse {reuse:.3f}{extra} "
           f"(synthesized in {elapsed_s:.2f} s)")
+    if a.calib_seqs is not None:
+        print(f"calibration: first {a.calib_seqs} of {cfg.n_seqs} sequences; replay with --calib-fraction "
+              f"{calib_fraction!r}")
+    if pressure_model is not None:
+        rep = pressure(trace, budget, pressure_model.native_bytes_per_layer(), a.calib_seqs or 0)
+        print(f"pressure at {a.pressure_gib:g} GiB ({pressure_model.name}, budget {budget / 2**30:.2f} GiB): "
+              f"evaluation sequences touch {rep['touched_eval']:,} distinct experts of {rep['experts_total']:,}; "
+              f"{rep['fit']:,} fit ({rep['touched_over_fit']:.2f}× the budget)")
     if a.stats:
         print(json.dumps(stats(trace, phase=ph), indent=1))
 

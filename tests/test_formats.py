@@ -15,7 +15,7 @@ def test_block_sizes_match_gguf(name):
 
 @pytest.mark.parametrize(
     "name, expert_bytes",
-    [("q4_k", 2_654_208), ("q3_k", 2_027_520), ("q2_k", 1_548_288), ("bf16", 9_437_184)],
+    [("q4_k", 2_654_208), ("q5_k", 3_244_032), ("q3_k", 2_027_520), ("q2_k", 1_548_288), ("bf16", 9_437_184)],
 )
 def test_qwen3_expert_bytes(name, expert_bytes):
     assert get_format(name).nbytes(3 * 2048 * 768) == expert_bytes

@@ -147,6 +147,79 @@ def test_quantize_matches_ggml_c_reference(name, kind):
     assert match.all(), f"{name}/{kind}: {match.mean():.2%} of blocks match; first differing {np.flatnonzero(~match)[:5]}"
 
 
+# ggml's imatrix path: `quantize_q*_K(src, dst, nrows, n_per_row, quant_weights)`, one weight vector per row.
+def ggml_weighted_bytes(name: str, x: np.ndarray, quant_weights: np.ndarray) -> np.ndarray:
+    """Bytes from ggml's `quantize_<type>` with `quant_weights` (K,) on rows x (nrows, K)."""
+    cls = QUANT_TYPES[name]
+    fn = getattr(ctypes.CDLL(GGML_LIB), "quantize_" + name[:-1] + name[-1].upper())  # quantize_q4_K, quantize_q8_0
+    fn.restype = ctypes.c_size_t
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    qw = np.ascontiguousarray(quant_weights, dtype=np.float32)
+    assert qw.shape == (x.shape[1],)
+    out = np.zeros(x.size // cls.block_weights * cls.type_size, dtype=np.uint8)
+    assert fn(x.ctypes.data, out.ctypes.data, x.shape[0], x.shape[1], qw.ctypes.data) == out.size
+    return out.reshape(-1, cls.type_size)
+
+
+X_KINDS = ["normal", "student_t3", "wide", "per_group", "positive", "sparse", "half_steps", "zero_groups"]
+W_KINDS = ["lognormal", "ones", "one_hot", "sparse", "tiny", "huge", "overflow", "integers"]
+
+
+def make_quant_weights(kind: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Seeded importance vectors (float32 >= 0) of a named kind; shape (..., K)."""
+    rng = np.random.default_rng(seed)
+    if kind == "lognormal":  # skewed, like real imatrix columns
+        w = np.exp(rng.normal(0, 2, shape))
+    elif kind == "ones":
+        w = np.ones(shape)
+    elif kind == "one_hot":  # a single important column per vector: most groups weigh nothing
+        w = np.zeros(shape)
+        flat = w.reshape(-1, shape[-1])
+        flat[np.arange(flat.shape[0]), rng.integers(0, shape[-1], flat.shape[0])] = 1.0
+    elif kind == "sparse":  # dead columns (weight 0) beside live ones
+        w = rng.exponential(1.0, shape) * (rng.random(shape) < 0.2)
+    elif kind == "tiny":
+        w = np.exp(rng.normal(0, 1, shape)) * 1e-30
+    elif kind == "huge":
+        w = np.exp(rng.normal(0, 1, shape)) * 1e20
+    elif kind == "overflow":  # weight sums overflow float32 to Inf (and Inf - Inf to NaN) inside the fits
+        w = np.exp(rng.normal(0, 2, shape))
+        w = w / w.max() * 3e38
+    elif kind == "integers":  # many exact ties between candidate fits
+        w = rng.integers(0, 4, shape).astype(np.float64)
+    else:
+        raise ValueError(kind)
+    return w.astype(np.float32)
+
+
+def weighted_case(wkind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """x (E=len(X_KINDS)+3, 25, 1024) — one expert per input kind, plus all-zero, constant and huge
+    (block Σx² overflows) experts — and per-expert quant_weights (E, 1024)."""
+    xs = [make_weights(k, 100, seed=seed + i).reshape(25, 1024) for i, k in enumerate(X_KINDS)]
+    xs.append(np.zeros((25, 1024), np.float32))
+    xs.append(np.full((25, 1024), -0.37, np.float32))
+    xs.append(make_weights("normal", 100, seed=seed + 99).reshape(25, 1024) * np.float32(1e19))
+    x = np.stack(xs)
+    return x, make_quant_weights(wkind, (x.shape[0], x.shape[2]), seed)
+
+
+@pytest.mark.skipif(not GGML_LIB, reason="set GGML_QUANTS_LIB to a ggml shared library (libggml-base.so)")
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("wkind", W_KINDS)
+@pytest.mark.parametrize("name", NAMES)
+def test_weighted_quantize_matches_ggml_c_reference(name, wkind):
+    """Our quant_weights path against ggml's quantize_q*_K imatrix path: every block byte-identical."""
+    x, qw = weighted_case(wkind, seed=zlib.crc32(f"{name}/{wkind}".encode()))
+    cls = QUANT_TYPES[name]
+    ours = cls.quantize(x, qw).reshape(x.shape[0], -1, cls.type_size)
+    for e in range(x.shape[0]):
+        ref = ggml_weighted_bytes(name, x[e], qw[e])
+        match = (ours[e] == ref).all(axis=1)
+        assert match.all(), (f"{name}/{wkind} expert {e}: {match.mean():.2%} of blocks match; "
+                             f"first differing {np.flatnonzero(~match)[:5]}")
+
+
 def test_q8_0_quantize_matches_gguf_quantizer():
     """gguf-py's Q8_0 quantizer is documented bit-exact with ggml's reference: an independent check."""
     x = np.concatenate([make_weights("normal", 40, 8), make_weights("half_steps", 40, 9)]).reshape(-1, 32)
@@ -374,3 +447,157 @@ def test_requant_study_bad_input_exits_2_without_output(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "multiple of 256" in err
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# weighted (imatrix) quantization without the C library
+# ---------------------------------------------------------------------------------------------------
+# crc32 of the bytes that commit fc69b46 (checked byte-identical with ggml's quantize_row_*_ref on 480,000
+# blocks) wrote for these inputs: quant_weights=None must keep ggml's reference path bit for bit.
+REFERENCE_PATH_CRC32 = {"q2_k": 0xCECDF8F5, "q3_k": 0x34C4F148, "q4_k": 0x9FD2B439, "q6_k": 0xDBF14C52,
+                        "q8_0": 0x193CABCD}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_no_quant_weights_keeps_reference_bytes(name):
+    x = np.concatenate([make_weights(k, 64, seed=i) for i, k in enumerate(X_KINDS)])
+    cls = QUANT_TYPES[name]
+    q = cls.quantize(x)
+    assert zlib.crc32(q.tobytes()) == REFERENCE_PATH_CRC32[name]
+    np.testing.assert_array_equal(cls.quantize(x, quant_weights=None), q)
+
+
+def weighted_sq_error(name: str, x: np.ndarray, qw: np.ndarray | None, score: np.ndarray) -> float:
+    """Σ score_j (y - x)² in float64 for x quantized with quant_weights qw."""
+    cls = QUANT_TYPES[name]
+    y = cls.dequantize(cls.quantize(x, qw), x.shape).astype(np.float64)
+    return float((((y - x.astype(np.float64)) ** 2) * score).sum())
+
+
+# Weighted squared error Σ qw·(y-x)², quant_weights=qw over None, on N(0,1) rows with lognormal(0, 1.5)
+# column weights: measured 0.46-0.52 (Q2_K), 0.64-0.69 (Q3_K), 0.62-0.69 (Q4_K), 0.70-0.74 (Q6_K) over seeds
+# 0-2. The bound leaves a margin; a path that ignored the weights would sit at 1.
+WEIGHTED_ERROR_RATIO_MAX = {"q2_k": 0.62, "q3_k": 0.8, "q4_k": 0.8, "q6_k": 0.85}
+
+
+@pytest.mark.parametrize("name", K_NAMES)
+def test_quant_weights_reduce_the_weighted_error(name):
+    rng = np.random.default_rng(21)
+    x = rng.standard_normal((64, 1024)).astype(np.float32)
+    qw = np.exp(rng.normal(0, 1.5, 1024)).astype(np.float32)
+    ratio = weighted_sq_error(name, x, qw, qw) / weighted_sq_error(name, x, None, qw)
+    assert 0.3 < ratio < WEIGHTED_ERROR_RATIO_MAX[name], ratio
+    # the error moves to the unimportant columns: the plain (unweighted) error does not drop
+    plain = weighted_sq_error(name, x, qw, np.ones(1024)) / weighted_sq_error(name, x, None, np.ones(1024))
+    assert plain > 0.97, plain
+
+
+@pytest.mark.parametrize("name", K_NAMES)
+def test_important_columns_get_smaller_errors_than_unimportant_ones(name):
+    """Columns of weight 100 beside columns of weight 1: their mean squared error is clearly smaller."""
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal((64, 1024)).astype(np.float32)
+    important = rng.random(1024) < 0.25
+    qw = np.where(important, 100.0, 1.0).astype(np.float32)
+    cls = QUANT_TYPES[name]
+    err = (cls.dequantize(cls.quantize(x, qw), x.shape).astype(np.float64) - x) ** 2
+    assert err[:, important].mean() < 0.8 * err[:, ~important].mean()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_power_of_two_weight_scaling_gives_the_same_bytes(name):
+    """Only relative importance matters: ×2^k is exact in float32, so the bytes must not move."""
+    x = make_weights("student_t3", 64, 23).reshape(16, 1024)
+    qw = make_quant_weights("lognormal", (1024,), 23)
+    q = QUANT_TYPES[name].quantize(x, qw)
+    for factor in (np.float32(8), np.float32(2.0 ** -20)):
+        np.testing.assert_array_equal(QUANT_TYPES[name].quantize(x, qw * factor), q)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_all_equal_weights_are_ggmls_imatrix_path_not_the_reference_path(name):
+    """Constant weights select ggml's weighted search (documented): other bytes than None for the K-quants,
+    and no worse a plain RMSE (measured 0.82 Q2_K, 0.92 Q3_K, 0.98 Q4_K, 0.95 Q6_K of the reference's)."""
+    x = make_weights("normal", 256, 24).reshape(64, 1024)
+    cls = QUANT_TYPES[name]
+    q_ones, q_none = cls.quantize(x, np.ones(1024, np.float32)), cls.quantize(x)
+    np.testing.assert_array_equal(cls.quantize(x, np.full(1024, 0.5, np.float32)), q_ones)
+    if name == "q8_0":  # ggml's quantize_q8_0 ignores quant_weights
+        np.testing.assert_array_equal(q_ones, q_none)
+        return
+    assert (q_ones != q_none).any(axis=1).mean() > 0.5
+    ones = np.ones(x.shape[1])
+    assert weighted_sq_error(name, x, np.ones(1024, np.float32), ones) < weighted_sq_error(name, x, None, ones)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("wkind", ["lognormal", "one_hot", "sparse", "overflow"])
+@pytest.mark.parametrize("name", NAMES)
+def test_weighted_bytes_dequantize_like_gguf_and_land_on_the_nearest_level(name, wkind):
+    """Weighted bytes are valid blocks (gguf's dequantizer agrees bit for bit) and keep ggml's last step:
+    every weight of a group with a nonzero stored scale takes the nearest level of its decoded grid."""
+    cls = QUANT_TYPES[name]
+    x = make_weights("normal", 64, 25).reshape(16, 1024)
+    qw = make_quant_weights(wkind, (1024,), 25)
+    q = cls.quantize(x, qw).reshape(-1, cls.type_size)
+    y = cls.dequantize_blocks(q)
+    ref = gguf_dequantize(q, gguf_type(name))
+    np.testing.assert_array_equal(y.view(np.uint32), ref.view(np.uint32))
+    g0, step = level_grid(name, q)
+    live = (step != 0) & np.isfinite(step)
+    xb = x.reshape(-1, cls.block_weights).astype(np.float64)
+    t = (xb[live] - g0[live]) / step[live]
+    chosen = np.rint((y.astype(np.float64)[live] - g0[live]) / step[live])
+    nearest = np.clip(np.rint(t), 0, LEVEL_FIELDS[name][3] - 1)
+    near_tie = np.abs(np.abs(t - np.floor(t)) - 0.5) < 1e-3
+    if name == "q8_0":  # rounds against the float32 d, not the stored fp16 one (see the unweighted test)
+        near_tie |= np.abs(chosen - nearest) <= 1
+    assert not ((chosen != nearest) & ~near_tie).any()
+
+
+def test_quant_weights_per_matrix_equal_quantizing_each_matrix_alone():
+    """(E, N, K) with (E, K) weights: expert e's rows use row e, as llama-quantize passes imatrix + e*K."""
+    x = make_weights("normal", 48, 26).reshape(3, 4, 1024)
+    qw = make_quant_weights("lognormal", (3, 1024), 26)
+    for name in K_NAMES:
+        cls = QUANT_TYPES[name]
+        q = cls.quantize(x, qw)
+        for e in range(3):
+            np.testing.assert_array_equal(q[e], cls.quantize(x[e], qw[e]))
+        np.testing.assert_array_equal(cls.quantize(x, qw[0]), cls.quantize(x, np.broadcast_to(qw[0], (3, 1024))))
+    # more rows than one chunk, so per-chunk weight slicing is exercised
+    big = make_weights("normal", 2 * quants.QUANT_CHUNK_BLOCKS + 8, 27).reshape(-1, 2048)
+    wbig = make_quant_weights("lognormal", (2048,), 27)
+    q = QUANT_TYPES["q4_k"].quantize(big, wbig)
+    np.testing.assert_array_equal(q[-3:], QUANT_TYPES["q4_k"].quantize(big[-3:], wbig))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (np.ones(512, np.float32), "quant_weights has shape"),
+    (np.ones((2, 1024), np.float32), "quant_weights has shape"),
+    (-np.ones(1024, np.float32), "negative or non-finite"),
+    (np.full(1024, np.nan, np.float32), "negative or non-finite"),
+    (np.full(1024, np.inf, np.float32), "negative or non-finite"),
+])
+def test_bad_quant_weights_raise(bad, match):
+    with pytest.raises(ValueError, match=match):
+        QUANT_TYPES["q4_k"].quantize(np.ones((3, 1024), np.float32), bad)
+
+
+@pytest.mark.parametrize("name", K_NAMES)
+def test_a_block_of_zero_importance_dequantizes_to_zero(name):
+    """ggml's weighted fits have nothing to fit when a whole 256-block weighs 0 (dead columns): its super-block
+    scale comes out 0 and the block dequantizes to zeros (Q6_K writes an all-zero block). Other blocks of
+    the row are unaffected. (The opt-in test checks these bytes against ggml: one_hot, sparse.)"""
+    x = make_weights("normal", 8, 28).reshape(2, 1024)
+    qw = np.ones(1024, np.float32)
+    qw[256:512] = 0
+    cls = QUANT_TYPES[name]
+    q = cls.quantize(x, qw)
+    y = cls.dequantize(q, x.shape)
+    assert not y[:, 256:512].any()
+    live = np.r_[0:256, 512:1024]
+    rel_rmse = np.sqrt(np.mean((y[:, live] - x[:, live]) ** 2) / np.mean(x[:, live] ** 2))
+    assert rel_rmse < REL_RMSE_BOUNDS[name][1], rel_rmse
+    if name == "q6_k":
+        assert not q.reshape(2, 4, -1)[:, 1].any()
