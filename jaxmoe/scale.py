@@ -650,10 +650,12 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
 
     t0 = time.perf_counter()
     facc, _, _ = calib_pass((fexp,), (fexp, fexp))
-    cnt = facc["err_n"][..., None]
-    im_in = np.where(cnt > 0, facc["im_in"] / np.maximum(cnt, 1), 1.0)
-    im_act = np.where(cnt > 0, facc["im_act"] / np.maximum(cnt, 1), 1.0)
-    imatrix = {"gate": im_in, "up": im_in, "down": im_act}  # [L, E, K] mean x² per column (ones: never routed)
+    from jaxmoe.imatrix import Imatrix  # llama-quantize's quant_weights: Σx²/count per column, 1 for unreached experts
+
+    counts = facc["err_n"].round().astype(np.int64)
+    im_in = np.stack([Imatrix(facc["im_in"][l], counts[l], cfg.n_experts).quant_weights() for l in range(cfg.n_layers)])
+    im_act = np.stack([Imatrix(facc["im_act"][l], counts[l], cfg.n_experts).quant_weights() for l in range(cfg.n_layers)])
+    imatrix = {"gate": im_in, "up": im_in, "down": im_act}  # [L, E, K] per kind
     log(f"imatrix from {cal_chunks.size} calibration tokens in {time.perf_counter() - t0:.1f} s")
 
     # 3. start quantization on the CPU pool; meanwhile the GPU records the trace and the float reference
