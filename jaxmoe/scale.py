@@ -41,7 +41,6 @@ import dataclasses
 import inspect
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -59,7 +58,7 @@ from jaxmoe import quants
 from jaxmoe import train as TR
 from jaxmoe.quality import _ci, _kl_terms, bootstrap_indices, make_chunks, threshold_pair
 from jaxmoe.record import choose_prompts
-from sim.io import InputError, atomic_path, exit_on_input_error, write_text_atomic
+from sim.io import InputError, exit_on_input_error, write_text_atomic
 from sim.precision import demoted_experts, importance
 from sim.trace import DECODE, PREFILL, Trace, TraceMeta, save_trace
 
@@ -98,7 +97,8 @@ class Plan:
     compact_seconds: float = 30.0
     workers: int = 15
     fit_schedule: bool = True  # fit the step count to the time budget after 10 steps (False with --steps)
-    compact_after_s: float = 470.0  # skip the compact model when the run has taken longer than this
+    compact_after_s: float = 470.0
+    late_set_deadline_s: float = 420.0  # wait for the later quantization phases until this many s into the run  # skip the compact model when the run has taken longer than this
     eval_windows: int = 64  # windows of the periodic held-out evaluation
 
 
@@ -327,48 +327,78 @@ SETS = ("q4", "q3r", "q2r", "q2d", "q2ri")  # q4: float→Q4_K; r: Q4_K→low; d
 
 
 def _quant_job(args) -> tuple[int, str, float]:
-    """One (layer, kind): every set's dequantized weights into the memmaps under folder `d`."""
+    """One (layer, kind) of the listed sets: dequantized weights into the memmaps under folder `d`.
+    "q4" computes float → Q4_K; sets derived from Q4_K read it back when this job does not compute it."""
     d, layer, kind, sets = args
     t0 = time.perf_counter()
-    src = np.load(f"{d}/float_{kind}.npy", mmap_mode="r")[layer]  # [E, rows, K] GGUF layout
-    a = np.ascontiguousarray(src, np.float32)
+    a = np.ascontiguousarray(np.load(f"{d}/float_{kind}.npy", mmap_mode="r")[layer], np.float32)  # [E, rows, K]
     shape = a.shape
     outs = {s: np.load(f"{d}/{s}_{kind}.npy", mmap_mode="r+") for s in sets}
     qw = None
     if any(s.endswith("i") for s in sets):
-        qw = np.load(f"{d}/imatrix_{kind}.npy", mmap_mode="r")[layer]  # [E, K]
-    q4 = quants.dequantize(quants.quantize(a, "q4_k"), "q4_k", shape)
-    outs["q4"][layer] = q4
+        qw = np.asarray(np.load(f"{d}/imatrix_{kind}.npy", mmap_mode="r")[layer], np.float32)  # [E, K]
+    if "q4" in sets:
+        q4 = quants.dequantize(quants.quantize(a, "q4_k"), "q4_k", shape)
+        outs["q4"][layer] = q4
+        outs["q4"].flush()
+        Path(f"{d}/q4_{kind}_{layer}.done").touch()
+    elif any(s[2] != "d" for s in sets):
+        if not Path(f"{d}/q4_{kind}_{layer}.done").exists():  # not yet written by its phase-1 job: recompute
+            q4 = quants.dequantize(quants.quantize(a, "q4_k"), "q4_k", shape)
+        else:
+            q4 = np.ascontiguousarray(np.load(f"{d}/q4_{kind}.npy", mmap_mode="r")[layer])
     for s in sets:
         if s == "q4":
             continue
         fmt = {"3": "q3_k", "2": "q2_k"}[s[1]]
         src_arr = a if s[2] == "d" else q4
-        if s.endswith("i"):
-            b = quants.quantize(src_arr, fmt, quant_weights=np.asarray(qw, np.float32))
-        else:
-            b = quants.quantize(src_arr, fmt)
+        b = quants.quantize(src_arr, fmt, quant_weights=qw) if s.endswith("i") else quants.quantize(src_arr, fmt)
         outs[s][layer] = quants.dequantize(b, fmt, shape)
-    for o in outs.values():
-        o.flush()
+        outs[s].flush()
     return layer, kind, time.perf_counter() - t0
+
+
+PHASES = (("q4", "q2r", "q3r"), ("q2d",), ("q2ri",))  # essential first; later phases are dropped when late
 
 
 def start_quantization(experts_np: dict[str, np.ndarray], imatrix: dict[str, np.ndarray] | None, d: Path,
                        workers: int):
-    """Write the float experts (GGUF layout) to d and start the pool; returns (future list, sets, pool)."""
+    """Write the float experts (GGUF layout) to d and queue every phase's jobs (FIFO: phase by phase);
+    returns ({set: futures}, pool)."""
     d.mkdir(parents=True, exist_ok=True)
-    sets = [s for s in SETS if not s.endswith("i") or imatrix is not None]
+    phases = [tuple(x for x in ph if not x.endswith("i") or imatrix is not None) for ph in PHASES]
+    phases = [ph for ph in phases if ph]
     for kind, a in experts_np.items():
         np.save(d / f"float_{kind}.npy", a)
-        for s in sets:
-            np.lib.format.open_memmap(d / f"{s}_{kind}.npy", mode="w+", dtype=np.float32, shape=a.shape).flush()
+        for ph in phases:
+            for s in ph:
+                np.lib.format.open_memmap(d / f"{s}_{kind}.npy", mode="w+", dtype=np.float32, shape=a.shape).flush()
         if imatrix is not None:
             np.save(d / f"imatrix_{kind}.npy", imatrix[kind])
     L = next(iter(experts_np.values())).shape[0]
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
-    futs = [pool.submit(_quant_job, (str(d), l, kind, tuple(sets))) for l in range(L) for kind in EXPERT_KINDS]
-    return futs, sets, pool
+    futs: dict[str, list] = {}
+    for ph in phases:
+        jobs = [pool.submit(_quant_job, (str(d), l, kind, ph)) for l in range(L) for kind in EXPERT_KINDS]
+        for s in ph:
+            futs[s] = jobs
+    return futs, pool
+
+
+def wait_sets(futs: dict[str, list], names: Sequence[str], deadline: float | None = None) -> tuple[list[str], float]:
+    """Wait for the jobs of `names` until `deadline` (perf_counter time; None: no limit) → (sets complete, worker-s)."""
+    from concurrent.futures import wait
+    done, secs, counted = [], 0.0, set()
+    for n in names:
+        jobs = futs[n]
+        timeout = None if deadline is None else max(0.0, deadline - time.perf_counter())
+        finished, pending = wait(jobs, timeout=timeout)
+        if not pending:
+            done.append(n)
+            if id(jobs) not in counted:  # the sets of one phase share their jobs
+                counted.add(id(jobs))
+                secs += sum(f.result()[2] for f in finished)
+    return done, secs
 
 
 def load_sets(d: Path, sets: Sequence[str]) -> dict[str, M.ExpertWeights]:
@@ -650,7 +680,9 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
 
     t0 = time.perf_counter()
     facc, _, _ = calib_pass((fexp,), (fexp, fexp))
-    from jaxmoe.imatrix import Imatrix  # llama-quantize's quant_weights: Σx²/count per column, 1 for unreached experts
+    from jaxmoe.imatrix import (
+        Imatrix,  # llama-quantize's quant_weights: Σx²/count per column, 1 for unreached experts
+    )
 
     counts = facc["err_n"].round().astype(np.int64)
     im_in = np.stack([Imatrix(facc["im_in"][l], counts[l], cfg.n_experts).quant_weights() for l in range(cfg.n_layers)])
@@ -661,8 +693,8 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
     # 3. start quantization on the CPU pool; meanwhile the GPU records the trace and the float reference
     t_q = time.perf_counter()
     experts_np = {kind: np.asarray(jnp.swapaxes(getattr(fexp, kind), -1, -2)) for kind in EXPERT_KINDS}  # GGUF layout
-    futs, sets_done, pool = start_quantization(experts_np, {k: v.astype(np.float32) for k, v in imatrix.items()}
-                                               if imatrix_supported() else None, work, plan.workers)
+    qfuts, pool = start_quantization(experts_np, {k: v.astype(np.float32) for k, v in imatrix.items()}
+                                     if imatrix_supported() else None, work, plan.workers)
     del experts_np
 
     rec, trace_info = record_trace(params, cfg, calib_tokens, eval_tokens, plan)
@@ -682,13 +714,29 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
     Q = Quality(params, cfg, chunks, plan.batch_chunks, plan.n_boot)
     Q.run("float", (fexp,), keep="f")
 
-    # wait for the quantized sets
-    qtimes = [f.result()[2] for f in futs]
-    pool.shutdown()
+    # wait for the essential quantized sets (later phases keep running)
+    sets_done, qsecs = wait_sets(qfuts, PHASES[0])
     quant_s = time.perf_counter() - t_q
     sets = load_sets(work, sets_done)
-    log(f"quantized {len(sets_done)} sets ({', '.join(sets_done)}) in {quant_s:.1f} s wall, "
-        f"{sum(qtimes):.0f} worker-s")
+    log(f"quantized {', '.join(sets_done)} in {quant_s:.1f} s wall, {qsecs:.0f} worker-s")
+    late_sets: dict[str, float] = {}
+
+    def late(name: str) -> bool:
+        """Load a later-phase set if its jobs finish by the deadline; False (rows skipped) otherwise."""
+        if name in sets:
+            return True
+        if name not in qfuts:
+            return False
+        ok, secs = wait_sets(qfuts, [name], t_start + plan.late_set_deadline_s)
+        if ok:
+            sets.update(load_sets(work, [name]))
+            sets_done.append(name)
+            late_sets[name] = round(time.perf_counter() - t_q, 1)
+            log(f"quantized {name} ({secs:.0f} worker-s), ready {late_sets[name]} s after the start of quantization")
+        else:
+            log(f"{name} not ready by {plan.late_set_deadline_s:.0f} s: its rows are skipped")
+        return bool(ok)
+
     q4 = sets["q4"]
     ta = M.ExpertWeights(gate=sets["q2r"].gate, up=sets["q2r"].up, down=q4.down)  # tensor-aware: ffn_down kept Q4_K
     r_q4 = Q.run("q4_k", (q4,), keep="q", routing=True)
@@ -727,13 +775,15 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
     add("float", "native", "f32", "float")
     add("q4_k", "native", "q4_k", "float")
     one = np.ones((L, E), np.int32)
-    for s in sets_done:
-        if s == "q4":
-            continue
+
+    def all_row(s):
         fmt = {"3": "q3_k", "2": "q2_k"}[s[1]]
         src = {"r": "q4_k", "d": "float", "ri": "q4_k+imatrix"}[s[2:]]
         Q.run(f"all-{s}", (q4, sets[s]), S.static_choice(one))
         add(f"all-{s}", "static", fmt, src, fraction=1.0, signal="all")
+
+    for s in ("q3r", "q2r"):
+        all_row(s)
     Q.run("all-ta", (q4, ta), S.static_choice(one))
     add("all-ta", "static", "q2_k+q4_k_down", "q4_k", fraction=1.0, signal="all")
     demoted = {}
@@ -747,11 +797,9 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
         if frac != plan.fractions[-1]:
             continue
         dm = demoted[f"mass:{frac:g}"]
-        for s, fmt, src in (("q3r", "q3_k", "q4_k"), ("q2d", "q2_k", "float"), ("q2ri", "q2_k", "q4_k+imatrix")):
-            if s in sets:
-                name = f"static-mass-{frac:g}-{s}"
-                Q.run(name, (q4, sets[s]), S.static_choice(dm.astype(np.int32)))
-                add(name, "static", fmt, src, signal="mass", fraction=frac)
+        name = f"static-mass-{frac:g}-q3r"
+        Q.run(name, (q4, sets["q3r"]), S.static_choice(dm.astype(np.int32)))
+        add(name, "static", "q3_k", "q4_k", signal="mass", fraction=frac)
         name = f"static-mass-{frac:g}-ta"
         Q.run(name, (q4, ta), S.static_choice(dm.astype(np.int32)))
         add(name, "static", "q2_k+q4_k_down", "q4_k", signal="mass", fraction=frac)
@@ -764,6 +812,17 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
         add(name, "dynamic", "q2_k" if low_name == "q2r" else "q2_k+q4_k_down", "q4_k", t1=0.6, t2=0.9,
             accesses="every access a miss")
 
+    # later-phase sets: float → Q2_K (compounding) and the imatrix-weighted Q4_K → Q2_K, if ready in time
+    fr = plan.fractions[-1]
+    dm = demoted[f"mass:{fr:g}"]
+    for s_, src in (("q2d", "float"), ("q2ri", "q4_k+imatrix")):
+        if late(s_):
+            all_row(s_)
+            name = f"static-mass-{fr:g}-{s_}"
+            Q.run(name, (q4, sets[s_]), S.static_choice(dm.astype(np.int32)))
+            add(name, "static", "q2_k", src, signal="mass", fraction=fr)
+    pool.shutdown(wait=False, cancel_futures=True)
+
     # signal pairs: paired differences of KLD (against float and against Q4_K)
     pairs = []
     for frac in plan.fractions:
@@ -775,15 +834,14 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
         if frac != plan.fractions[-1]:
             continue
         for ref in ("f", "q"):
-            pairs.append(Q.paired_diff(f"static-mass-{frac:g}-q2d", f"static-mass-{frac:g}-q2r", ref) | {"fraction": frac})
-            pairs.append(Q.paired_diff(f"static-mass-{frac:g}-ta", f"static-mass-{frac:g}-q2r", ref) | {"fraction": frac})
-            if "q2ri" in sets:
-                pairs.append(Q.paired_diff(f"static-mass-{frac:g}-q2ri", f"static-mass-{frac:g}-q2r", ref) | {"fraction": frac})
+            for other in ("q2d", "ta", "q2ri"):
+                if f"static-mass-{frac:g}-{other}" in Q.results:
+                    pairs.append(Q.paired_diff(f"static-mass-{frac:g}-{other}", f"static-mass-{frac:g}-q2r", ref)
+                                 | {"fraction": frac})
     for ref in ("f", "q"):
-        pairs.append(Q.paired_diff("all-q2d", "all-q2r", ref))
-        pairs.append(Q.paired_diff("all-ta", "all-q2r", ref))
-        if "q2ri" in sets:
-            pairs.append(Q.paired_diff("all-q2ri", "all-q2r", ref))
+        for other in ("q2d", "ta", "q2ri"):
+            if f"all-{other}" in Q.results:
+                pairs.append(Q.paired_diff(f"all-{other}", "all-q2r", ref))
 
     # 5. cache-coupled quality: routing of the Q4_K passes → sim decisions → forward in the served formats
     write_text_atomic(out / "quality-partial.json", json.dumps({"rows": rows, "pairs": pairs}, indent=1,
@@ -844,6 +902,7 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
                   "calib_chunks": int(cal_chunks.shape[0]), "n_boot": plan.n_boot, "ci_level": 0.95,
                   "coupled_eval_chunks": Ce, "coupled_calib_chunks": Cc, "coupled_replay_s": round(coupled_replay_s, 1),
                   "sets": list(sets_done), "imatrix": imatrix_supported(), "quantize_wall_s": round(quant_s, 1),
+                  "late_sets_ready_s": late_sets,
                   "expert_bytes_at_this_width": expert_bytes,
                   "signals": {"err": "mean ||y_Q2K − y_Q4K||² per routed calibration row (output error when demoted)",
                               "err_mass": "err × summed gate weight (MC-MoE-style frequency × weight × error)"},
