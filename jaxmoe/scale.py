@@ -996,6 +996,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="quantization processes")
     p.add_argument("--compact-out", default=None, help="also train the compact CPU-test model and write its GGUF here")
     p.add_argument("--compact-seconds", type=float, default=None)
+    p.add_argument("--late-deadline-s", type=float, default=None, help="wait for the later quantization phases until "
+                                                                       "this many seconds into the run")
     p.add_argument("--probe-steps", type=int, default=0, help="only compile and time this many training steps of the "
                                                               "48-layer model (no pipeline)")
     return p
@@ -1016,6 +1018,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = dataclasses.replace(plan, eval_chunks=a.eval_chunks)
     if a.workers:
         plan = dataclasses.replace(plan, workers=a.workers)
+    if a.late_deadline_s is not None:
+        plan = dataclasses.replace(plan, late_set_deadline_s=a.late_deadline_s)
     if a.compact_seconds is not None:
         plan = dataclasses.replace(plan, compact_seconds=a.compact_seconds)
     data, out = Path(a.data), Path(a.out)
