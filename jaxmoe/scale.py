@@ -984,10 +984,42 @@ def probe(cfg: M.Config, tcfg: TR.TrainConfig, steps: int, train_tokens: np.ndar
     return out
 
 
+def _f(x: float, ci: Sequence[float] | None = None, pct: bool = False, digits: int = 5) -> str:
+    if pct:
+        return f"{x:.2%}" + ("" if ci is None else f" [{ci[0]:.2%}, {ci[1]:.2%}]")
+    return f"{x:.{digits}f}" + ("" if ci is None else f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]")
+
+
+def report(res: dict) -> str:
+    """Markdown tables of a quality JSON (docs/quality.md): configurations, signal pairs, cache-coupled rows."""
+    out = ["| configuration | reference | low mass | skipped | KLD [95 % CI] | PPL ratio [95 % CI] | same top-1 [95 % CI] |",
+           "|---|---|---|---|---|---|---|"]
+    for r in res["rows"]:
+        out.append(f"| {r['name']} | {r['reference']} | {r['low_mass']:.1%} | {r['skipped_mass']:.1%} | "
+                   f"{_f(r['kld'], r['kld_ci'])} | {_f(r['ppl_ratio'], r['ppl_ratio_ci'], digits=4)} | "
+                   f"{_f(r['top1'], r['top1_ci'], pct=True)} |")
+    out += ["", "| a | b | fraction | reference | KLD(a) − KLD(b) [95 % CI] | verdict |", "|---|---|---|---|---|---|"]
+    for p in res["pairs"]:
+        out.append(f"| {p['a']} | {p['b']} | {p.get('fraction', 1.0)} | {p['reference']} | "
+                   f"{p['diff']:.2e} [{p['ci'][0]:.2e}, {p['ci'][1]:.2e}] | {p['verdict']} |")
+    out += ["", "| configuration | reference | sim hit rate | sim low / skipped mass | pass low / skipped mass | "
+                "drift | KLD [95 % CI] | PPL ratio [95 % CI] | same top-1 [95 % CI] |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in res["coupled"]:
+        sim = (f"{r['sim_hit_rate']:.3f}", f"{r['sim_low_mass']:.1%} / {r['sim_skipped_mass']:.1%}") \
+            if "sim_hit_rate" in r else ("—", "—")
+        drift = f"{r['drift_share']:.1%}" if "drift_share" in r else "—"
+        out.append(f"| {r['name']} | {r['reference']} | {sim[0]} | {sim[1]} | {r['low_mass']:.1%} / {r['skipped_mass']:.1%} | "
+                   f"{drift} | {_f(r['kld'], r['kld_ci'])} | {_f(r['ppl_ratio'], r['ppl_ratio_ci'], digits=4)} | "
+                   f"{_f(r['top1'], r['top1_ci'], pct=True)} |")
+    return "\n".join(out)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m jaxmoe.scale", description=__doc__.split("\n\n")[0])
-    p.add_argument("--data", required=True, help="corpus folder (train.bin, calib.bin, eval.bin, meta.json)")
-    p.add_argument("--out", required=True, help="output folder: quality.json, train_log.json, trace.npz")
+    p.add_argument("--data", help="corpus folder (train.bin, calib.bin, eval.bin, meta.json)")
+    p.add_argument("--out", help="output folder: quality.json, train_log.json, trace.npz")
+    p.add_argument("--report", metavar="JSON", help="only print the markdown tables of a quality JSON")
     p.add_argument("--work", default=None, help="scratch folder for the quantization pool (default OUT/work)")
     p.add_argument("--tiny", action="store_true", help="the CPU smoke configuration (tests)")
     p.add_argument("--steps", type=int, default=None, help="training steps (fixes the LR schedule)")
@@ -1006,6 +1038,15 @@ def _parser() -> argparse.ArgumentParser:
 @exit_on_input_error
 def main(argv: Sequence[str] | None = None) -> int:
     a = _parser().parse_args(argv)
+    if a.report:
+        try:
+            res = json.loads(Path(a.report).read_text())
+        except (OSError, ValueError) as exc:
+            raise InputError(a.report, f"cannot read quality JSON: {exc}") from None
+        print(report(res))
+        return 0
+    if not a.data or not a.out:
+        raise InputError(None, "--data and --out are required (or --report JSON)")
     plan = SMOKE if a.tiny else FULL
     tr = plan.train
     if a.steps is not None:
