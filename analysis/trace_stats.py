@@ -59,7 +59,7 @@ def distinct_per_window(seqs: Sequence[np.ndarray], window: int) -> float:
     """Mean distinct experts per (layer, window of `window` tokens), whole windows only."""
     vals = []
     for ids in seqs:
-        T, L, k = ids.shape
+        T, L, _ = ids.shape
         for lo in range(0, T - window + 1, window):
             blk = ids[lo:lo + window]  # [W, L, k]
             srt = np.sort(blk.transpose(1, 0, 2).reshape(L, -1), axis=1)

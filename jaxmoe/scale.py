@@ -1,7 +1,9 @@
 """The 48-layer, 128-expert, top-8 pipeline (issue 10): train, record, quantize, measure — one GPU command.
 
-    # on the GPU machine (one command, < 10 min; see docs/quality.md for the exact command used)
-    python -m jaxmoe.scale --data data/corpus --out runs/scale --steps 400 --time-budget-s 200
+    # on the GPU machine (one command, < 10 min; the exact command used is in docs/quality.md)
+    bash jaxmoe/scale_device.sh $OUT --out /tmp/out --workers 15 --time-budget-s 120 --eval-chunks 48
+    # the markdown tables of a result
+    python -m jaxmoe.scale --report results/quality-48l.json
     # CPU smoke run of the same code path (tests/test_scale.py)
     python -m jaxmoe.scale --tiny --data data/corpus --out /tmp/scale-tiny
 
@@ -19,10 +21,11 @@ everything that needs its weights runs while they are in memory, and only result
    `sim.trace` with Qwen3-30B-A3B's name prefix so that the simulator prices it with that model's
    byte sizes (the routing is this model's; the provenance says so). Gates are rounded to multiples
    of 2⁻¹¹ with their sum kept at exactly 1 (largest remainder), so they store losslessly as float16.
-3. **Quantize** (CPU process pool, `jaxmoe.quants`): experts float → Q4_K (the served model); Q4_K →
-   Q3_K and Q4_K → Q2_K (re-quantized, the low copies a cache would hold); float → Q2_K directly
-   (compounding); and, when `quants.quantize` takes `quant_weights`, Q4_K → Q2_K / Q3_K weighted by an
-   importance matrix (per expert, per input column Σ x² over the calibration tokens routed to it).
+3. **Quantize** (CPU process pool, `jaxmoe.quants`), in phases: first float → Q4_K (the served model),
+   Q4_K → Q3_K and Q4_K → Q2_K (re-quantized, the low copies a cache would hold); then float → Q2_K
+   directly (compounding) and Q4_K → Q2_K weighted by an importance matrix (`jaxmoe.imatrix`: per expert,
+   per input column Σ x² / count over the calibration tokens routed to it). The later phases' rows are
+   skipped when they are not ready by `--late-deadline-s`.
 4. **Quality** (`jaxmoe.quality`'s method: chunks of 512, the second half scored): every configuration
    against BOTH the float and the Q4_K model — KLD, PPL ratio, same-top-1 with paired bootstrap 95 %
    intervals over chunks; paired differences between signals.
@@ -318,12 +321,8 @@ def imatrix_supported() -> bool:
     return "quant_weights" in inspect.signature(quants.quantize).parameters
 
 
-def _to_gguf(kind: str, a: np.ndarray) -> np.ndarray:
-    # model layout gate/up [.., E, D, F] -> GGUF rows along D: [.., E, F, D]; down [.., E, F, D] -> [.., E, D, F]
-    return np.ascontiguousarray(np.swapaxes(a, -1, -2))
-
-
-SETS = ("q4", "q3r", "q2r", "q2d", "q2ri")  # q4: float→Q4_K; r: Q4_K→low; d: float→low; i: imatrix
+# set names: q4 = float → Q4_K; q3r / q2r = Q4_K → Q3_K / Q2_K; q2d = float → Q2_K; q2ri = Q4_K → Q2_K with imatrix.
+# Arrays on disk are in GGUF layout (rows along the contiguous dimension): gate/up [L, E, F, D], down [L, E, D, F].
 
 
 def _quant_job(args) -> tuple[int, str, float]:
@@ -788,8 +787,8 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
     add("all-ta", "static", "q2_k+q4_k_down", "q4_k", fraction=1.0, signal="all")
     demoted = {}
     for frac in plan.fractions:
-        for sig in signals:
-            dm = demoted_experts(signals[sig], frac)
+        for sig, score in signals.items():
+            dm = demoted_experts(score, frac)
             demoted[f"{sig}:{frac:g}"] = dm
             name = f"static-{sig}-{frac:g}-q2r"
             Q.run(name, (q4, sets["q2r"]), S.static_choice(dm.astype(np.int32)))
@@ -1002,8 +1001,8 @@ def report(res: dict) -> str:
     for p in res["pairs"]:
         out.append(f"| {p['a']} | {p['b']} | {p.get('fraction', 1.0)} | {p['reference']} | "
                    f"{p['diff']:.2e} [{p['ci'][0]:.2e}, {p['ci'][1]:.2e}] | {p['verdict']} |")
-    out += ["", "| configuration | reference | sim hit rate | sim low / skipped mass | pass low / skipped mass | "
-                "drift | KLD [95 % CI] | PPL ratio [95 % CI] | same top-1 [95 % CI] |",
+    out += ["", ("| configuration | reference | sim hit rate | sim low / skipped mass | pass low / skipped mass | "
+                 "drift | KLD [95 % CI] | PPL ratio [95 % CI] | same top-1 [95 % CI] |"),
             "|---|---|---|---|---|---|---|---|---|"]
     for r in res["coupled"]:
         sim = (f"{r['sim_hit_rate']:.3f}", f"{r['sim_low_mass']:.1%} / {r['sim_skipped_mass']:.1%}") \

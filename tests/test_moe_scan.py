@@ -128,7 +128,7 @@ def test_decode_with_cache_matches_forward():
         hid, aux = S.forward(toks, ws, CFG, tile=4)
         full = S.logits_of(hid, ws)
         cache = M.init_cache(CFG, 2, 8)
-        lg, ids, gates, cache = S.decode_tokens(toks[:, :5], ws, CFG, cache)
+        lg, _, _, cache = S.decode_tokens(toks[:, :5], ws, CFG, cache)
         np.testing.assert_allclose(np.asarray(lg), np.asarray(full[:, 4]), rtol=1e-4, atol=1e-4)
         for t in range(5, 8):
             lg, ids_t, _, cache = S.decode_tokens(toks[:, t:t + 1], ws, CFG, cache)
