@@ -705,7 +705,7 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
              "train_steps": train_info["steps_done"], "seed": tcfg.seed} | {k: v for k, v in trace_info.items()
                                                                            if k != "distinct_decoded_tokens_per_seq"}
     trace = build_trace(rec, cfg, plan.prompt_tokens, prov, extra)
-    save_trace(trace, out / "trace.npz")
+    save_trace(trace, out / "trace.npz", compact=True)
     log(f"trace: {trace.n_steps} steps, {(out / 'trace.npz').stat().st_size / 1e6:.1f} MB")
     del rec
 

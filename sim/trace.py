@@ -349,8 +349,10 @@ def validate(trace: Trace, path: str | os.PathLike | None = None) -> None:
                                    f"(and not ABSENT={ABSENT})")
 
 
-def save_trace(trace: Trace, path: str | os.PathLike) -> None:
-    """Validate `trace` and write it atomically as an npz (no pickle; identical trace → identical bytes)."""
+def save_trace(trace: Trace, path: str | os.PathLike, *, compact: bool = False) -> None:
+    """Validate `trace` and write it atomically as an npz (no pickle; identical trace → identical bytes).
+
+    compact: store each key in the narrowest exact dtype (`_storage_dtype`); loaders widen it back."""
     validate(trace, path)
     try:
         meta_json = trace.meta.to_json()
@@ -364,7 +366,8 @@ def save_trace(trace: Trace, path: str | os.PathLike) -> None:
     }
     if trace.predicted is not None:
         arrays["predicted"] = trace.predicted
-    arrays = {k: np.ascontiguousarray(a, dtype=_storage_dtype(k, a)) for k, a in arrays.items()}
+    arrays = {k: np.ascontiguousarray(a, dtype=_storage_dtype(k, a) if compact else ARRAY_DTYPES[k])
+              for k, a in arrays.items()}
     arrays["meta"] = np.array(meta_json)  # 0-d unicode array
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
         for key, a in arrays.items():

@@ -34,7 +34,7 @@ def test_save_trace_narrows_dtypes_only_when_exact(tmp_path):
     import zipfile
     g = SC.round_gates(np.random.default_rng(2).dirichlet(np.ones(4), size=(20, 2)))
     t = _trace(-np.sort(-g, axis=-1))
-    save_trace(t, tmp_path / "a.npz")
+    save_trace(t, tmp_path / "a.npz", compact=True)
     with np.load(tmp_path / "a.npz") as z:
         assert z["experts"].dtype == np.int8 and z["weights"].dtype == np.float16
     u = load_trace(tmp_path / "a.npz")
@@ -43,11 +43,14 @@ def test_save_trace_narrows_dtypes_only_when_exact(tmp_path):
     np.testing.assert_array_equal(u.weights, t.weights)
     raw = np.random.default_rng(3).dirichlet(np.ones(4), size=(20, 2)).astype(np.float32)  # not float16-exact
     t2 = _trace(-np.sort(-raw, axis=-1), n_experts=300)  # ids beyond int8
-    save_trace(t2, tmp_path / "b.npz")
+    save_trace(t2, tmp_path / "b.npz", compact=True)
     with np.load(tmp_path / "b.npz") as z:
         assert z["experts"].dtype == np.int16 and z["weights"].dtype == np.float32
     np.testing.assert_array_equal(load_trace(tmp_path / "b.npz").weights, t2.weights)
     assert zipfile.is_zipfile(tmp_path / "b.npz")
+    save_trace(t, tmp_path / "c.npz")  # default: the schema dtypes, as before
+    with np.load(tmp_path / "c.npz") as z:
+        assert z["experts"].dtype == np.int16 and z["weights"].dtype == np.float32
 
 
 def _brute_lru(ids, cap):
