@@ -246,53 +246,36 @@ def test_gpu_v3_kernels_match_reference(fmt):
         assert rel_err(got, want) < tol, (fmt, m, g, cfg.variant, rel_err(got, want))
 
 
-def test_profile_from_saved_device_run(tmp_path):
-    # Rebuild the H200 profile from the committed device-run files and load it with the simulator's loader.
-    from pathlib import Path
-
-    from jaxmoe import calibrate
-    from sim import cost
-    from sim.profiles import load_hardware
-
-    run = Path(__file__).resolve().parents[1] / "results" / "run2_v2"
-    if not (run / "calibrate.log").exists():
-        pytest.skip("device run files absent")
-    out = tmp_path / "h200.json"
-    assert calibrate.main(["--from-run", str(run), "--out", str(out), "--raw-dir", str(tmp_path)]) == 0
-    assert (tmp_path / "kernels_parsed.json").exists()
-    hw = load_hardware(str(out))
-    assert hw.compute_tokens.tolist() == [1, 16, 64]
-    assert set(hw.compute_s) == {"q2_k", "q3_k", "q4_k"}
-    assert hw.compute_s["q2_k"][0] == pytest.approx(35.1e-6)  # the log's "cell q2_k M=1 G=1" line
-    assert hw.raw["expert_compute"]["grouped_seconds"]["q4_k"][0] == pytest.approx(48.4e-6)  # tune: 26.1 + 22.3
-    assert hw.vram_gbps == pytest.approx(4582.0)
-    assert cost.transfer_s(hw, 2**20) == pytest.approx(173.4e-6, rel=1e-3)  # a measured curve point
-    with pytest.raises(SystemExit) as exc:
-        calibrate.main(["--from-run", str(tmp_path / "none"), "--out", str(tmp_path / "x.json"), "--raw-dir", str(tmp_path)])
-    assert exc.value.code == 2 and not (tmp_path / "x.json").exists()
-
-
-def test_profile_from_saved_bench_json(tmp_path):
-    # The committed h200 profile's kernel table is rebuilt from run 5's saved benchmark without a GPU.
+def test_h200_profile_rebuilds_from_the_kept_measurements(tmp_path):
+    # results/ keeps the data the h200 profile rests on (results/README.md): run 8's kernel benchmark and
+    # run 2's transfers and dense layer. build_profile turns them into the profile the simulator loads.
+    import json
     from pathlib import Path
 
     from jaxmoe import calibrate
     from sim.profiles import load_hardware
 
-    root = Path(__file__).resolve().parents[1] / "results"
-    bench = root / "run5_v3c" / "bench_kernels.json"
-    if not bench.exists():
+    root = Path(__file__).resolve().parents[1]
+    bench_path, raw_path = root / "results" / "run8_v4c" / "bench_kernels.json", root / "results" / "run2_v2" / "calibrate_raw.json"
+    if not (bench_path.exists() and raw_path.exists()):
         pytest.skip("device run files absent")
+    bench, raw = json.loads(bench_path.read_text()), json.loads(raw_path.read_text())
+    profile = calibrate.build_profile(bench, raw["dense"], raw["transfers"], raw["device"], "test")
     out = tmp_path / "h200.json"
-    assert calibrate.main(["--reuse-run", str(root / "run2_v2"), "--from-bench", str(bench), "--out", str(out),
-                           "--raw-dir", str(tmp_path)]) == 0
+    out.write_text(json.dumps(profile))
     hw = load_hardware(str(out))
     assert hw.compute_tokens.tolist() == [1, 2, 4, 8, 16, 64]
-    assert hw.grouped_s["q2_k"][0] == pytest.approx(17.3755e-6)  # "cell q2_k M=1 G=8" of the run-5 log
+    cell = next(c for c in bench["cells"] if (c["fmt"], c["m"], c["g"]) == ("q2_k", 1, 8))
+    assert hw.grouped_s["q2_k"][0] == cell["total_s"] == pytest.approx(11.9e-6, abs=0.05e-6)  # run 8's headline
     assert hw.compute_s["q2_k"][0] < hw.grouped_s["q2_k"][0] < hw.grouped_s["bf16"][0]
-    with pytest.raises(SystemExit) as exc:
-        calibrate.main(["--from-bench", str(bench), "--out", str(tmp_path / "x.json"), "--raw-dir", str(tmp_path)])
-    assert exc.value.code == 2 and not (tmp_path / "x.json").exists()
+    assert profile["expert_compute"]["variants"]["q2_k"] == ["int"] * 4 + ["mma"] * 2
+    committed = json.loads((root / "sim" / "profiles" / "h200.json").read_text())
+    if "run8_v4c" in committed["source"]:  # the committed profile is exactly these measurements
+        for key in ("gpu", "vram_bytes", "vram_gbps", "hbm_copy_gbps", "transfer", "expert_compute", "dense_compute"):
+            assert profile[key] == committed[key], key
+    bad = dict(bench, cells=[])
+    with pytest.raises(calibrate.InputError):
+        calibrate.build_profile(bad, raw["dense"], raw["transfers"], raw["device"], "test")
 
 
 def test_fit_linear_recovers_fixed_and_bandwidth():
