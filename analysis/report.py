@@ -704,6 +704,11 @@ def _curves(frame: pd.DataFrame, group: str) -> pd.DataFrame:
     return f[[(g, p) in keep for g, p in zip(f[group], f["precision"])]]
 
 
+def caption(kind: str, **facts) -> str:
+    """A figure's caption (the template's `caption` macro)."""
+    return _template(SENTENCES).module.caption(kind, facts)
+
+
 def figures(inp: Inputs) -> list[tuple[str, object, str]]:
     """(file stem, chart, caption) for every figure of the document."""
     out = []
@@ -713,45 +718,37 @@ def figures(inp: Inputs) -> list[tuple[str, object, str]]:
         fp = f[f["gpu"] == gpu]
         hr = _curves(fp, "policy")
         if not hr.empty:
-            out.append((f"{t}-hit-rate", charts.hit_rate_vs_budget(hr),
-                        (f"Decode hit rate vs expert budget per cache policy ({t}, {gpu}; rows of "
-                         f"results/sweeps/{t}.csv with gpu={gpu}, fraction and VRAM budgets).")))
+            out.append((f"{t}-hit-rate", charts.hit_rate_vs_budget(hr), caption("hit-rate", trace=t, gpu=gpu)))
         ts = _curves(f[f["policy"] == POLICY], "gpu")
         if not ts.empty:
             out.append((f"{t}-tokens-per-s", charts.tokens_per_s_vs_budget(ts),
-                        f"Simulated decode tokens/s vs budget per GPU profile ({t}, {POLICY})."))
+                        caption("tokens-per-s", trace=t, policy=POLICY)))
         bt = _curves(fp[fp["policy"].isin([POLICY, "lru"])], "policy")
         if not bt.empty:
             out.append((f"{t}-bytes-per-token", charts.bytes_per_token_vs_budget(bt),
-                        f"PCIe bytes per decoded token vs budget ({t}, {gpu})."))
+                        caption("bytes-per-token", trace=t, gpu=gpu)))
         g = charts.with_native_baseline(fp[(fp["policy"] == POLICY) & fp["budget"].isin([VRAM, TIGHT])])
         g = g.assign(budget_name=[_budget_name(b, c) for b, c in zip(g["budget"], g["capacity_fraction"])])
         if (g["precision"] != "native").any() and g["speedup"].notna().any():
             out.append((f"{t}-gain-vs-mass", charts.low_mass_vs_gain(g),
-                        (f"Tokens/s gain over native vs gate mass served below Q4_K, every static/dynamic "
-                         f"policy ({t}, {gpu}, {POLICY}; panels: budgets).")))
+                        caption("gain-vs-mass", trace=t, gpu=gpu, policy=POLICY)))
         lay = inp.layers[inp.layers["trace"] == t]
         nat = fp[(fp["policy"] == POLICY) & (fp["precision"] == "native") & (fp["budget_kind"] == "fraction")]
         if not lay.empty and not nat.empty:
             hm = lay.merge(nat[["config_id", "capacity_fraction"]], on="config_id")
             hm = hm.assign(budget_pct=(hm["capacity_fraction"] * 100).round().astype(int))
             if not hm.empty:
-                out.append((f"{t}-per-layer", charts.per_layer_heatmap(hm),
-                            f"Per-layer decode hit rate, SLRU, native ({t}, {gpu}; results/sweeps/{t}.per_layer.csv)."))
+                out.append((f"{t}-per-layer", charts.per_layer_heatmap(hm), caption("per-layer", trace=t, gpu=gpu)))
     sr = share_rows(inp)
     if not sr.empty:
         sr = sr.assign(share_label=[_share_name(x) for x in sr["protected_share"]])
-        gpus = ", ".join(f"{t}: {g}" for t, g in dict(zip(sr["trace"], sr["gpu"])).items())
         out.append((SHARE_FIG, charts.hit_rate_vs_budget_by_share(sr),
-                    (f"SLRU decode hit rate vs expert budget per protected share, native precision ({gpus}; "
-                     "rows of the slru-share panel in results/sweeps/TRACE.csv).")))
+                    caption(SHARE_FIG, gpus=list(dict(zip(sr["trace"], sr["gpu"])).items()))))
     if inp.quality is not None:
         joined = [charts.join_quality(sim, inp.quality) for sim in headline_sims(inp).values()]
         j = pd.concat(joined, ignore_index=True) if joined else pd.DataFrame()
         if not j.empty and j["kld"].notna().any():
-            out.append(("quality-vs-speed", charts.quality_vs_speed(j),
-                        ("Δ decode tokens/s (simulator, 12 GB budget, SLRU) against KLD to the Q4_K baseline "
-                         "(jaxmoe.quality), joined on the precision policy.")))
+            out.append(("quality-vs-speed", charts.quality_vs_speed(j), caption("quality-vs-speed")))
     return out
 
 
@@ -811,7 +808,7 @@ def _template(name: str = TEMPLATE) -> jinja2.Template:
     """A template of analysis/templates (the document, or its sentence macros) with the formatting filters."""
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-                             autoescape=False)  # markdown, not HTML
+                             autoescape=False, extensions=["jinja2.ext.do"])  # markdown, not HTML
     env.filters.update(rate=f_rate, pct=f_pct, num=f_num, mb=f_mb, gib=f_gib, ci=f_ci, table=markdown_table,
                        fmt=lambda x, spec: format(x, spec))
     return env.get_template(name)
@@ -848,17 +845,7 @@ def _quality_facts(inp: Inputs) -> dict | None:
     """Provenance lines and tables of the quality section (None: no quality files)."""
     if inp.quality is None:
         return None
-    meta = []
-    for m in inp.quality_meta:
-        name = m.get("model_name") or m.get("model_file")
-        facts = [f"model `{name}`"] if name else []
-        if m.get("n_layers"):
-            facts.append(f"{m['n_layers']} layers, {m.get('n_experts')} experts, top-{m.get('top_k')}")
-        if m.get("scored_tokens"):
-            facts.append(f"{m['scored_tokens']:,} scored tokens")
-        if m.get("n_chunks"):
-            facts.append(f"{m['n_chunks']} chunks of {m.get('n_ctx')}")
-        meta.append({"file": m["file"], "facts": facts, "command": m.get("command")})
+    meta = [{**m, "model": m.get("model_name") or m.get("model_file")} for m in inp.quality_meta]
     sims = headline_sims(inp)
     fractions = sorted(set(inp.sweeps["static_fraction"].dropna()))
     return {"meta": meta, "tables": [("share", quality_share_table(inp.quality, sims)),
