@@ -213,6 +213,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="variant"):
         ef.expert_ffn(x, bank, jnp.array([0]), fmt="q4_k", implementation="pallas",
                       block_config=ef.BlockConfig(block_n_up=256, block_n_down=256, variant="tiles"), interpret=True)
+    with pytest.raises(ValueError, match="split_up"):
+        ef.expert_ffn(x, bank, jnp.array([0]), fmt="q4_k", implementation="pallas",
+                      block_config=ef.BlockConfig(variant="int", split_up=True), interpret=True)
 
 
 def _has_gpu() -> bool:

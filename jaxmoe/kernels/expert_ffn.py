@@ -212,6 +212,8 @@ def _check_config(cfg: BlockConfig, h: int, f: int):
             raise ValueError(f"BlockConfig.{name}={v} must be a power of 2")
     if cfg.variant not in VARIANTS:
         raise ValueError(f"BlockConfig.variant must be one of {VARIANTS}, not {cfg.variant!r}")
+    if cfg.split_up and cfg.variant == "int":
+        raise ValueError("BlockConfig.split_up applies to the v3 kernels (variant 'fma' or 'mma'), not 'int'")
     if f % cfg.block_n_up or h % cfg.block_n_down:
         raise ValueError(f"BlockConfig rows ({cfg.block_n_up}, {cfg.block_n_down}) must divide F={f} and H={h}")
 
