@@ -5,14 +5,12 @@ import numpy as np
 import pytest
 
 jax = pytest.importorskip("jax")
-import jax.numpy as jnp  # noqa: E402
+import jax.numpy as jnp
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from jaxmoe.kernels import dequant_fma, int_dot  # noqa: E402
-from jaxmoe.kernels import expert_ffn as ef  # noqa: E402
-from jaxmoe.kernels import repack  # noqa: E402
+from jaxmoe.kernels import dequant_fma, int_dot, repack
+from jaxmoe.kernels import expert_ffn as ef
 
 try:  # the GPU machine's image lacks gguf: there the numpy plane dequantizer (tested against gguf here) stands in
     import gguf
@@ -71,8 +69,8 @@ def test_reference_and_xla_against_float64(fmt):
         wts = {k: np.asarray(v.astype(jnp.float32), np.float64) for k, v in bank.items()}
         x = np.random.default_rng(7).standard_normal((4, 256))
         ids = [2, 0]
-        want = np.stack([((lambda g, u: g / (1 + np.exp(-g)) * u)(x @ wts["gate"][e].T, x @ wts["up"][e].T))
-                         @ wts["down"][e].T for e in ids])
+        gates, ups = ([x @ wts[k][e].T for e in ids] for k in ("gate", "up"))
+        want = np.stack([(g / (1 + np.exp(-g)) * u) @ wts["down"][e].T for g, u, e in zip(gates, ups, ids)])
     else:
         raw, bank = make_case(fmt, 3, 512, 256, seed=7)
         x = np.random.default_rng(7).standard_normal((4, 512))
