@@ -413,43 +413,6 @@ def test_random_inputs_round_trip_through_gguf(name, x):
 
 
 # ---------------------------------------------------------------------------------------------------
-# the re-quantization study CLI
-# ---------------------------------------------------------------------------------------------------
-def test_requant_study_is_deterministic_and_orders_errors(tmp_path, capsys):
-    from jaxmoe import requant_study
-
-    out = tmp_path / "rq.json"
-    requant_study.main(["--n-weights", "16384", "--seed", "3", "--json", str(out)])
-    table = capsys.readouterr().out
-    requant_study.main(["--n-weights", "16384", "--seed", "3"])
-    assert capsys.readouterr().out == table  # same seed → same table
-    requant_study.main(["--n-weights", "16384", "--seed", "4"])
-    assert capsys.readouterr().out != table
-    rows = {(r["distribution"], r["path"]): r for r in __import__("json").loads(out.read_text())}
-    assert len(rows) == 10 and "| gaussian | Q4_K → Q2_K |" in table
-    for dist in ("gaussian", "student_t3"):
-        e = {p: rows[(dist, p)]["rmse"] for p in ("float → Q4_K", "float → Q3_K", "float → Q2_K")}
-        assert e["float → Q4_K"] < e["float → Q3_K"] < e["float → Q2_K"]
-        for target in ("Q3_K", "Q2_K"):
-            r = rows[(dist, f"Q4_K → {target}")]
-            assert 1.0 < r["ratio_vs_direct"] < 1.3  # compounding costs something, not much
-            # triangle inequality on the two error legs (float→Q4_K, Q4_K→target)
-            assert r["rmse"] <= rows[(dist, "float → Q4_K")]["rmse"] + r["rmse_vs_source"] + 1e-12
-
-
-def test_requant_study_bad_input_exits_2_without_output(tmp_path, capsys):
-    from jaxmoe import requant_study
-
-    out = tmp_path / "rq.json"
-    with pytest.raises(SystemExit) as exc:
-        requant_study.main(["--n-weights", "1000", "--json", str(out)])
-    assert exc.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "multiple of 256" in err
-    assert not out.exists()
-
-
-# ---------------------------------------------------------------------------------------------------
 # weighted (imatrix) quantization without the C library
 # ---------------------------------------------------------------------------------------------------
 # crc32 of the bytes that commit fc69b46 (checked byte-identical with ggml's quantize_row_*_ref on 480,000
