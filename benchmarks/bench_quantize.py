@@ -53,8 +53,10 @@ def run(n_weights: int, repeats: int, formats: list[str], seed: int = 0) -> list
 @exit_on_input_error
 def main(argv: list[str] | None = None) -> None:
     """CLI entry point: prints a markdown table."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-weights", type=int, default=1 << 22, help=f"weights per format (multiple of {ROW})")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n-weights", type=int, default=1 << 22,
+                        help=f"weights per format (multiple of {ROW})")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--formats", nargs="+", default=list(QUANT_TYPES))
     parser.add_argument("--seed", type=int, default=0)
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> None:
     print("| format | quantize (M weights/s) | quantize with quant_weights (M weights/s) |")
     print("|---|---|---|")
     for r in run(args.n_weights, args.repeats, args.formats, args.seed):
-        print(f"| {r['format']} | {r['plain_weights_per_s'] / 1e6:.2f} | {r['weighted_weights_per_s'] / 1e6:.2f} |")
+        plain, weighted = r["plain_weights_per_s"] / 1e6, r["weighted_weights_per_s"] / 1e6
+        print(f"| {r['format']} | {plain:.2f} | {weighted:.2f} |")
 
 
 if __name__ == "__main__":
