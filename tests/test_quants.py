@@ -151,7 +151,7 @@ def test_quantize_matches_ggml_c_reference(name, kind):
 def ggml_weighted_bytes(name: str, x: np.ndarray, quant_weights: np.ndarray) -> np.ndarray:
     """Bytes from ggml's `quantize_<type>` with `quant_weights` (K,) on rows x (nrows, K)."""
     cls = QUANT_TYPES[name]
-    fn = getattr(ctypes.CDLL(GGML_LIB), "quantize_" + name[:-1] + name[-1].upper())  # quantize_q4_K, quantize_q8_0
+    fn = getattr(ctypes.CDLL(GGML_LIB), "quantize_" + name[:-1] + name[-1].upper())  # quantize_q4_K, ...
     fn.restype = ctypes.c_size_t
     fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
     x = np.ascontiguousarray(x, dtype=np.float32)
@@ -209,15 +209,17 @@ def weighted_case(wkind: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
 @pytest.mark.parametrize("wkind", W_KINDS)
 @pytest.mark.parametrize("name", NAMES)
 def test_weighted_quantize_matches_ggml_c_reference(name, wkind):
-    """Our quant_weights path against ggml's quantize_q*_K imatrix path: every block byte-identical."""
-    x, qw = weighted_case(wkind, seed=zlib.crc32(f"{name}/{wkind}".encode()))
+    """Our quant_weights path against ggml's quantize_q*_K imatrix path: every block byte-identical.
+    GGML_QUANTS_REPEATS=n (default 1) runs n seeds per case."""
     cls = QUANT_TYPES[name]
-    ours = cls.quantize(x, qw).reshape(x.shape[0], -1, cls.type_size)
-    for e in range(x.shape[0]):
-        ref = ggml_weighted_bytes(name, x[e], qw[e])
-        match = (ours[e] == ref).all(axis=1)
-        assert match.all(), (f"{name}/{wkind} expert {e}: {match.mean():.2%} of blocks match; "
-                             f"first differing {np.flatnonzero(~match)[:5]}")
+    for rep in range(int(os.environ.get("GGML_QUANTS_REPEATS", "1"))):
+        x, qw = weighted_case(wkind, seed=zlib.crc32(f"{name}/{wkind}/{rep}".encode()))
+        ours = cls.quantize(x, qw).reshape(x.shape[0], -1, cls.type_size)
+        for e in range(x.shape[0]):
+            ref = ggml_weighted_bytes(name, x[e], qw[e])
+            match = (ours[e] == ref).all(axis=1)
+            assert match.all(), (f"{name}/{wkind} seed {rep} expert {e}: {match.mean():.2%} of blocks match; "
+                                 f"first differing {np.flatnonzero(~match)[:5]}")
 
 
 def test_q8_0_quantize_matches_gguf_quantizer():
@@ -490,7 +492,8 @@ def test_all_equal_weights_are_ggmls_imatrix_path_not_the_reference_path(name):
         return
     assert (q_ones != q_none).any(axis=1).mean() > 0.5
     ones = np.ones(x.shape[1])
-    assert weighted_sq_error(name, x, np.ones(1024, np.float32), ones) < weighted_sq_error(name, x, None, ones)
+    err_ones = weighted_sq_error(name, x, np.ones(1024, np.float32), ones)
+    assert err_ones < weighted_sq_error(name, x, None, ones)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")
@@ -527,7 +530,8 @@ def test_quant_weights_per_matrix_equal_quantizing_each_matrix_alone():
         q = cls.quantize(x, qw)
         for e in range(3):
             np.testing.assert_array_equal(q[e], cls.quantize(x[e], qw[e]))
-        np.testing.assert_array_equal(cls.quantize(x, qw[0]), cls.quantize(x, np.broadcast_to(qw[0], (3, 1024))))
+        shared = cls.quantize(x, np.broadcast_to(qw[0], (3, 1024)))
+        np.testing.assert_array_equal(cls.quantize(x, qw[0]), shared)
     # more rows than one chunk, so per-chunk weight slicing is exercised
     big = make_weights("normal", 2 * quants.QUANT_CHUNK_BLOCKS + 8, 27).reshape(-1, 2048)
     wbig = make_quant_weights("lognormal", (2048,), 27)
@@ -549,9 +553,10 @@ def test_bad_quant_weights_raise(bad, match):
 
 @pytest.mark.parametrize("name", K_NAMES)
 def test_a_block_of_zero_importance_dequantizes_to_zero(name):
-    """ggml's weighted fits have nothing to fit when a whole 256-block weighs 0 (dead columns): its super-block
-    scale comes out 0 and the block dequantizes to zeros (Q6_K writes an all-zero block). Other blocks of
-    the row are unaffected. (The opt-in test checks these bytes against ggml: one_hot, sparse.)"""
+    """ggml's weighted fits have nothing to fit when a whole 256-block weighs 0 (dead columns): its
+    super-block scale comes out 0 and the block dequantizes to zeros (Q6_K writes an all-zero block).
+    Other blocks of the row are unaffected. (The opt-in test checks these bytes against ggml: one_hot,
+    sparse.)"""
     x = make_weights("normal", 8, 28).reshape(2, 1024)
     qw = np.ones(1024, np.float32)
     qw[256:512] = 0
