@@ -22,6 +22,7 @@ import numpy as np
 
 from sim.formats import FORMATS, get_format
 from sim.io import InputError
+from sim.precision import LOW_FORMATS
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 GIB = 2**30
@@ -31,7 +32,7 @@ MIB = 2**20
 # Model profiles
 # ---------------------------------------------------------------------------------------------
 
-LOW_FORMATS = ("q2_k", "q3_k")  # the formats a precision policy may demote an expert to
+# LOW_FORMATS lives in sim.precision; re-exported here for code that still imports it from profiles.
 
 
 def use_more_bits(layer: int, n_layers: int) -> bool:
