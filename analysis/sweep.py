@@ -55,7 +55,7 @@ import pandas as pd
 
 from sim.budget import DERIVED, FRACTION, VRAM, parse_budget
 from sim.cache.slru import DEFAULT_PROTECTED_SHARE
-from sim.io import InputError, atomic_path, exit_on_input_error
+from sim.io import InputError, atomic_paths, check_output_path, exit_on_input_error
 from sim.precision import PrecisionPolicy, parse_precision
 from sim.profiles import load_hardware
 from sim.simulate import RECORD_FIELDS, Prepared, ReplayConfig, incompatible, prepare, run_prepared
@@ -275,10 +275,9 @@ def write_sweep(out_dir: str | Path, name: str, frame: pd.DataFrame, layers: pd.
     out_dir = Path(out_dir)
     paths = [out_dir / f"{name}.csv", out_dir / f"{name}.per_layer.csv", out_dir / f"{name}.json"]
     texts = [frame_to_csv(frame), frame_to_csv(layers), json.dumps(prov, indent=1, sort_keys=True) + "\n"]
-    for path, text in zip(paths, texts):
-        with atomic_path(path) as tmp:
+    with atomic_paths(paths, make_parents=True) as tmps:  # all three or none; mode follows the umask
+        for tmp, text in zip(tmps, texts):
             tmp.write_text(text)
-            tmp.chmod(0o644)  # mkstemp's 0600 would make the results private
     return paths
 
 
@@ -323,6 +322,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     gpus = tuple(g.strip() for g in args.gpu.split(",") if g.strip())
     if not gpus:
         raise InputError(None, "--gpu: give at least one hardware profile")
+    for suffix in (".csv", ".per_layer.csv", ".json"):  # before the long run: the folder must exist
+        check_output_path(Path(args.out) / f"{name}{suffix}", "--out")
     frame, layers, prov = run_sweep(args.trace, gpus=gpus, grid="quick" if args.quick else "default",
                                     quiet=args.quiet, trace_label=name)
     prov["command"] = (f"python -m analysis.sweep {args.trace} --name {name}" + (" --quick" if args.quick else "")

@@ -170,14 +170,22 @@ def model_for_trace(meta, fallback: str | None = None) -> ModelProfile:
     and expert_format in the trace override the native sizes. A trace of another model must carry
     expert_bytes and expert_weights so that the low-precision sizes can be computed.
     """
+    if fallback is not None:
+        get_model(fallback)  # an unknown --model is an error, never silently ignored
     name = (fallback or meta.model or "").lower()
     base = next((b for b in MODEL_BUILDERS if name.replace("_", "-").startswith(b)), None)
-    if fallback is None and base is None and (meta.expert_bytes is None or not meta.expert_weights):
-        raise InputError(
-            None,
-            f"trace model {meta.model!r} is not built in and the trace lacks expert_bytes/expert_weights; "
-            f"pass --model ({', '.join(MODEL_BUILDERS)})",
-        )
+    if base is None:
+        lacks = [k for k, v in (("expert_bytes", meta.expert_bytes), ("expert_weights", meta.expert_weights)) if not v]
+        if lacks:
+            raise InputError(
+                None,
+                f"trace model {meta.model!r} is not built in and the trace lacks {' and '.join(lacks)}; re-convert "
+                "with python -m sim.convert ... --expert-weights N (weights per expert, a multiple of 256), or pass "
+                f"--model for a trace of a built-in model ({', '.join(MODEL_BUILDERS)})",
+            )
+        if int(meta.expert_weights) % 256:
+            raise InputError(None, f"trace meta expert_weights={meta.expert_weights} is not a multiple of 256 "
+                                   "(one K-quant super-block); re-convert with a correct --expert-weights")
     if base is not None:
         prof = get_model(fallback or base)
         if (prof.n_layers, prof.n_experts) != (meta.n_layers, meta.n_experts):

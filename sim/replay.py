@@ -5,6 +5,10 @@ over PCIe per decoded token, predicted decode tokens/s and stall fraction on a n
 share of gate mass served at low precision or skipped (the quality side joins on these).
 This module is the command line only; the simulator is the library `sim.simulate`
 (`run(ReplayConfig(...))` returns the `ReplayRecord` this command prints).
+
+With no --policy, --precision or budget option the command answers the project's question on
+the trace: SLRU at the derived budget, native precision against the low-bit policies that
+docs/decision.md weighs (COMPARE_PRECISIONS), with Δ tok/s and Δ bytes per token against native.
 """
 from __future__ import annotations
 
@@ -18,7 +22,7 @@ from pathlib import Path
 
 from sim.budget import COUNT, parse_budget_list, parse_budget_sweep, sweep_bytes
 from sim.cache import POLICY_NAMES
-from sim.io import InputError, atomic_path, exit_on_input_error
+from sim.io import InputError, atomic_paths, check_output_path, exit_on_input_error
 from sim.precision import parse_precision
 from sim.profiles import GIB
 from sim.simulate import (
@@ -32,6 +36,11 @@ from sim.simulate import (
     run_prepared,
 )
 
+DEFAULT_POLICY = "slru"
+COMPARE_PRECISIONS = ("native", "static:mass:30%:q3_k", "static:mass:30%:q2_k", "dynamic:0.6:0.9")
+DECISION_POINTER = ("Which of these to run, and what each costs in quality (KLD, same top-1): "
+                    "docs/decision.md")
+
 EPILOG = """examples:
   python -m sim.replay traces/qwen3.npz
   python -m sim.replay traces/qwen3.npz --policy slru,lru,s3fifo,belady --experts 30%,50%
@@ -43,7 +52,10 @@ EPILOG = """examples:
 budgets: --budget takes bytes (9GiB, 9.5GB, 4000MiB); --experts takes a count of native-size
 experts or a percentage of all experts (3300, 40%); --sweep-budget START:STOP:STEP in either unit.
 Without any, the budget is derived from the GPU (VRAM − dense − head − KV cache − reserve), or is
-40 % of the experts when the whole model would fit.
+40 % of the experts when the whole model would fit. `vram` names the derived budget explicitly.
+With no --policy/--precision/budget option: slru, native vs static:mass:30%:{q3_k,q2_k} and
+dynamic:0.6:0.9 at the default budget, with Δ columns against native.
+Cache policy belady with a dynamic precision policy is skipped with a note (belady needs the future).
 precision: native | static:SIGNAL:X%:FMT (SIGNAL freq|weight|mass|random, FMT q2_k|q3_k) |
 dynamic:T1:T2[:FMT] | combinations joined by + | +pools:split:S for a separate low-precision pool.
 """
@@ -83,8 +95,16 @@ def _budget_values(prep: Prepared, parsed, args) -> list[tuple[int, str]]:
     return [prep.default_capacity()]
 
 
+def _native_partner(records: list[ReplayRecord]) -> dict[int, ReplayRecord]:
+    """For each non-native record, the native record of the same policy and budget (where run)."""
+    native = {(r.policy, r.capacity_bytes): r for r in records if r.precision == "native"}
+    return {i: native[(r.policy, r.capacity_bytes)] for i, r in enumerate(records)
+            if r.precision != "native" and (r.policy, r.capacity_bytes) in native}
+
+
 def _fmt_table(records: list[ReplayRecord]) -> str:
-    """A readable fixed-width table of result records."""
+    """A readable fixed-width table of result records (with Δ vs native where a native row exists)."""
+    partner = _native_partner(records)
     cols = [
         ("policy", "policy", "{}"),
         ("precision", "precision", "{}"),
@@ -97,11 +117,20 @@ def _fmt_table(records: list[ReplayRecord]) -> str:
         ("low mass", "low_precision_mass", "{:.1%}"),
         ("skip mass", "skipped_mass", "{:.1%}"),
     ]
+    if partner:
+        cols += [("Δ tok/s", "delta_tokens_per_s", "{:+.1%}"), ("Δ MB/token", "delta_bytes_per_token", "{:+.1%}")]
     rows = []
-    for r in records:
+    for i, r in enumerate(records):
         row = []
         for _, key, fmt in cols:
-            v = getattr(r, key)
+            if key.startswith("delta_"):
+                base = partner.get(i)
+                field_ = key[len("delta_"):]
+                a = None if base is None else getattr(r, field_)
+                b = None if base is None else getattr(base, field_)
+                v = (a / b - 1) if a is not None and b else None
+            else:
+                v = getattr(r, key)
             if v is None:
                 row.append("–")
             elif key == "capacity_bytes":
@@ -134,17 +163,22 @@ def _fmt_per_layer(records: list[ReplayRecord]) -> str:
 
 
 def _write_outputs(records: list[ReplayRecord], json_path: str | None, csv_path: str | None) -> None:
+    """Write the JSON and CSV outputs, all or none."""
     dicts = [r.as_dict() for r in records]
+    texts = {}
     if json_path:
-        with atomic_path(json_path) as tmp:
-            tmp.write_text(json.dumps(dicts, indent=1) + "\n")
+        texts[json_path] = json.dumps(dicts, indent=1) + "\n"
     if csv_path:
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=list(SCALAR_FIELDS), extrasaction="ignore")
         w.writeheader()
         w.writerows(dicts)
-        with atomic_path(csv_path) as tmp:
-            tmp.write_text(buf.getvalue())
+        texts[csv_path] = buf.getvalue()
+    if not texts:
+        return
+    with atomic_paths(list(texts)) as tmps:
+        for tmp, text in zip(tmps, texts.values()):
+            tmp.write_text(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,8 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--budget", help="expert budget(s) in bytes, comma-separated: 9GiB,10GiB")
     ap.add_argument("--experts", help="expert budget(s) as native-size expert counts or percentages: 3300,40%%")
     ap.add_argument("--sweep-budget", help="START:STOP:STEP budgets, in bytes (2GiB:10GiB:1GiB) or experts (10%%:90%%:10%%)")
-    ap.add_argument("--policy", default="slru", help="cache policies, comma-separated (default: %(default)s)")
-    ap.add_argument("--precision", default="native", help="precision policies, comma-separated (default: %(default)s)")
+    ap.add_argument("--policy", help=f"cache policies, comma-separated (default: {DEFAULT_POLICY})")
+    ap.add_argument("--precision", help="precision policies, comma-separated (default: native, or the comparison "
+                                        "above when no --policy or budget option is given either)")
     ap.add_argument("--partition", choices=("global", "per-layer"), default="global", help="one cache, or one per layer")
     ap.add_argument("--protected-share", type=float, help="SLRU protected segment's share of the capacity")
     ap.add_argument("--prefetch", default="none", help="none | trace (the trace's predicted experts) | oracle:P")
@@ -184,13 +219,23 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> list[ReplayRecord]:
     """CLI entry point."""
     args = build_parser().parse_args(argv)
-    policies = _split(args.policy)
-    precisions = _split(args.precision)
+    compare = not (args.policy or args.precision or args.budget or args.experts or args.sweep_budget)
+    policies = _split(args.policy or DEFAULT_POLICY)
+    precisions = list(COMPARE_PRECISIONS) if compare else _split(args.precision or "native")
     for pol in policies:
         if pol not in POLICY_NAMES:
             raise InputError(None, f"unknown cache policy {pol!r}; known: {', '.join(POLICY_NAMES)}")
     parsed_prec = {prec: parse_precision(prec) for prec in precisions}  # fail fast on a typo
     budgets_given = _parse_budgets(args)
+    outputs = {}
+    for option, path in (("--json", args.json), ("--csv", args.csv)):
+        if path:
+            checked = check_output_path(path, option).resolve()
+            if checked in outputs.values():
+                raise InputError(path, f"{option}: the same file as another output")
+            outputs[option] = checked
+    if Path(args.trace).resolve() in outputs.values():
+        raise InputError(args.trace, "an output path is the trace itself")
     base = ReplayConfig(
         trace=args.trace, gpu=args.gpu, model=args.model, partition=args.partition, prefetch=args.prefetch,
         phase=args.phase, calib_fraction=args.calib_fraction, ubatch=args.ubatch, context=args.context,
@@ -201,13 +246,26 @@ def main(argv: list[str] | None = None) -> list[ReplayRecord]:
     for prec, parsed in parsed_prec.items():
         if parsed.is_static and prep.calib_trace is None:
             raise InputError(None, f"precision {prec!r} needs a calibration window (--calib-fraction > 0)")
-        for pol in policies:
-            why = incompatible(pol, parsed)
-            if why:
-                raise InputError(None, why)
     budgets = _budget_values(prep, budgets_given, args)
+    smallest = int(prep.sizes.min())
+    for cap, how in budgets:
+        if cap < smallest:
+            raise InputError(None, f"budget {how} = {cap} bytes holds no expert (the smallest is {smallest} bytes): "
+                                   "every access would miss")
+    pairs, notes = [], []
+    for pol in policies:
+        for prec in precisions:
+            why = incompatible(pol, parsed_prec[prec])
+            if why:
+                notes.append(f"note: skipped {pol} with {prec}: {why}")
+            else:
+                pairs.append((pol, prec))
+    if not pairs:
+        raise InputError(None, notes[0][len("note: "):])
+    for note in notes:
+        print(note, file=sys.stderr)
     configs = [replace(base, policy=pol, precision=parsed_prec[prec], capacity_bytes=cap)
-               for cap, _ in budgets for pol in policies for prec in precisions]
+               for cap, _ in budgets for pol, prec in pairs]
     print(f"{Path(args.trace).name}: {prep.trace.n_steps} steps, {prep.model.name}, gpu {prep.hw.name}; "
           f"budget {budgets[0][1] if len(budgets) == 1 else f'{len(budgets)} values'}", file=sys.stderr)
     records = []
@@ -229,6 +287,8 @@ def main(argv: list[str] | None = None) -> list[ReplayRecord]:
     if args.per_layer:
         print(_fmt_per_layer(records))
     _write_outputs(records, args.json, args.csv)
+    if compare:
+        print(DECISION_POINTER)
     return records
 
 

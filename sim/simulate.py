@@ -164,6 +164,8 @@ def check_config(cfg: ReplayConfig) -> None:
         raise InputError(None, f"--context {cfg.context}: a context length must be ≥ 0 tokens")
     if not 0 <= cfg.calib_fraction < 1 or math.isnan(cfg.calib_fraction):
         raise InputError(None, f"--calib-fraction {cfg.calib_fraction}: must be in [0, 1)")
+    if cfg.seed < 0:
+        raise InputError(None, f"--seed {cfg.seed}: must be ≥ 0")
     if cfg.capacity_bytes is not None and cfg.capacity_bytes < 0:
         raise InputError(None, f"capacity {cfg.capacity_bytes}: a budget must be ≥ 0 bytes")
 
