@@ -25,9 +25,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import os
 import re
+import sys
 import zipfile
 import zlib
 from collections.abc import Sequence

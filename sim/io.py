@@ -10,8 +10,8 @@ import contextlib
 import os
 import sys
 import tempfile
-from pathlib import Path
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 
 class InputError(Exception):
