@@ -39,7 +39,7 @@ def main() -> None:
         ("hit-rate only (compiled cache)", ReplayConfig(trace=trace, policy="slru", calib_fraction=0.0, timeline=False)),
         ("full: cache + simpy timeline", ReplayConfig(trace=trace, policy="slru", calib_fraction=0.0)),
     ]:
-        rec, secs = timed(lambda: run_prepared(prep, cfg))
+        rec, secs = timed(lambda cfg=cfg: run_prepared(prep, cfg))
         rows.append((label, n, secs + prep_s, rec.hit_rate))
     small = synthesize(preset("qwen3-30b-a3b", n_seqs=1, prefill_tokens=0, decode_tokens=args.reference_tokens, seed=0))
     sprep = prepare(ReplayConfig(trace=small, calib_fraction=0.0))

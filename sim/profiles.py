@@ -284,13 +284,13 @@ def load_hardware(name_or_path: str) -> HardwareProfile:
         shape = expert.get("shape", {"hidden": 2048, "ffn": 768})
         tokens = _array(expert, "tokens", path)
         compute_s = {}
-        for fmt, secs in expert["seconds"].items():
+        for fmt in expert["seconds"]:
             arr = _array(expert["seconds"], fmt, path)
             if arr.size != tokens.size:
                 raise InputError(path, f"expert_compute.seconds.{fmt} has {arr.size} values for {tokens.size} token counts")
             compute_s[fmt.lower()] = arr
         grouped_s = {}
-        for fmt, secs in (expert.get("grouped_seconds") or {}).items():
+        for fmt in expert.get("grouped_seconds") or {}:
             arr = _array(expert["grouped_seconds"], fmt, path)
             if arr.size != tokens.size:
                 raise InputError(path, f"expert_compute.grouped_seconds.{fmt} has {arr.size} values for {tokens.size} token counts")
@@ -366,9 +366,9 @@ def derived_expert_budget(model: ModelProfile, hw: HardwareProfile, context_toke
 __all__ = [
     "FORMATS",
     "GIB",
-    "HardwareProfile",
     "LOW_FORMATS",
     "MIB",
+    "HardwareProfile",
     "ModelProfile",
     "derived_expert_budget",
     "get_model",

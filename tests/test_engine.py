@@ -141,7 +141,7 @@ def test_static_demotion_matches_brute_force():
                 for e, w in zip(calib.experts[t, layer].tolist(), calib.weights[t, layer].tolist()):
                     n, m = stats.get(e, (0, 0.0))
                     stats[e] = (n + 1, m + w)
-            def score(e):
+            def score(e, stats=stats, signal=signal):
                 n, m = stats.get(e, (0, 0.0))
                 return {"freq": n, "mass": m, "weight": m / n if n else 0.0}[signal]
             expected = sorted(range(16), key=lambda e: (score(e), e))[:4]

@@ -44,7 +44,7 @@ N_FMT_IDS = 1 << FMT_BITS  # format ids per (layer, expert)
 
 
 def make_key(layer: int, expert: int, fmt_id: int) -> int:
-    """Pack (layer, expert, format index in PRECISION_ORDER) into one int key."""
+    """Pack (layer, expert, format id) into one int key (the engine's format id is the slot in sim.precision.SLOTS)."""
     if not (0 <= layer and 0 <= expert <= EXPERT_MASK and 0 <= fmt_id <= FMT_MASK):
         raise ValueError(f"key out of range: layer={layer} expert={expert} fmt_id={fmt_id}")
     return (int(layer) << LAYER_SHIFT) | (int(expert) << EXPERT_SHIFT) | int(fmt_id)
@@ -61,7 +61,7 @@ def key_expert(key: int) -> int:
 
 
 def key_fmt(key: int) -> int:
-    """Format index (into sim.formats.PRECISION_ORDER) of a key."""
+    """Format id of a key (in the engine: the slot in sim.precision.SLOTS)."""
     return key & FMT_MASK
 
 
