@@ -171,9 +171,8 @@ def budget_bytes(prep: Prepared, budget: str) -> int | None:
     return parsed.resolve(prep.model, prep.hw, prep.context)
 
 
-def precision_columns(spec: str) -> dict:
+def precision_columns(p: PrecisionPolicy) -> dict:
     """The parsed fields of a precision policy as flat columns (NaN/None where not used)."""
-    p = parse_precision(spec)
     used = {"static_signal": p.is_static, "static_fraction": p.is_static, "static_format": p.is_static,
             "t1": p.is_dynamic, "t2": p.is_dynamic, "dynamic_format": p.is_dynamic}
     numeric = {"static_fraction", "t1", "t2"}
@@ -233,14 +232,15 @@ def run_sweep(trace_path: str | Path, *, gpus: tuple[str, ...] = DEFAULT_GPUS, g
             if cap is None:
                 advance(f"{sc.gpu} {sc.budget} (n/a)")
                 continue
-            cfg = ReplayConfig(trace=trace, gpu=sc.gpu, policy=sc.policy, precision=sc.precision, capacity_bytes=cap,
+            precision = parse_precision(sc.precision)  # parsed once: the run and the columns share it
+            cfg = ReplayConfig(trace=trace, gpu=sc.gpu, policy=sc.policy, precision=precision, capacity_bytes=cap,
                                policy_params=sc.policy_params)
             rec = run_prepared(prep, cfg).as_dict()
             cid = len(rows)
             per_layer = rec.pop("per_layer_hit_rate")
             row = dict(config_id=cid, trace=label, budget=sc.budget,
                        budget_kind=parse_budget(sc.budget, option="budget label").kind,
-                       **precision_columns(sc.precision), **rec,
+                       **precision_columns(precision), **rec,
                        protected_share=float("nan") if sc.protected_share is None else sc.protected_share)
             rows.append({k: row.get(k) for k in SWEEP_COLUMNS})
             layer_rows.extend({"config_id": cid, "layer": i, "hit_rate": h} for i, h in enumerate(per_layer))
