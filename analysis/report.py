@@ -4,17 +4,21 @@ Inputs (nothing else): `results/sweeps/NAME.csv` with its `NAME.json` provenance
 `NAME.per_layer.csv` (written by `python -m analysis.sweep`), `results/quality*.json` when present
 (written by `python -m jaxmoe.quality`), and the hardware profiles in `sim/profiles/`. Every number
 in the document is computed here from those files; where quality results are absent the document
-says so in a "pending" section. Tables are built by pure functions of the frames (`precision_table`,
-`signal_table`, `policy_table`, `gpu_table`, `slru_share_table`, `quality_*_table`); charts come from
-`analysis.charts` and are saved as PNG through vl-convert.
+says so in a "pending" section. The document's text is the template analysis/templates/decision.md.j2
+(its multi-fact sentences are macros in sentences.md.j2); this module computes what it shows. Tables
+are built by pure functions of the frames (`precision_table`, `signal_table`, `policy_table`,
+`gpu_table`, `slru_share_table`, `quality_*_table`), the sentences' figures by `answer_facts`,
+`slru_probation_facts`, `slru_share_facts` and `_trace_facts`; charts come from `analysis.charts` and
+are saved as PNG through vl-convert.
 
 Every section but one reads `Inputs.sweeps`: the engine's configurations, i.e. SLRU at its default
 protected share (`engine_rows`). The `slru-share` panel's other shares feed only the "SLRU's
-protected share" subsection (`slru_share_table`, `slru_share_bullets`), from `Inputs.all_sweeps`.
+protected share" subsection (`slru_share_table`, `slru_share_facts`), from `Inputs.all_sweeps`.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import math
@@ -22,6 +26,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import pandas as pd
 
 from analysis import charts
@@ -34,6 +39,9 @@ from sim.profiles import GIB, PROFILE_DIR, get_model
 SWEEP_DIR = Path("results/sweeps")
 QUALITY_GLOB = "results/quality*.json"
 DOC = Path("docs/decision.md")
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
+TEMPLATE = "decision.md.j2"  # the document's text; this module computes its values, tables and figures
+SENTENCES = "sentences.md.j2"  # its sentences made of several computed facts (macros)
 FIG_DIR = Path("docs/figures")
 REPRO = "python -m analysis.report"
 POLICY = "slru"  # the engine's cache policy: the headline tables use it
@@ -536,29 +544,27 @@ def slru_share_table(rows: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def _share_point(sub: pd.DataFrame, x: float) -> str:
+def _share_point(sub: pd.DataFrame, x: float) -> dict:
+    """Hit rate and tok/s of share x in `sub` (one trace and budget, indexed by share)."""
     r = sub.loc[x]
-    return f"{f_rate(r['hit_rate'])} ({f_num(r['tokens_per_s'])} tok/s)"
+    return {"hit_rate": r["hit_rate"], "tokens_per_s": r["tokens_per_s"]}
 
 
-def _best_phrase(sub: pd.DataFrame) -> tuple[float, str]:
-    """(a best share, "share 0.5 hits 0.534 (35.2 tok/s)" or "shares 0, 0.2 hit 0.990 (up to 73.4 tok/s)") for
-    one trace and budget (`sub` indexed by share); best = the highest hit rate at 3 decimals, as in the table."""
+def _best_point(sub: pd.DataFrame) -> dict:
+    """The best share(s) of one trace and budget (`sub` indexed by share): best = the highest hit rate at 3
+    decimals, as in the table; `share` is the best one with the most tok/s, `point` its figures."""
     best = _best_shares(sub.reset_index())
     bx = max(best, key=lambda x: (sub.loc[x, "tokens_per_s"], x))
-    if len(best) == 1:
-        return bx, f"share {bx:g} hits {_share_point(sub, bx)}"
-    return bx, (f"shares {', '.join(f'{x:g}' for x in best)} hit {f_rate(sub.loc[bx, 'hit_rate'])} "
-                f"(up to {f_num(sub.loc[bx, 'tokens_per_s'])} tok/s)")
+    return {"best": best, "share": bx, "point": _share_point(sub, bx)}
 
 
-def slru_share_bullets(inp: Inputs, gap: float = SHARE_GAP) -> list[str]:
-    """Sentences computed from the share rows: per trace, where the default share trails the best one by more
-    than `gap` and what it loses at the worst such budget, the best share at the smallest and the 12 GB budget,
-    what the default does to the Q2_K gain there; then each share's worst shortfall over every trace and budget."""
+def slru_share_facts(inp: Inputs, gap: float = SHARE_GAP) -> tuple[list[dict], dict | None]:
+    """What the share bullets say, per trace: where the default share trails the best one by more than `gap`
+    and what it loses at the worst such budget, the best share at the smallest and the 12 GB budget, what the
+    default does to the Q2_K gain there; then each share's worst shortfall over every trace and budget."""
     nat = share_rows(inp)
     if nat.empty:
-        return []
+        return [], None
     low = share_rows(inp, Q2)
     d = DEFAULT_PROTECTED_SHARE
     out = []
@@ -576,47 +582,44 @@ def slru_share_bullets(inp: Inputs, gap: float = SHARE_GAP) -> list[str]:
             continue
         loss = {b: sub["hit_rate"].max() - sub.loc[d, "hit_rate"] for b, sub in subs.items()}
         trailing = [b for b in budgets if loss[b] > gap]
-        parts = []
+        facts = {"trace": t, "default": d, "gap": gap, "trailing": trailing, "also": []}
+        worst = None
         if trailing:
             worst = max(trailing, key=lambda b: loss[b])
             sub = subs[worst]
-            bx, phrase = _best_phrase(sub)
+            best = _best_point(sub)
+            bx = best["share"]
             r, rd = sub.loc[bx], sub.loc[d]
-            parts.append(f"the default share {d:g} trails the best share by more than {gap:g} of hit rate at "
-                         f"{', '.join(trailing)} (within {gap:g} at every other budget); most at {worst}, where "
-                         f"{phrase} and the default {_share_point(sub, d)}: "
-                         f"{-loss[worst]:+.3f} hit rate, {f_pct(rd['tokens_per_s'] / r['tokens_per_s'] - 1, signed=True)} "
-                         "decode tokens/s")
+            facts.update(worst=worst, best=best, at_default=_share_point(sub, d), hit_change=-loss[worst],
+                         tok_change=rd["tokens_per_s"] / r["tokens_per_s"] - 1, low_bit=None)
             lo = low[(low["trace"] == t) & (low["budget"] == worst)].set_index("protected_share")
             if d in lo.index and bx in lo.index:
                 g_d = lo.loc[d, "tokens_per_s"] / rd["tokens_per_s"] - 1
                 g_b = lo.loc[bx, "tokens_per_s"] / r["tokens_per_s"] - 1
-                verdict = ("the default share inflates the low-bit gain there" if g_d > g_b + gap else
-                           "the default share shrinks the low-bit gain there" if g_d < g_b - gap else
-                           "about the same low-bit gain")
-                parts.append(f"at {worst} `{Q2}` gains {f_pct(g_d, signed=True)} tok/s over native under the default "
-                             f"share and {f_pct(g_b, signed=True)} under share {bx:g} ({verdict})")
-        else:
-            parts.append(f"the default share {d:g} is within {gap:g} of the best share's hit rate at every budget")
+                verdict = "inflates" if g_d > g_b + gap else "shrinks" if g_d < g_b - gap else "same"
+                facts["low_bit"] = {"precision": Q2, "gain_default": g_d, "gain_best": g_b, "verdict": verdict}
         for b in dict.fromkeys((budgets[0], VRAM)):
             if b not in subs or (trailing and b == worst):
                 continue
             sub = subs[b]
-            where = "the 12 GB budget" if b == VRAM else f"the smallest budget ({b})"
             best = _best_shares(sub.reset_index())
-            if len(best) == len(sub):
-                parts.append(f"at {where} every share hits {f_rate(sub['hit_rate'].iloc[0])}")
-            elif best == [d]:
-                parts.append(f"at {where} the default is the best share, {_share_point(sub, d)}")
-            else:
-                parts.append(f"at {where} {_best_phrase(sub)[1]}, the default {_share_point(sub, d)}")
-        out.append(f"`{t}`: " + "; ".join(parts) + ".")
+            kind = "all" if len(best) == len(sub) else "default" if best == [d] else "best"
+            facts["also"].append({"budget": b, "vram": b == VRAM, "kind": kind, "hit_rate": sub["hit_rate"].iloc[0],
+                                  "at_default": _share_point(sub, d), "best": _best_point(sub)})
+        out.append(facts)
+    worst_case = None
     if len(shortfall) > 1:
         pick = min(shortfall, key=lambda x: (round(shortfall[x][0], 6), -x))
-        each = "; ".join(f"share {_share_name(x)}: {v[0]:.3f} ({v[1]}, {v[2]})" for x, v in sorted(shortfall.items()))
-        out.append(f"Worst hit-rate shortfall against the best share over every trace and budget above: {each}. "
-                   f"The smallest worst case is share {pick:g}'s.")
-    return out
+        worst_case = {"pick": pick, "shares": [{"name": _share_name(x), "shortfall": v[0], "trace": v[1], "budget": v[2]}
+                                               for x, v in sorted(shortfall.items())]}
+    return out, worst_case
+
+
+def slru_share_bullets(inp: Inputs, gap: float = SHARE_GAP) -> list[str]:
+    """The share bullets as text (the template's `share_bullet` / `shortfall_bullet`)."""
+    bullets, worst = slru_share_facts(inp, gap)
+    mod = _template(SENTENCES).module
+    return [mod.share_bullet(b) for b in bullets] + ([mod.shortfall_bullet(worst)] if worst else [])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -630,8 +633,9 @@ def _one(frame: pd.DataFrame, **eq) -> pd.Series | None:
     return f.iloc[0] if len(f) else None
 
 
-def slru_probation_note(inp: Inputs, trace: str, gap: float = 0.05) -> str | None:
-    """A sentence when SLRU (native) hits `gap` or more below LRU at some budget of `trace`, else None."""
+def slru_probation_facts(inp: Inputs, trace: str, gap: float = 0.05) -> dict | None:
+    """Where SLRU (native) hits `gap` or more below LRU at some budget of `trace` (the worst such budget and
+    what its probationary segment holds there), else None."""
     import inspect
 
     from sim.cache.slru import SLRU
@@ -648,82 +652,43 @@ def slru_probation_note(inp: Inputs, trace: str, gap: float = 0.05) -> str | Non
     worst = max(both, key=lambda b: l_.loc[b, "hit_rate"] - s_.loc[b, "hit_rate"])
     r = s_.loc[worst]
     p = inp.provenance.get(trace, {})
-    working = (p.get("n_layers") or 0) * (p.get("top_k") or 0)
-    ws = f" — one decode token touches {working} experts" if working else ""
-    return (f"SLRU with its default protected share ({share:g}) hits {f_rate(r['hit_rate'])} at the {worst} budget "
-            f"where LRU hits {f_rate(l_.loc[worst, 'hit_rate'])} (budgets affected: {', '.join(sorted(both))}). Its "
-            f"probationary segment there holds about {(1 - share) * r['capacity_experts']:.0f} Q4_K_M experts{ws}, "
-            "so new experts are evicted before their reuse can promote them. Smaller low-bit copies relieve this, "
-            "which inflates the low-bit speed-ups at those budgets; compare with the LRU rows.")
+    return {"share": share, "worst": worst, "hit_rate": r["hit_rate"], "lru_hit_rate": l_.loc[worst, "hit_rate"],
+            "affected": sorted(both), "probation_experts": (1 - share) * r["capacity_experts"],
+            "working": (p.get("n_layers") or 0) * (p.get("top_k") or 0)}
 
 
-def answer_bullets(inp: Inputs) -> list[str]:
-    """3–5 bullets of measured numbers answering the question (nothing that was not measured)."""
+def slru_probation_note(inp: Inputs, trace: str, gap: float = 0.05) -> str | None:
+    """The caveat sentence of `slru_probation_facts` (the template's `probation_note`), or None."""
+    facts = slru_probation_facts(inp, trace, gap)
+    return None if facts is None else _template(SENTENCES).module.probation_note(facts)
+
+
+def answer_facts(inp: Inputs) -> dict:
+    """The measured numbers of the answer bullets (nothing that was not measured): per trace its primary
+    GPU's SLRU rows, native and the headline low-bit policies, and the headline quality rows."""
     base = charts.with_native_baseline(inp.sweeps)
-    traces = sorted(set(base["trace"]))
-    out = []
     per = {}
-    for t in traces:
+    for t in sorted(set(base["trace"])):
         gpu = primary_gpu(base[base["trace"] == t], inp.provenance.get(t, {}))
         per[t] = (gpu, base[(base["trace"] == t) & (base["gpu"] == gpu) & (base["policy"] == POLICY)])
-
-    parts = []
-    for t, (gpu, f) in per.items():
-        n = _one(f, budget=VRAM, precision="native")
-        if n is not None:
-            parts.append(f"**{t}**: hit rate {f_rate(n.hit_rate)}, {f_num(n.tokens_per_s)} tok/s, "
-                         f"{f_mb(n.bytes_per_token)} MB/token over PCIe")
-    if parts:
-        gpu0, f0 = next(iter(per.values()))
-        n0 = _one(f0, budget=VRAM, precision="native")
-        cap = "" if n0 is None else (f" ({f_gib(n0.capacity_bytes)} GiB ≈ {n0.capacity_experts:.0f} Q4_K_M experts, "
-                                     f"{f_pct(n0.capacity_fraction)} of all)")
-        out.append(f"Baseline, all experts Q4_K_M, SLRU at the 12 GB budget{cap}, {gpu0} profile: " + "; ".join(parts) + ".")
-
-    for budget, where in ((VRAM, "at the 12 GB budget"), (TIGHT, f"at a tight {TIGHT} budget")):
-        parts = []
-        for t, (gpu, f) in per.items():
-            q2, q3 = _one(f, budget=budget, precision=Q2), _one(f, budget=budget, precision=Q3)
-            if q2 is None and q3 is None:
-                continue
-            bits = []
-            if q2 is not None:
-                bits.append(f"Q2_K {f_pct(q2.speedup, signed=True)} tok/s ({f_pct(q2.low_precision_mass)} of gate mass at 2 bits)")
-            if q3 is not None:
-                bits.append(f"Q3_K {f_pct(q3.speedup, signed=True)} ({f_pct(q3.low_precision_mass)} at 3 bits)")
-            parts.append(f"**{t}** " + ", ".join(bits))
-        if parts:
-            out.append(f"Holding the bottom 30 % of each layer's experts (by gate mass) at low precision, {where}: "
-                       + "; ".join(parts) + ".")
-
-    parts = []
-    for t, (gpu, f) in per.items():
-        d = _one(f, budget=VRAM, precision=DYN)
-        if d is not None:
-            parts.append(f"**{t}** {f_pct(d.speedup, signed=True)} tok/s, {f_pct(d.low_precision_mass)} of gate "
-                         f"mass at Q2_K and {f_pct(d.skipped_mass)} skipped")
-    if parts:
-        out.append("HOBBIT's dynamic rule (T1 = 0.6, T2 = 0.9, misses loaded at Q2_K) at the 12 GB budget: "
-                   + "; ".join(parts) + ". (A Q2_K copy loaded for a low-ranked use cannot serve a later "
-                   "high-ranked use of the same expert, which loads it again at Q4_K.)")
-
-    if inp.quality is None:
-        out.append("**Quality: pending.** No `results/quality*.json` exists yet, so the cost in KLD / perplexity "
-                   "of these policies is not measured; the speed side alone does not decide the question.")
-    else:
+    first_gpu, first = next(iter(per.values()))
+    out = {"first_gpu": first_gpu, "first": _one(first, budget=VRAM, precision="native"),
+           "baseline": [(t, n) for t, (_, f) in per.items() if (n := _one(f, budget=VRAM, precision="native")) is not None],
+           "low_bit": [], "dynamic": [], "quality": None}
+    for budget in (VRAM, TIGHT):
+        rows = [(t, _one(f, budget=budget, precision=Q2), _one(f, budget=budget, precision=Q3)) for t, (_, f) in per.items()]
+        out["low_bit"].append({"budget": budget, "vram": budget == VRAM,
+                               "rows": [r for r in rows if r[1] is not None or r[2] is not None]})
+    out["dynamic"] = [(t, d) for t, (_, f) in per.items() if (d := _one(f, budget=VRAM, precision=DYN)) is not None]
+    if inp.quality is not None:
         q = _main(inp.quality)
-        bits = []
+        rows = []
         for prec in (Q3, Q2, DYN):
             r = _one(q, precision=prec)
             if r is not None and not _isnan(r.get("kld")):
-                extra = f", same top-1 {f_pct(r['top1'])}" if "top1" in r and not _isnan(r["top1"]) else ""
-                bits.append(f"`{prec}` KLD {f_ci(r['kld'], r.get('kld_ci'))}{extra}")
-        files = ", ".join(f"`{m['file']}`" for m in inp.quality_meta)
-        if bits:
-            out.append(f"Quality cost, measured on the project's small Qwen3-MoE model against its own Q4_K model "
-                       f"({files}): " + "; ".join(bits) + ".")
-        else:
-            out.append(f"Quality files exist ({files}) but none has the headline policies; see the quality section.")
+                top1 = r["top1"] if "top1" in r and not _isnan(r["top1"]) else None
+                rows.append((prec, {"kld": r["kld"], "kld_ci": r.get("kld_ci"), "top1": top1}))
+        out["quality"] = {"files": [m["file"] for m in inp.quality_meta], "rows": rows}
     return out
 
 
@@ -739,6 +704,11 @@ def _curves(frame: pd.DataFrame, group: str) -> pd.DataFrame:
     return f[[(g, p) in keep for g, p in zip(f[group], f["precision"])]]
 
 
+def caption(kind: str, **facts) -> str:
+    """A figure's caption (the template's `caption` macro)."""
+    return _template(SENTENCES).module.caption(kind, facts)
+
+
 def figures(inp: Inputs) -> list[tuple[str, object, str]]:
     """(file stem, chart, caption) for every figure of the document."""
     out = []
@@ -748,45 +718,37 @@ def figures(inp: Inputs) -> list[tuple[str, object, str]]:
         fp = f[f["gpu"] == gpu]
         hr = _curves(fp, "policy")
         if not hr.empty:
-            out.append((f"{t}-hit-rate", charts.hit_rate_vs_budget(hr),
-                        (f"Decode hit rate vs expert budget per cache policy ({t}, {gpu}; rows of "
-                         f"results/sweeps/{t}.csv with gpu={gpu}, fraction and VRAM budgets).")))
+            out.append((f"{t}-hit-rate", charts.hit_rate_vs_budget(hr), caption("hit-rate", trace=t, gpu=gpu)))
         ts = _curves(f[f["policy"] == POLICY], "gpu")
         if not ts.empty:
             out.append((f"{t}-tokens-per-s", charts.tokens_per_s_vs_budget(ts),
-                        f"Simulated decode tokens/s vs budget per GPU profile ({t}, {POLICY})."))
+                        caption("tokens-per-s", trace=t, policy=POLICY)))
         bt = _curves(fp[fp["policy"].isin([POLICY, "lru"])], "policy")
         if not bt.empty:
             out.append((f"{t}-bytes-per-token", charts.bytes_per_token_vs_budget(bt),
-                        f"PCIe bytes per decoded token vs budget ({t}, {gpu})."))
+                        caption("bytes-per-token", trace=t, gpu=gpu)))
         g = charts.with_native_baseline(fp[(fp["policy"] == POLICY) & fp["budget"].isin([VRAM, TIGHT])])
         g = g.assign(budget_name=[_budget_name(b, c) for b, c in zip(g["budget"], g["capacity_fraction"])])
         if (g["precision"] != "native").any() and g["speedup"].notna().any():
             out.append((f"{t}-gain-vs-mass", charts.low_mass_vs_gain(g),
-                        (f"Tokens/s gain over native vs gate mass served below Q4_K, every static/dynamic "
-                         f"policy ({t}, {gpu}, {POLICY}; panels: budgets).")))
+                        caption("gain-vs-mass", trace=t, gpu=gpu, policy=POLICY)))
         lay = inp.layers[inp.layers["trace"] == t]
         nat = fp[(fp["policy"] == POLICY) & (fp["precision"] == "native") & (fp["budget_kind"] == "fraction")]
         if not lay.empty and not nat.empty:
             hm = lay.merge(nat[["config_id", "capacity_fraction"]], on="config_id")
             hm = hm.assign(budget_pct=(hm["capacity_fraction"] * 100).round().astype(int))
             if not hm.empty:
-                out.append((f"{t}-per-layer", charts.per_layer_heatmap(hm),
-                            f"Per-layer decode hit rate, SLRU, native ({t}, {gpu}; results/sweeps/{t}.per_layer.csv)."))
+                out.append((f"{t}-per-layer", charts.per_layer_heatmap(hm), caption("per-layer", trace=t, gpu=gpu)))
     sr = share_rows(inp)
     if not sr.empty:
         sr = sr.assign(share_label=[_share_name(x) for x in sr["protected_share"]])
-        gpus = ", ".join(f"{t}: {g}" for t, g in dict(zip(sr["trace"], sr["gpu"])).items())
         out.append((SHARE_FIG, charts.hit_rate_vs_budget_by_share(sr),
-                    (f"SLRU decode hit rate vs expert budget per protected share, native precision ({gpus}; "
-                     "rows of the slru-share panel in results/sweeps/TRACE.csv).")))
+                    caption(SHARE_FIG, gpus=list(dict(zip(sr["trace"], sr["gpu"])).items()))))
     if inp.quality is not None:
         joined = [charts.join_quality(sim, inp.quality) for sim in headline_sims(inp).values()]
         j = pd.concat(joined, ignore_index=True) if joined else pd.DataFrame()
         if not j.empty and j["kld"].notna().any():
-            out.append(("quality-vs-speed", charts.quality_vs_speed(j),
-                        ("Δ decode tokens/s (simulator, 12 GB budget, SLRU) against KLD to the Q4_K baseline "
-                         "(jaxmoe.quality), joined on the precision policy.")))
+            out.append(("quality-vs-speed", charts.quality_vs_speed(j), caption("quality-vs-speed")))
     return out
 
 
@@ -841,247 +803,95 @@ def _format_rows() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def render(inp: Inputs, figs: list[tuple[str, object, str]], fig_rel: str = "figures") -> str:
-    """The whole decision document as markdown (pure: inputs → text)."""
-    traces = sorted(set(inp.sweeps["trace"]))
-    L: list[str] = []
-    add = L.append
-    add("# Should cold Qwen3-30B-A3B experts live at Q2_K or Q3_K on a 12 GB GPU?")
-    add("")
-    add(f"_Generated by `{REPRO}` from `results/sweeps/*.csv` (+ `.json`, `.per_layer.csv`), "
-        f"`results/quality*.json` and `sim/profiles/*.json`. Do not edit by hand: every number below is "
-        f"computed from those files, and rerunning the command regenerates this page and `docs/figures/`._")
-    add("")
-    add("## The question")
-    add("")
-    add("Qwen3-30B-A3B (GGUF Q4_K_M) runs on a 12 GB GPU with an SLRU cache of experts in VRAM; missing experts "
-        "stream from host RAM over PCIe. Should cold / low-importance experts be stored (and moved) at Q2_K or "
-        "Q3_K, re-quantized from Q4_K — more of them fit, fewer bytes move — and what does it cost in quality?")
-    add("")
-    add("## The answer")
-    add("")
-    for b in answer_bullets(inp):
-        add(f"- {b}")
-    add("")
-    add("Speed numbers are simulated decode tokens/s on the named GPU profile; Δ is relative to all-Q4_K_M "
-        "with the same cache policy and budget.")
-    add("")
-    add("## Method")
-    add("")
-    fracs = sorted({p.get("calib_fraction") for p in inp.provenance.values() if p.get("calib_fraction") is not None})
-    calib = " / ".join(f_pct(x, digits=0) for x in fracs) if fracs else "part"
-    add("**Simulator** (`sim/`, [docs/simulator.md](simulator.md)): each trace is replayed through a precision "
-        "policy (which format each expert access uses), a byte-capacity cache policy and a simpy timeline of the "
-        f"PCIe copy engine and the compute stream. The first {calib} of each trace (its calibration window) learns the "
-        "static rankings and warms the cache; only the decode tokens after it are counted. Budgets are shares of "
-        "all expert bytes at Q4_K_M, plus the VRAM-derived 12 GB budget (VRAM − dense weights − output head − KV "
-        "cache at 4 k tokens − runtime reserve).")
-    add("")
-    add("Expert sizes (Qwen3-30B-A3B expert: 3 × 2048 × 768 weights; from `sim.formats` / `sim.profiles`):")
-    add("")
-    add(markdown_table(_format_rows()))
-    add("")
-    add("**Traces** (provenance from each sweep's `results/sweeps/NAME.json`):")
-    add("")
-    add(markdown_table(_trace_rows(inp)))
-    add("")
-    for t in traces:
-        p = inp.provenance.get(t, {})
-        if p.get("command"):
-            made = f"`{p['trace_command']}`, then " if p.get("trace_command") else ""
-            add(f"- `{t}`: {made}`{p['command']}` (trace sha256 `{str(p.get('trace_sha256', '?'))[:16]}…`)")
-    add("")
-    add("**Hardware profiles** (`sim/profiles/*.json`). The RTX profiles are *datasheet-scaled estimates, not "
-        "measurements*; the h200 profile's own `source` says what was measured on the project's H200 machine:")
-    add("")
-    add(markdown_table(_profile_rows(inp)))
-    add("")
+@functools.cache
+def _template(name: str = TEMPLATE) -> jinja2.Template:
+    """A template of analysis/templates (the document, or its sentence macros) with the formatting filters."""
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
+                             autoescape=False, extensions=["jinja2.ext.do"])  # markdown, not HTML
+    env.filters.update(rate=f_rate, pct=f_pct, num=f_num, mb=f_mb, gib=f_gib, ci=f_ci, table=markdown_table,
+                       fmt=lambda x, spec: format(x, spec))
+    return env.get_template(name)
 
-    add("## Results")
-    add("")
-    for t in traces:
-        f = inp.sweeps[inp.sweeps["trace"] == t]
-        gpu = primary_gpu(f, inp.provenance.get(t, {}))
-        add(f"### Trace `{t}`")
-        add("")
-        tab = precision_table(f, gpu)
-        if not tab.empty:
-            add(f"**Key precision policies**, {POLICY}, {gpu} (source: `results/sweeps/{t}.csv`; "
-                f"reproduce: `{REPRO}`):")
-            add("")
-            add(markdown_table(tab))
-            add("")
-        tab = signal_table(f, gpu)
-        if not tab.empty:
-            add(f"**Which experts to demote** — static policies at the 12 GB budget, {POLICY}, {gpu}; Δ tok/s vs "
-                f"native, share of gate mass served at the low format:")
-            add("")
-            add(markdown_table(tab))
-            add("")
-        tab = policy_table(f, gpu)
-        if not tab.empty and tab["cache policy"].nunique() > 1:
-            add(f"**Cache policies** ({gpu}; belady is the offline optimum):")
-            add("")
-            add(markdown_table(tab))
-            add("")
-        tab = gpu_table(f)
-        if not tab.empty and tab["GPU"].nunique() > 1:
-            add(f"**GPU profiles** ({POLICY}):")
-            add("")
-            add(markdown_table(tab))
-            add("")
-    add("### Figures")
-    add("")
-    add(f"All figures are rebuilt by `{REPRO}` from the CSVs named in their captions.")
-    add("")
-    for stem, _, caption in figs:
-        if stem != SHARE_FIG:  # that one is shown in its own subsection under Caveats
-            _add_figure(add, fig_rel, stem, caption)
 
-    add("## Quality")
-    add("")
+def _trace_facts(inp: Inputs, t: str, model_top_k: int) -> dict:
+    """One trace's tables and caveat figures for the document."""
+    p = inp.provenance.get(t, {})
+    f = inp.sweeps[inp.sweeps["trace"] == t]
+    gpu = primary_gpu(f, p)
+    pol = policy_table(f, gpu)
+    gpus = gpu_table(f)
+    b = _one(f, gpu=gpu, policy="belady", budget=VRAM, precision="native")
+    s_ = _one(f, gpu=gpu, policy=POLICY, budget=VRAM, precision="native")
+    belady = None
+    if b is not None and s_ is not None:
+        avoidable = None if b.hit_rate - s_.hit_rate < 0.005 else (b.hit_rate - s_.hit_rate) / (1 - s_.hit_rate)
+        belady = {"hit_rate": b.hit_rate, "policy_hit_rate": s_.hit_rate, "miss": 1 - b.hit_rate, "avoidable": avoidable}
+    recorded = p.get("gpu_sources", {})
+    return {
+        "name": t, "prov": p, "gpu": gpu, "sha": str(p.get("trace_sha256", "?"))[:16],
+        "precision_table": precision_table(f, gpu), "signal_table": signal_table(f, gpu),
+        "policy_table": pol if not pol.empty and pol["cache policy"].nunique() > 1 else None,
+        "gpu_table": gpus if not gpus.empty and gpus["GPU"].nunique() > 1 else None,
+        "synthetic": str(p.get("provenance", "")).startswith("synthetic"),
+        "engine_top_k": p.get("top_k") if p.get("top_k") and p.get("top_k") != model_top_k else None,
+        "tokens": int(f["tokens"].iloc[0]),
+        "belady": belady, "probation": slru_probation_facts(inp, t),
+        "stale": [g for g, src in recorded.items() if g in inp.profiles and inp.profiles[g].get("source") != src],
+    }
+
+
+def _quality_facts(inp: Inputs) -> dict | None:
+    """Provenance lines and tables of the quality section (None: no quality files)."""
     if inp.quality is None:
-        add("**Pending.** No quality results (`results/quality*.json`, written by `python -m jaxmoe.quality`) "
-            "exist yet. No perplexity, KLD or top-1 agreement numbers are reported here until they do; rerun "
-            f"`{REPRO}` afterwards to fill this section and the quality-vs-speed figure.")
-    else:
-        add("The project's small Qwen3-MoE-architecture model evaluated under each precision policy against its "
-            "own Q4_K model (llama.cpp's perplexity/KLD method, bootstrap 95 % intervals over chunks); low-bit "
-            "experts are re-quantized from the Q4_K weights. Δ tok/s is the simulated gain of the same policy at "
-            f"the 12 GB budget ({POLICY}, each trace's primary GPU); `–` where that policy was not simulated.")
-        add("")
-        for m in inp.quality_meta:
-            name = m.get("model_name") or m.get("model_file")
-            facts = [f"model `{name}`"] if name else []
-            if m.get("n_layers"):
-                facts.append(f"{m['n_layers']} layers, {m.get('n_experts')} experts, top-{m.get('top_k')}")
-            if m.get("scored_tokens"):
-                facts.append(f"{m['scored_tokens']:,} scored tokens")
-            if m.get("n_chunks"):
-                facts.append(f"{m['n_chunks']} chunks of {m.get('n_ctx')}")
-            cmd = f"; produced by `{m['command']}`" if m.get("command") else ""
-            add(f"- `{m['file']}`: " + ", ".join(facts) + cmd)
-        add("")
-        sims = headline_sims(inp)
-        fractions = sorted(set(inp.sweeps["static_fraction"].dropna()))
-        for title, tab in (
-            ("**Share and format** (signal `mass`):", quality_share_table(inp.quality, sims)),
-            ("**Importance signal** (KLD, same top-1):", quality_signal_table(inp.quality, fractions)),
-            ("**HOBBIT dynamic rule** (every access treated as a miss in the quality run):",
-             quality_dynamic_table(inp.quality, sims)),
-            (("**Compounding**: the same demoted experts with low copies quantized from the float weights "
-              "instead of re-quantized from Q4_K:"), compounding_table(inp.quality)),
-        ):
-            if not tab.empty:
-                add(title)
-                add("")
-                add(markdown_table(tab))
-                add("")
-    add("")
-    add("## Caveats")
-    add("")
-    for t in traces:
-        p = inp.provenance.get(t, {})
-        prov = str(p.get("provenance", ""))
-        if prov.startswith("synthetic"):
-            add(f"- `{t}` is synthesized (`sim.synth`, a generative model calibrated to the real trace's statistics, "
-                "[docs/synth.md](synth.md)): its hit rates are only as good as that model.")
-        else:
-            model_k = get_model("qwen3-30b-a3b:q4_k_m").top_k
-            k_note = (f" (the recording engine used {p.get('top_k')} experts per token, Qwen3-30B-A3B's default is "
-                      f"{model_k})") if p.get("top_k") and p.get("top_k") != model_k else ""
-            add(f"- `{t}` is a real recording but small: {p.get('n_seqs', '?')} sequence(s), "
-                f"{p.get('decode_steps', '?')} decode steps, top-{p.get('top_k', '?')} routing{k_note}; with the 25 % "
-                "calibration window, static rankings learn on very few tokens and every percentage rests on "
-                f"{int(inp.sweeps[inp.sweeps['trace'] == t]['tokens'].iloc[0])} counted decode tokens.")
-    for t in traces:
-        f = inp.sweeps[inp.sweeps["trace"] == t]
-        gpu = primary_gpu(f, inp.provenance.get(t, {}))
-        b = _one(f, gpu=gpu, policy="belady", budget=VRAM, precision="native")
-        s_ = _one(f, gpu=gpu, policy=POLICY, budget=VRAM, precision="native")
-        if b is not None and s_ is not None:
-            head = (f"- `{t}` at the 12 GB budget: the offline optimum (belady) hits {f_rate(b.hit_rate)} against "
-                    f"{POLICY}'s {f_rate(s_.hit_rate)}")
-            if b.hit_rate - s_.hit_rate < 0.005:
-                add(head + f"; the remaining {f_pct(1 - b.hit_rate)} of accesses miss under any replacement policy "
-                    "(first uses in the counted window), so there the gain of low-bit experts comes from moving "
-                    "fewer bytes per miss rather than from fitting more experts.")
-            else:
-                avoid = (b.hit_rate - s_.hit_rate) / (1 - s_.hit_rate)
-                add(head + f": a better replacement policy could avoid at most {f_pct(avoid)} of {POLICY}'s misses; "
-                    f"{f_pct(1 - b.hit_rate)} of accesses miss under any policy.")
-    for t in traces:
-        note = slru_probation_note(inp, t)
-        if note:
-            add(f"- `{t}`: {note}")
-    for t in traces:
-        recorded = inp.provenance.get(t, {}).get("gpu_sources", {})
-        stale = [g for g, src in recorded.items() if g in inp.profiles and inp.profiles[g].get("source") != src]
-        if stale:
-            add(f"- **Stale:** `{t}` was simulated with an older version of the {', '.join(stale)} profile(s); "
-                f"rerun its sweep (`{inp.provenance[t].get('command', 'python -m analysis.sweep')}`).")
-    add("- The RTX 3060 / 4070 profiles are datasheet-scaled estimates (see their `source`); absolute tokens/s "
-        "on those GPUs are not measured, the relative Δ between precision policies is the robust quantity.")
-    add("- Quality (when present) is measured on the project's small Qwen3-MoE-architecture model, not on "
-        "Qwen3-30B-A3B: it shows the direction and the ordering of policies; a 30B model's loss under 2–3-bit "
-        "re-quantization may differ, and the small model likely understates it.")
-    add("- Dynamic precision changes the access sequence online (skips, low copies), so `belady` is only run with "
-        "native/static precision.")
-    add("")
-    share_section(inp, figs, fig_rel, add)
-    return "\n".join(L)
+        return None
+    meta = [{**m, "model": m.get("model_name") or m.get("model_file")} for m in inp.quality_meta]
+    sims = headline_sims(inp)
+    fractions = sorted(set(inp.sweeps["static_fraction"].dropna()))
+    return {"meta": meta, "tables": [("share", quality_share_table(inp.quality, sims)),
+                                     ("signal", quality_signal_table(inp.quality, fractions)),
+                                     ("dynamic", quality_dynamic_table(inp.quality, sims)),
+                                     ("compounding", compounding_table(inp.quality))]}
 
 
-def _add_figure(add, fig_rel: str, stem: str, caption: str) -> None:
-    """A figure and its caption in decision.md."""
-    add(f"![{caption}]({fig_rel}/{stem}.png)")
-    add("")
-    add(f"*{caption}*")
-    add("")
+def _share_facts(inp: Inputs) -> dict | None:
+    """The "SLRU's protected share" subsection (None when no sweep has the slru-share panel)."""
+    rows = share_rows(inp)
+    tab = slru_share_table(rows)
+    if tab.empty:
+        return None
+    traces = sorted(set(rows["trace"]))
+    bullets, worst = slru_share_facts(inp)
+    return {"default": DEFAULT_PROTECTED_SHARE, "lru": _lru_check(inp, rows), "bullets": bullets, "worst": worst,
+            "traces": traces, "policy": SHARED_POLICY, "table": tab,
+            "commands": [inp.provenance[t]["command"] for t in traces if inp.provenance.get(t, {}).get("command")]}
 
 
-def _lru_check(inp: Inputs, rows: pd.DataFrame) -> str:
-    """`: here the share-0 rows equal the LRU rows` (or how far they are apart), from the data."""
+def render(inp: Inputs, figs: list[tuple[str, object, str]], fig_rel: str = "figures") -> str:
+    """The whole decision document as markdown (pure: inputs → text through the template)."""
+    model_top_k = get_model("qwen3-30b-a3b:q4_k_m").top_k
+    fracs = sorted({p.get("calib_fraction") for p in inp.provenance.values() if p.get("calib_fraction") is not None})
+    text = _template().render(
+        repro=REPRO, policy=POLICY, share_fig=SHARE_FIG, fig_rel=fig_rel, model_top_k=model_top_k,
+        answer=answer_facts(inp),
+        calib=" / ".join(f_pct(x, digits=0) for x in fracs) if fracs else "part",
+        format_table=_format_rows(), trace_table=_trace_rows(inp), profile_table=_profile_rows(inp),
+        traces=[_trace_facts(inp, t, model_top_k) for t in sorted(set(inp.sweeps["trace"]))],
+        figures=[{"stem": stem, "caption": caption} for stem, _, caption in figs],
+        quality=_quality_facts(inp), share=_share_facts(inp))
+    return text.rstrip("\n") + "\n"  # one newline at the end, however the last section ends
+
+
+def _lru_check(inp: Inputs, rows: pd.DataFrame) -> dict | None:
+    """Whether the share-0 rows equal the LRU rows of the same budgets (or how far apart they are)."""
     z = rows[rows["protected_share"] == 0.0]
     lru = inp.sweeps[(inp.sweeps["policy"] == "lru") & (inp.sweeps["precision"] == "native")]
     m = z.merge(lru, on=["trace", "gpu", "budget"], suffixes=("", "_lru"))
     if m.empty:
-        return ""
+        return None
     diff = (m["hit_rate"] - m["hit_rate_lru"]).abs().max()
-    if diff == 0 and (m["tokens_per_s"] == m["tokens_per_s_lru"]).all():
-        return f": its {len(m)} native rows here equal the LRU rows of the same budgets exactly"
-    return f"; its native rows here differ from LRU's by up to {diff:.4f} of hit rate"
-
-
-def share_section(inp: Inputs, figs: list[tuple[str, object, str]], fig_rel: str, add) -> None:
-    """The "SLRU's protected share" subsection (nothing when no sweep has the slru-share panel)."""
-    rows = share_rows(inp)
-    tab = slru_share_table(rows)
-    if tab.empty:
-        return
-    traces = sorted(set(rows["trace"]))
-    add("### SLRU's protected share")
-    add("")
-    add(f"The SLRU small-budget collapse above depends on the protected segment's share of the cache (default "
-        f"{DEFAULT_PROTECTED_SHARE:g}; 0 makes SLRU exactly LRU{_lru_check(inp, rows)}). The `slru-share` panel of "
-        "each sweep reruns SLRU at several shares (`sim.cache.slru.SLRU(protected_share=…)`, `--protected-share` "
-        "of `python -m sim.replay`) on the primary GPU; `–` where a share was not run. Best share: the highest "
-        "hit rate at 3 decimals.")
-    add("")
-    for b in slru_share_bullets(inp):
-        add(f"- {b}")
-    add("")
-    srcs = ", ".join(f"`results/sweeps/{t}.csv`" for t in traces)
-    cmds = "; ".join(f"`{inp.provenance[t]['command']}`" for t in traces if inp.provenance.get(t, {}).get("command"))
-    add(f"Decode hit rate and simulated tok/s by protected share, native precision, each trace's primary GPU "
-        f"(source: {srcs}, rows with policy `{SHARED_POLICY}` by column `protected_share`; reproduce: "
-        + (f"{cmds}, then " if cmds else "") + f"`{REPRO}`):")
-    add("")
-    add(markdown_table(tab))
-    add("")
-    for stem, _, caption in figs:
-        if stem == SHARE_FIG:
-            _add_figure(add, fig_rel, stem, caption)
+    return {"rows": len(m), "equal": bool(diff == 0 and (m["tokens_per_s"] == m["tokens_per_s_lru"]).all()),
+            "diff": diff}
 
 
 def save_png(chart, path: Path, scale: float = 1.5) -> None:

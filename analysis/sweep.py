@@ -1,10 +1,10 @@
 """`python -m analysis.sweep TRACE --name NAME`: the decision document's grid of simulations.
 
-The trace is prepared once per GPU (`sim.replay.prepare`) and every configuration of the grid runs
-in-process (`sim.replay.run_prepared`). The grid is a union of panels, each a Cartesian product of
+The trace is prepared once per GPU (`sim.simulate.prepare`) and every configuration of the grid runs
+in-process (`sim.simulate.run_prepared`). The grid is a union of panels, each a Cartesian product of
 GPUs × cache policies × precision policies × expert budgets; a configuration that two panels share
 runs once, and `belady` runs only with native/static precision (it needs the future access
-sequence, which dynamic skips change online).
+sequence, which dynamic skips change online; `sim.simulate.incompatible` says which pairs cannot run).
 
 Default grid (`GRIDS["default"]`; PRIMARY is the first `--gpu`, default rtx3060-12gb):
 - `budget` (PRIMARY): slru × budgets 10 %…90 % of all experts and the VRAM-derived 12 GB budget ×
@@ -29,13 +29,15 @@ SLRU's protected share is a column of its own, `protected_share` (the last one):
 capacity its protected segment may hold, written for every slru row (its default, 0.8, unless a
 panel sets `protected_shares`) and empty for every other cache policy. The `policy` column stays the
 plain policy name, so a consumer that wants the engine's configuration filters slru rows on
-`protected_share == 0.8` (`DEFAULT_PROTECTED_SHARE`).
+`protected_share == 0.8` (`DEFAULT_PROTECTED_SHARE`, from `sim.cache.slru`).
 
-The derived budget (label `vram`) is VRAM − dense − head − KV cache at 4 k tokens − runtime reserve
-(`sim.profiles.derived_expert_budget`); a GPU whose VRAM holds every expert has none and skips it.
+Budget labels are parsed by `sim.budget.parse_budget`: `N%` of all expert bytes (kind `fraction`)
+or `vram`, the derived budget (kind `derived`): VRAM − dense − head − KV cache at 4 k tokens −
+runtime reserve; a GPU whose VRAM holds every expert has none and skips it.
 
 Outputs (atomically, byte-identical for the same inputs): `results/sweeps/NAME.csv`, one row per
-configuration with the columns of `SWEEP_COLUMNS` (panels run in order, so a panel added at the end
+configuration with the columns of `SWEEP_COLUMNS`, derived from the fields of `sim.simulate.ReplayRecord` and
+`sim.precision.PrecisionPolicy` (panels run in order, so a panel added at the end
 of a grid appends rows and leaves earlier config_ids alone); `NAME.per_layer.csv`, long form
 (config_id, layer, hit_rate); `NAME.json`, the provenance (trace, its metadata, grid, command).
 """
@@ -43,25 +45,24 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import inspect
 import io
 import json
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import pandas as pd
 
-from sim.cache.slru import SLRU
-from sim.io import InputError, atomic_path, exit_on_input_error
-from sim.precision import parse_precision
+from sim.budget import DERIVED, FRACTION, VRAM, parse_budget
+from sim.cache.slru import DEFAULT_PROTECTED_SHARE
+from sim.io import InputError, atomic_paths, check_output_path, exit_on_input_error
+from sim.precision import PrecisionPolicy, parse_precision
 from sim.profiles import load_hardware
-from sim.replay import Prepared, ReplayConfig, prepare, run_prepared
+from sim.simulate import RECORD_FIELDS, Prepared, ReplayConfig, incompatible, prepare, run_prepared
 from sim.trace import load_trace
 
 OUT_DIR = Path("results/sweeps")
 FRACTIONS = tuple(f"{p}%" for p in range(10, 100, 10))
-VRAM = "vram"  # budget label of the VRAM-derived expert budget
 SIGNALS = ("mass", "freq", "weight", "random")
 STATIC_FRACTIONS = ("10%", "20%", "30%", "50%")
 LOW = ("q2_k", "q3_k")
@@ -70,22 +71,17 @@ STATIC_GRID = tuple(f"static:{s}:{f}:{fmt}" for s in SIGNALS for f in STATIC_FRA
 PRIMARY = "primary"  # a panel's gpus entry meaning "the first --gpu"
 ALL_GPUS = "all"  # "every --gpu"
 SHARED_POLICY = "slru"  # the cache policy whose protected share a panel may sweep
-DEFAULT_PROTECTED_SHARE = float(inspect.signature(SLRU.__init__).parameters["protected_share"].default)
 PROTECTED_SHARES = (0.0, 0.2, 0.5, DEFAULT_PROTECTED_SHARE)
 
-# Columns of NAME.csv in order: sweep bookkeeping, the parsed precision policy (to join with the
-# quality measurements), then sim.replay's record without its per-layer list, then SLRU's protected
-# share (last, so that adding it left the earlier columns of every row as they were).
-SWEEP_COLUMNS = (
-    "config_id", "trace", "budget", "budget_kind",
-    "policy", "precision", "static_signal", "static_fraction", "static_format", "t1", "t2", "dynamic_format",
-    "partition", "prefetch", "gpu", "model", "phase",
-    "capacity_bytes", "capacity_experts", "capacity_fraction",
-    "accesses", "hits", "misses", "skipped", "hit_rate",
-    "demand_bytes", "prefetch_bytes", "bytes_moved", "tokens", "bytes_per_token",
-    "low_precision_mass", "skipped_mass", "tokens_per_s", "stall_fraction", "decode_s", "prefill_s",
-    "protected_share",
-)
+# Columns of NAME.csv in order: sweep bookkeeping, then the fields of sim.simulate.ReplayRecord
+# without its per-layer list, with the parsed precision policy's fields (to join with the quality
+# measurements) right after `precision`, then SLRU's protected share (last, so that adding it left
+# the earlier columns of every row as they were).
+BOOKKEEPING_COLUMNS = ("config_id", "trace", "budget", "budget_kind")
+PRECISION_COLUMNS = tuple(f.name for f in fields(PrecisionPolicy) if f.name != "low_pool_share")
+_RECORD = tuple(n for n in RECORD_FIELDS if n != "per_layer_hit_rate")
+_AFTER = _RECORD.index("precision") + 1
+SWEEP_COLUMNS = BOOKKEEPING_COLUMNS + _RECORD[:_AFTER] + PRECISION_COLUMNS + _RECORD[_AFTER:] + ("protected_share",)
 PER_LAYER_COLUMNS = ("config_id", "layer", "hit_rate")
 
 
@@ -161,7 +157,7 @@ def expand_grid(panels: tuple[Panel, ...], gpus: tuple[str, ...]) -> list[SweepC
                 for pol in p.policies:
                     for share in _shares(p, pol):
                         for prec in p.precisions:
-                            if pol == "belady" and parse_precision(prec).is_dynamic:
+                            if incompatible(pol, parse_precision(prec)):
                                 continue
                             out.setdefault(SweepConfig(gpu, pol, prec, budget, share), None)
     return list(out)
@@ -169,26 +165,18 @@ def expand_grid(panels: tuple[Panel, ...], gpus: tuple[str, ...]) -> list[SweepC
 
 def budget_bytes(prep: Prepared, budget: str) -> int | None:
     """Expert budget in bytes for a label (`30%` of all expert bytes, or `vram`); None if not applicable."""
-    total = prep.model.total_expert_bytes()
-    if budget == VRAM:
-        cap, why = prep.default_capacity()
-        return cap if why.startswith("derived") else None
-    if budget.endswith("%"):
-        return int(float(budget[:-1]) / 100 * total)
-    raise InputError(None, f"budget label {budget!r}: use N% or {VRAM}")
+    parsed = parse_budget(budget, option="budget label")
+    if parsed.kind not in (FRACTION, DERIVED):
+        raise InputError(None, f"budget label {budget!r}: use N% or {VRAM}")
+    return parsed.resolve(prep.model, prep.hw, prep.context)
 
 
-def precision_columns(spec: str) -> dict:
+def precision_columns(p: PrecisionPolicy) -> dict:
     """The parsed fields of a precision policy as flat columns (NaN/None where not used)."""
-    p = parse_precision(spec)
-    return {
-        "static_signal": p.static_signal if p.is_static else None,
-        "static_fraction": p.static_fraction if p.is_static else float("nan"),
-        "static_format": p.static_format if p.is_static else None,
-        "t1": p.t1 if p.is_dynamic else float("nan"),
-        "t2": p.t2 if p.is_dynamic else float("nan"),
-        "dynamic_format": p.dynamic_format if p.is_dynamic else None,
-    }
+    used = {"static_signal": p.is_static, "static_fraction": p.is_static, "static_format": p.is_static,
+            "t1": p.is_dynamic, "t2": p.is_dynamic, "dynamic_format": p.is_dynamic}
+    numeric = {"static_fraction", "t1", "t2"}
+    return {c: getattr(p, c) if used[c] else (float("nan") if c in numeric else None) for c in PRECISION_COLUMNS}
 
 
 def _progress(total: int, quiet: bool):
@@ -244,14 +232,15 @@ def run_sweep(trace_path: str | Path, *, gpus: tuple[str, ...] = DEFAULT_GPUS, g
             if cap is None:
                 advance(f"{sc.gpu} {sc.budget} (n/a)")
                 continue
-            cfg = ReplayConfig(trace=trace, gpu=sc.gpu, policy=sc.policy, precision=sc.precision, capacity_bytes=cap,
+            precision = parse_precision(sc.precision)  # parsed once: the run and the columns share it
+            cfg = ReplayConfig(trace=trace, gpu=sc.gpu, policy=sc.policy, precision=precision, capacity_bytes=cap,
                                policy_params=sc.policy_params)
-            rec = run_prepared(prep, replace(cfg))
+            rec = run_prepared(prep, cfg).as_dict()
             cid = len(rows)
             per_layer = rec.pop("per_layer_hit_rate")
             row = dict(config_id=cid, trace=label, budget=sc.budget,
-                       budget_kind="derived" if sc.budget == VRAM else "fraction",
-                       **precision_columns(sc.precision), **rec,
+                       budget_kind=parse_budget(sc.budget, option="budget label").kind,
+                       **precision_columns(precision), **rec,
                        protected_share=float("nan") if sc.protected_share is None else sc.protected_share)
             rows.append({k: row.get(k) for k in SWEEP_COLUMNS})
             layer_rows.extend({"config_id": cid, "layer": i, "hit_rate": h} for i, h in enumerate(per_layer))
@@ -286,10 +275,9 @@ def write_sweep(out_dir: str | Path, name: str, frame: pd.DataFrame, layers: pd.
     out_dir = Path(out_dir)
     paths = [out_dir / f"{name}.csv", out_dir / f"{name}.per_layer.csv", out_dir / f"{name}.json"]
     texts = [frame_to_csv(frame), frame_to_csv(layers), json.dumps(prov, indent=1, sort_keys=True) + "\n"]
-    for path, text in zip(paths, texts):
-        with atomic_path(path) as tmp:
+    with atomic_paths(paths, make_parents=True) as tmps:  # all three or none; mode follows the umask
+        for tmp, text in zip(tmps, texts):
             tmp.write_text(text)
-            tmp.chmod(0o644)  # mkstemp's 0600 would make the results private
     return paths
 
 
@@ -334,6 +322,8 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     gpus = tuple(g.strip() for g in args.gpu.split(",") if g.strip())
     if not gpus:
         raise InputError(None, "--gpu: give at least one hardware profile")
+    for suffix in (".csv", ".per_layer.csv", ".json"):  # before the long run: the folder must exist
+        check_output_path(Path(args.out) / f"{name}{suffix}", "--out")
     frame, layers, prov = run_sweep(args.trace, gpus=gpus, grid="quick" if args.quick else "default",
                                     quiet=args.quiet, trace_label=name)
     prov["command"] = (f"python -m analysis.sweep {args.trace} --name {name}" + (" --quick" if args.quick else "")

@@ -15,7 +15,7 @@ bank so the weights come from HBM):
 - `v4_a` / `v4_b` / `v4_layer`: the kernels themselves (`expert_ffn` default configuration);
 - `xla_sum_layer_bytes` / `xla_sum_a_bytes`: XLA's reduction over a contiguous buffer of the layer's
   (launch A's) byte count, 16 rotating buffers: how fast one launch can read that many bytes at all;
-- `bf16_layer`: bf16 weights of the 8 experts (16 pre-selected sets) and jnp dots, `bench_kernels`'
+- `bf16_layer`: bf16 weights of the 8 experts (16 pre-selected sets) and jnp dots, `jaxmoe.kernel_timing`'
   baseline; the HBM copy bandwidth of a 2 GiB device copy is printed in the header.
 
 It prints each row as µs, as achieved GB/s of the plane bytes and as a ratio to `v4_layer`, and writes
@@ -186,7 +186,7 @@ def run(reps: int) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxmoe import bench_kernels as bk
+    from jaxmoe import kernel_timing as bk
     from jaxmoe.kernels import expert_ffn as ef
 
     timer = bk.Timer()

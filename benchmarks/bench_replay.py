@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from sim.replay import ReplayConfig, prepare, run_prepared
+from sim.simulate import ReplayConfig, prepare, run_prepared
 from sim.synth import preset, synthesize
 
 
@@ -39,13 +39,13 @@ def main() -> None:
         ("hit-rate only (compiled cache)", ReplayConfig(trace=trace, policy="slru", calib_fraction=0.0, timeline=False)),
         ("full: cache + simpy timeline", ReplayConfig(trace=trace, policy="slru", calib_fraction=0.0)),
     ]:
-        rec, secs = timed(lambda: run_prepared(prep, cfg))
-        rows.append((label, n, secs + prep_s, rec["hit_rate"]))
+        rec, secs = timed(lambda cfg=cfg: run_prepared(prep, cfg))
+        rows.append((label, n, secs + prep_s, rec.hit_rate))
     small = synthesize(preset("qwen3-30b-a3b", n_seqs=1, prefill_tokens=0, decode_tokens=args.reference_tokens, seed=0))
     sprep = prepare(ReplayConfig(trace=small, calib_fraction=0.0))
     ref_cfg = ReplayConfig(trace=small, policy="slru", calib_fraction=0.0, timeline=False, fast=False)
     rec, secs = timed(lambda: run_prepared(sprep, ref_cfg))
-    rows.append(("Python reference engine (no timeline)", sprep.groups.expert.size, secs, rec["hit_rate"]))
+    rows.append(("Python reference engine (no timeline)", sprep.groups.expert.size, secs, rec.hit_rate))
     print(f"{'path':40s} {'accesses':>10s} {'seconds':>8s} {'accesses/s':>12s} {'hit rate':>8s}")
     for label, acc, secs, hr in rows:
         print(f"{label:40s} {acc:>10,d} {secs:>8.2f} {acc / secs:>12,.0f} {hr:>8.3f}")

@@ -1,7 +1,7 @@
 """Calibrate the simulator's hardware profile on a GPU: expert kernels, dense layer, host→device copies.
 
 Measures, on the GPU this runs on:
-- expert compute: the fused Pallas kernels of `jaxmoe.kernels.expert_ffn` (via `jaxmoe.bench_kernels`)
+- expert compute: the fused Pallas kernels of `jaxmoe.kernels.expert_ffn` (via `jaxmoe.kernel_timing`)
   per format (q2_k, q3_k, q4_k) and token count, one expert per call and one grouped call of the
   layer's 8 experts, and a bf16 jnp FFN of the same shapes; CUPTI device time per call.
 - dense compute: one Qwen3-30B-A3B attention layer at M tokens in bf16 with jnp — input RMSNorm,
@@ -13,28 +13,15 @@ Measures, on the GPU this runs on:
   fixed_s + nbytes / gbps (least squares on relative error); 1–4 copies in flight.
 It writes the JSON profile the simulator loads (sim/profiles.py) and keeps raw measurements.
 
-`--reuse-run DIR` takes the transfer and dense-layer measurements (and device facts) from an earlier
-run's `calibrate_raw.json` and measures only the kernels; with `--from-bench FILE` as well it measures
-nothing and rebuilds the profile from a saved `bench_kernels.json` (CPU).
-
-`--from-run DIR` rebuilds the profile from a device run's saved `calibrate.log` and
-`calibrate_raw.json` (for a run stopped at its time limit before it wrote the profile): the kernel
-figures come from the log's "cell" lines and, where a cell is missing, from its "tune" lines (best
-launch A + best launch B of one variant, which is what the tuned configuration runs).
-
 Examples:
   python -m jaxmoe.calibrate --out sim/profiles/h200.json --raw-dir results/
   python -m jaxmoe.calibrate --out /tmp/h200.json --quick
-  python -m jaxmoe.calibrate --from-run results/run2_v2 --out sim/profiles/h200.json
-  python -m jaxmoe.calibrate --reuse-run results/run2_v2 --out sim/profiles/h200.json --raw-dir results/run6
-  python -m jaxmoe.calibrate --reuse-run results/run2_v2 --from-bench results/run8_v4c/bench_kernels.json --out /tmp/h200.json
 """
 from __future__ import annotations
 
 import argparse
 import datetime
 import json
-import re
 import statistics
 import sys
 import time
@@ -42,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxmoe import bench_kernels as bk
-from sim.io import atomic_path, exit_on_input_error
+from jaxmoe import kernel_timing as bk
+from sim.io import InputError, atomic_path, exit_on_input_error
 
 # Qwen3-30B-A3B attention geometry
 N_HEADS, N_KV, HEAD_DIM, ROPE_THETA = 32, 4, 128, 1_000_000.0
@@ -229,7 +216,7 @@ def device_info() -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_profile(bench: dict, dense: dict, transfers: dict, info: dict, command: str, reused: str | None = None) -> dict:
+def build_profile(bench: dict, dense: dict, transfers: dict, info: dict, command: str) -> dict:
     """Assemble the simulator's hardware-profile JSON from the measurements.
 
     Token counts enter the table only where every format has both the single-expert and the
@@ -241,7 +228,7 @@ def build_profile(bench: dict, dense: dict, transfers: dict, info: dict, command
     tokens = sorted(m for m in {c["m"] for c in bench["cells"]}
                     if all((f, m, g) in have for f in fmts for g in (1, bk.TOP_K)))
     if not tokens:
-        raise bk.InputError(None, "no token count has every format measured for 1 and 8 experts")
+        raise InputError(None, "no token count has every format measured for 1 and 8 experts")
     fixed_s, gbps = fit_linear(transfers["nbytes"], transfers["seconds"])
     seconds = {f: [have[(f, m, 1)]["total_s"] for m in tokens] for f in fmts}
     grouped = {f: [have[(f, m, bk.TOP_K)]["total_s"] for m in tokens] for f in fmts}
@@ -256,8 +243,7 @@ def build_profile(bench: dict, dense: dict, transfers: dict, info: dict, command
     return {
         "name": "h200",
         "gpu": info["gpu"],
-        "source": f"measured: {command}, {date}, JAX {bench['meta']['jax']}"
-                  + (f"; transfers and dense layer reused from {reused}" if reused else ""),
+        "source": f"measured: {command}, {date}, JAX {bench['meta']['jax']}",
         "vram_bytes": info["vram_bytes"],
         "vram_gbps": bench["hbm"]["read_gbps"],
         "hbm_copy_gbps": bench["hbm"]["copy_gbps"],
@@ -283,136 +269,20 @@ def build_profile(bench: dict, dense: dict, transfers: dict, info: dict, command
         "notes": (f"timer {bench['meta']['timer']}; HBM copy {bench['hbm']['copy_gbps']:.0f} GB/s (read+write), "
                   f"reduction read {bench['hbm']['read_gbps']:.0f} GB/s; vram_gbps = the read figure. "
                   "runtime_reserve_bytes not measured (kept from the placeholder). "
-                  "Transfers: pinned_host→device jax.device_put, host clock around block_until_ready."
-                  + (f" Transfers and dense layer measured in an earlier device run ({reused})." if reused else "")),
+                  "Transfers: pinned_host→device jax.device_put, host clock around block_until_ready."),
     }
-
-
-_TUNE = re.compile(r"tune (\S+) M=(\d+) G=(\d+) up ([\d.]+) us down ([\d.]+) us total ([\d.]+) us .*variant='(\w+)'")
-_CELL = re.compile(r"cell (\S+) M=(\d+) G=(\d+): total ([\d.]+) us \(pallas ([\d.]+)\)")
-_HBM = re.compile(r"HBM copy ([\d.]+) GB/s, read ([\d.]+) GB/s")
-_DEV = re.compile(r"device (\{.*\})")
-
-
-def parse_run_log(text: str) -> dict:
-    """Kernel timings from a calibrate/bench log: {(fmt, m, g): (seconds, provenance)}, HBM, device."""
-    import ast
-
-    tunes: dict = {}
-    cells: dict = {}
-    hbm = dev = None
-    for line in text.splitlines():
-        if (mt := _TUNE.search(line)):
-            fmt, m, g, up, down, total, variant = mt.groups()
-            tunes.setdefault((fmt, int(m), int(g)), []).append((variant, float(up), float(down), float(total)))
-        elif (mc := _CELL.search(line)):
-            fmt, m, g, total, pallas = mc.groups()
-            cells[(fmt, int(m), int(g))] = float(total) * 1e-6
-        elif (mh := _HBM.search(line)):
-            hbm = {"copy_gbps": float(mh.group(1)), "read_gbps": float(mh.group(2))}
-        elif (md := _DEV.search(line)) and dev is None:
-            dev = ast.literal_eval(md.group(1))
-    out = {}
-    for key, rows in tunes.items():
-        best = None
-        for variant in {r[0] for r in rows}:
-            same = [r for r in rows if r[0] == variant]
-            est = min(r[1] for r in same) + min(r[2] for r in same)
-            if best is None or est < best[0]:
-                best = (est, variant)
-        out[key] = (best[0] * 1e-6, f"tune: best launch A + best launch B ({best[1]})")
-    for key, secs in cells.items():
-        out[key] = (secs, "cell")
-    if hbm is None or dev is None:
-        raise bk.InputError(None, "run log lacks the HBM or device line")
-    return {"kernels": out, "hbm": hbm, "device": dev}
-
-
-def profile_from_run(run_dir: Path, command: str) -> tuple[dict, dict]:
-    """Profile (and a bench-like summary) from a run folder's calibrate.log + calibrate_raw.json."""
-    log_path, raw_path = run_dir / "calibrate.log", run_dir / "calibrate_raw.json"
-    for path in (log_path, raw_path):
-        if not path.exists():
-            raise bk.InputError(path, "missing (expected a device run folder with calibrate.log and calibrate_raw.json)")
-    try:
-        raw = json.loads(raw_path.read_text())
-        parsed = parse_run_log(log_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise bk.InputError(raw_path, f"not JSON: {exc}") from None
-    kern = parsed["kernels"]
-    fmts = sorted({k[0] for k in kern})
-    tokens = sorted(m for m in {k[1] for k in kern} if all((f, m, bk.TOP_K) in kern for f in fmts))
-    grouped = {f: [kern[(f, m, bk.TOP_K)][0] for m in tokens] for f in fmts}
-    seconds, prov = {}, {}
-    for f in fmts:
-        vals, how = [], []
-        for m in tokens:
-            if (f, m, 1) in kern:
-                vals.append(kern[(f, m, 1)][0])
-                how.append(kern[(f, m, 1)][1] + ", 1 expert")
-            else:  # one wave of programs: per-call time does not depend on the expert count (M=1: 1 vs 8 agree)
-                vals.append(kern[(f, m, bk.TOP_K)][0])
-                how.append("estimate: the 8-expert call's time (latency-bound, one wave; at M=1 the 1- and "
-                           "8-expert calls measured within 1 %)")
-        seconds[f], prov[f] = vals, how
-    tr, dense, dev = raw["transfers"], raw["dense"], raw["device"]
-    fixed_s, gbps = fit_linear(tr["nbytes"], tr["seconds"])
-    date = datetime.date.today().isoformat()
-    profile = {
-        "name": "h200",
-        "gpu": dev["gpu"],
-        "source": f"measured: {command} (from the device run of python -m jaxmoe.calibrate --deadline-s 70, "
-                  f"{run_dir.name}), {date}, JAX 0.11.2",
-        "vram_bytes": int(dev["vram_bytes"]),
-        "vram_gbps": parsed["hbm"]["read_gbps"],
-        "hbm_copy_gbps": parsed["hbm"]["copy_gbps"],
-        "runtime_reserve_bytes": 1073741824,
-        "transfer": {"copy_engines": int(dev["copy_engines"] or 1), "fixed_s": fixed_s, "gbps": gbps,
-                     "curve": {"nbytes": tr["nbytes"], "seconds": tr["seconds"]}, "inflight": tr["inflight"]},
-        "expert_compute": {"shape": {"hidden": bk.HIDDEN, "ffn": bk.FFN}, "tokens": tokens, "seconds": seconds,
-                           "grouped_seconds": grouped, "grouped_experts": bk.TOP_K, "seconds_provenance": prov,
-                           "grouped_provenance": {f: [kern[(f, m, bk.TOP_K)][1] for m in tokens] for f in fmts},
-                           "note": "CUPTI device time per call of the Pallas 'vec' kernels (two launches, "
-                                   "activations quantized in-kernel, 16-bit activations). These kernels are "
-                                   "latency-bound (see docs/kernels.md): per-call time barely depends on the number "
-                                   "of experts, so per-expert cost inside a layer is grouped_seconds / 8. "
-                                   "bf16 was not measured in this run."},
-        "dense_compute": {"tokens": dense["tokens"], "seconds": dense["seconds"], "context": dense["context"],
-                          "ref_dense_bytes": dense["weight_bytes"], "kv_bytes": dense["kv_bytes"],
-                          "note": "one Qwen3-30B-A3B attention layer + router in bf16 jnp (f32 router and norms), "
-                                  f"KV cache of {dense['context']} bf16 tokens ({dense['kv_bytes']} bytes) read per "
-                                  f"call; ref_dense_bytes = the weights it reads ({dense['weight_bytes']} bytes, "
-                                  "bf16), so scaling by a quantized layer's dense bytes does not scale the KV read; "
-                                  "CUPTI device time per call, 4 rotating layers"},
-        "notes": (f"CUPTI device times; HBM copy {parsed['hbm']['copy_gbps']:.0f} GB/s (read+write), reduction read "
-                  f"{parsed['hbm']['read_gbps']:.0f} GB/s; vram_gbps = the read figure. runtime_reserve_bytes not "
-                  "measured (kept from the placeholder). Transfers: pinned_host→device jax.device_put, host clock "
-                  "around block_until_ready, medians of 15. The run hit its time limit during the benchmark "
-                  "cells, so kernel figures for q3_k/q4_k come from the tuning lines (validated on q2_k: "
-                  "tune estimate 35.3 us vs cell 35.2 us)."),
-    }
-    summary = {"kernels": {f"{f}|M={m}|G={g}": {"seconds": v[0], "provenance": v[1]}
-                           for (f, m, g), v in sorted(kern.items())},
-               "hbm": parsed["hbm"], "device": dev}
-    return profile, summary
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jaxmoe.calibrate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="hardware profile JSON to write (e.g. sim/profiles/h200.json)")
-    p.add_argument("--from-run", metavar="DIR", help="rebuild the profile from a device run folder (no GPU needed)")
     p.add_argument("--raw-dir", default="results", help="folder for the raw measurements (default: results)")
     p.add_argument("--context", type=int, default=4096, help="KV-cache length of the dense measurement")
     p.add_argument("--quick", action="store_true", help="fewer kernel configurations and repetitions")
     p.add_argument("--deadline-s", type=float, default=600.0, help="stop kernel tuning after this many seconds")
     p.add_argument("--formats", default=",".join(bk.FORMATS), help="comma-separated subset of q2_k,q3_k,q4_k")
-    p.add_argument("--reuse-run", metavar="DIR",
-                   help="take the transfer and dense-layer measurements from DIR/calibrate_raw.json (an earlier "
-                        "device run) and measure only the expert kernels")
     p.add_argument("--wait-pid", type=int, default=None, help="before timing kernels, wait for this process to exit")
-    p.add_argument("--from-bench", metavar="JSON",
-                   help="no measurement: build the profile from a saved bench_kernels.json and --reuse-run DIR")
     return p.parse_args(argv)
 
 
@@ -421,53 +291,26 @@ def main(argv=None) -> int:
     """CLI entry point."""
     args = parse_args(argv)
     if args.context < 1:
-        raise bk.InputError(None, f"--context must be ≥ 1, not {args.context}")
+        raise InputError(None, f"--context must be ≥ 1, not {args.context}")
     formats = bk.parse_list(args.formats, bk.FORMATS)
     command = "python -m jaxmoe.calibrate " + " ".join(sys.argv[1:] if argv is None else argv)
-    if args.from_run:
-        profile, summary = profile_from_run(Path(args.from_run), command)
-        with atomic_path(Path(args.raw_dir) / "kernels_parsed.json") as tmp:
-            tmp.write_text(json.dumps(summary, indent=1) + "\n")
-        with atomic_path(args.out) as tmp:
-            tmp.write_text(json.dumps(profile, indent=1) + "\n")
-        print(f"wrote {args.out} from {args.from_run}")
-        return 0
     raw = Path(args.raw_dir)
-    if args.reuse_run:
-        reuse_path = Path(args.reuse_run) / "calibrate_raw.json"
-        try:
-            saved = json.loads(reuse_path.read_text())
-            info, dense, transfers = saved["device"], saved["dense"], saved["transfers"]
-        except (OSError, json.JSONDecodeError, KeyError) as exc:
-            raise bk.InputError(reuse_path, f"cannot reuse ({type(exc).__name__}: {exc})") from None
-        log(f"reusing transfers, dense layer and device info from {reuse_path}")
-    elif args.from_bench:
-        raise bk.InputError(None, "--from-bench needs --reuse-run DIR (transfers and dense layer)")
-    else:
-        info = device_info()
-        log(f"device {info}")
-        sizes = sorted(set(COPY_SIZES) | set(bk.GGUF_EXPERT_BYTES.values()))
-        transfers = measure_transfers(sizes, reps=7 if args.quick else 15,
-                                      inflight_nbytes=bk.GGUF_EXPERT_BYTES["q4_k"])
-        dense = measure_dense(bk.Timer(), bk.TOKENS, args.context, reps=3 if args.quick else 6)
-        with atomic_path(raw / "calibrate_raw.json") as tmp:
-            tmp.write_text(json.dumps({"device": info, "dense": dense, "transfers": transfers}, indent=1))
-    if args.from_bench:
-        try:
-            bench = json.loads(Path(args.from_bench).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise bk.InputError(args.from_bench, f"cannot read ({type(exc).__name__}: {exc})") from None
-        command += f" (kernels measured by: {bench['meta'].get('command', 'the device run')})"
-    else:
-        bench = bk.run_bench(formats, bk.TOKENS, quick=args.quick, deadline_s=args.deadline_s, out_dir=raw,
-                             wait_pid=args.wait_pid, command=command)
-        bk.write_outputs(bench, raw)
+    info = device_info()
+    log(f"device {info}")
+    sizes = sorted(set(COPY_SIZES) | set(bk.GGUF_EXPERT_BYTES.values()))
+    transfers = measure_transfers(sizes, reps=7 if args.quick else 15, inflight_nbytes=bk.GGUF_EXPERT_BYTES["q4_k"])
+    dense = measure_dense(bk.Timer(), bk.TOKENS, args.context, reps=3 if args.quick else 6)
+    with atomic_path(raw / "calibrate_raw.json") as tmp:
+        tmp.write_text(json.dumps({"device": info, "dense": dense, "transfers": transfers}, indent=1))
+    bench = bk.run_bench(formats, bk.TOKENS, quick=args.quick, deadline_s=args.deadline_s, out_dir=raw,
+                         wait_pid=args.wait_pid, command=command)
+    bk.write_outputs(bench, raw)
     bk.print_table(bench)
-    profile = build_profile(bench, dense, transfers, info, command, reused=args.reuse_run)
+    profile = build_profile(bench, dense, transfers, info, command)
     with atomic_path(args.out) as tmp:
         tmp.write_text(json.dumps(profile, indent=1) + "\n")
     print(f"transfer fit: fixed {profile['transfer']['fixed_s'] * 1e6:.1f} us, {profile['transfer']['gbps']:.1f} GB/s; "
-          f"inflight {['%.1f' % g for g in transfers['inflight']['aggregate_gbps']]} GB/s")
+          f"inflight {[f'{g:.1f}' for g in transfers['inflight']['aggregate_gbps']]} GB/s")
     print(f"dense: {[f'{s * 1e6:.0f}us' for s in dense['seconds']]}")
     print(f"wrote {args.out} and {raw}/")
     return 0

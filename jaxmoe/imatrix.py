@@ -69,7 +69,8 @@ def accumulate(x: np.ndarray, experts: np.ndarray | None = None, n_experts: int 
         return Imatrix(np.einsum("ij,ij->j", rows, rows)[None, :], np.array([rows.shape[0]], np.int64))
     ids = np.asarray(experts)
     if not np.issubdtype(ids.dtype, np.integer) or ids.ndim < 1:
-        raise ValueError(f"imatrix: experts must be integer ids of shape (..., k), got {ids.dtype} {ids.shape}")
+        raise ValueError(f"imatrix: experts must be integer ids of shape (..., k), got {ids.dtype} "
+                         f"{ids.shape}")
     if n_experts is None or int(n_experts) < 1:
         raise ValueError("imatrix: n_experts (the tensor's expert count) is required with experts")
     n_experts = int(n_experts)

@@ -33,8 +33,17 @@ sub-blocks (loops run over the search iterations and over the 16/32 positions of
 over blocks), so the bytes equal ggml's for the same float32 input. Half-float conversions use
 numpy's float32→float16 cast (round to nearest even), as ggml's F16C/software paths do.
 
+Weighted quantization (`quant_weights`, one importance per input column: an imatrix row, see
+jaxmoe/imatrix.py) follows ggml's `quantize_q*_K(src, dst, nrows, n_per_row, quant_weights)`, i.e.
+`quantize_row_{q2_K,q3_K,q4_K,q6_K}_impl`: per-weight fit weights qw·sqrt(σ² + x²) (σ² the block's
+mean x², ×2 for Q3_K/Q4_K; Q6_K uses qw itself); Q2_K/Q4_K fit sub-blocks with `make_qkx3_quants`
+(37 steps) and the sub-block scales and mins with `make_qp_quants` weighted by each sub-block's
+Σ weight; Q3_K fits both levels with the weighted `make_qx_quants`. Q8_0 ignores the weights, as
+ggml does.
+
 Source: ggml/src/ggml-quants.c (ggml-org/ggml, 2026): quantize_row_{q2_K,q3_K,q4_K,q6_K,q8_0}_ref,
-make_qkx2_quants, make_q3_quants, make_qx_quants, nearest_int, dequantize_row_*; block structs in
+quantize_row_{q2_K,q3_K,q4_K,q6_K}_impl, make_qkx2_quants, make_qkx3_quants, make_qp_quants,
+make_q3_quants, make_qx_quants, nearest_int, dequantize_row_*; block structs in
 ggml/src/ggml-common.h. Class layout after gguf-py's gguf/quants.py.
 """
 from __future__ import annotations
@@ -192,7 +201,8 @@ def make_q3_quants(x: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
     return np.where(zero, _F32(0), scale).astype(_F32), L
 
 
-def make_qx_quants(x: np.ndarray, nmax: int, weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def make_qx_quants(x: np.ndarray, nmax: int,
+                   weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """ggml's `make_qx_quants(rmse_type=1, qw)` on columns of x: (scale (R,), L (n, R) in [0, 2*nmax)).
 
     `weights` (n, R) is ggml's `qw`; None means qw=NULL, whose rmse_type 1 weights are x²."""
@@ -364,7 +374,8 @@ class QuantFormat:
         out = np.empty((blocks.shape[0], cls.type_size), dtype=np.uint8)
         for start in range(0, blocks.shape[0], QUANT_CHUNK_BLOCKS):
             stop = start + QUANT_CHUNK_BLOCKS
-            out[start:stop] = cls.quantize_blocks(blocks[start:stop], None if qw is None else qw.blocks(start, stop))
+            block_qw = None if qw is None else qw.blocks(start, stop)
+            out[start:stop] = cls.quantize_blocks(blocks[start:stop], block_qw)
         return out.reshape(out_shape)
 
     @classmethod
@@ -679,7 +690,7 @@ class _RowWeights:
         self.block_weights = block_weights
 
     def blocks(self, start: int, stop: int) -> np.ndarray:
-        """Weights of blocks start..stop-1 (row-major, as the tensor's blocks), (stop - start, block_weights)."""
+        """Weights of blocks start..stop-1 (row-major, as the tensor's blocks): (stop - start, bw)."""
         v, k = self.vectors.shape
         per_row = k // self.block_weights
         idx = np.arange(start, min(stop, v * self.rows_per_vector * per_row))

@@ -544,10 +544,11 @@ def _numba_real() -> bool:
 def _replay_job(args) -> dict:
     """One (precision policy, budget) replay of a saved trace through sim's engine → per-access plan."""
     trace_path, toy, pol, budget, calib_seqs, seed = args
-    from sim.engine import HIT, LOADED, SKIPPED, SLOTS, replay, replay_fast, static_slots
-    from sim.precision import parse_precision
-    from sim.profiles import derived_expert_budget, load_hardware, model_for_trace, parse_bytes
-    from sim.replay import Prepared, ReplayConfig, _make_caches, summarize
+    from sim.budget import default_budget
+    from sim.engine import HIT, LOADED, SKIPPED, CacheSpec, replay
+    from sim.precision import SLOTS, parse_precision, static_slots
+    from sim.profiles import load_hardware, model_for_trace, parse_bytes
+    from sim.simulate import Prepared, ReplayConfig, summarize
     from sim.trace import load_trace
 
     trace = load_trace(trace_path)
@@ -558,32 +559,27 @@ def _replay_job(args) -> dict:
     frac = calib_seqs / n_seq
     prep = Prepared(trace, model, hw, calib_fraction=frac, ubatch=512, prefetch="none", seed=seed, context=4096)
     total = model.total_expert_bytes()
-    if budget == "derived":
-        cap = derived_expert_budget(model, hw, 4096)
-        cap = cap if cap < total else int(0.4 * total)
+    if budget == "derived":  # the simulator's default: derived from the card's VRAM, or 40 % when all fits
+        cap = default_budget(model, hw, 4096)[0]
     elif budget.endswith("%"):
         cap = int(float(budget[:-1]) / 100 * total)
     else:
         cap = parse_bytes(budget)
-    cfg = ReplayConfig(trace=trace, capacity_bytes=cap, precision=pol, timeline=False, fast=False, calib_fraction=frac)
+    cfg = ReplayConfig(trace=trace, capacity_bytes=cap, precision=pol, timeline=False, calib_fraction=frac)
     policy = parse_precision(pol)
     hi = static_slots(prep.calib_trace, policy, model.n_layers, model.n_experts, seed)
     t0 = time.perf_counter()
-    out = None
-    if _numba_real():  # the compiled path where numba exists (identical results); pure Python otherwise
-        out = replay_fast(prep.groups, cfg.policy, {}, cfg.partition, model.n_layers, cap, policy, hi, prep.sizes)
-    if out is None:
-        out = replay(prep.groups, _make_caches(prep, cfg, cap, policy.low_pool_share), policy, hi, prep.sizes,
-                     prep.link_s)
-    acc_layer = np.repeat(prep.groups.layer, np.diff(prep.groups.start))
-    rec = summarize(prep, cfg, policy.name, cap, out, acc_layer)
+    spec = CacheSpec(cfg.policy, int(cap), cfg.partition, model.n_layers, {})
+    # the compiled path where numba exists (identical results); sim's pure-Python reference otherwise
+    out = replay(prep.groups, spec, policy, hi, prep.sizes, prep.link_s, fast=_numba_real())
+    rec = summarize(prep, cfg, policy.name, cap, out)
     first = int(np.flatnonzero(~prep.calib_steps)[0])
     res = np.asarray(out.result).reshape(-1, L, k)[first:]
     slot = np.asarray(out.slot).reshape(-1, L, k)[first:]
     var = np.where(res == SKIPPED, S.SKIP, slot).astype(np.int8)
     return {"policy": pol, "budget": budget, "capacity_bytes": int(cap), "replay_s": round(time.perf_counter() - t0, 1),
-            "hit_rate": rec["hit_rate"], "low_precision_mass": rec["low_precision_mass"],
-            "skipped_mass": rec["skipped_mass"], "slots": list(SLOTS), "var": var,
+            "hit_rate": rec.hit_rate, "low_precision_mass": rec.low_precision_mass,
+            "skipped_mass": rec.skipped_mass, "slots": list(SLOTS), "var": var,
             "loaded_share": float(np.mean(res == LOADED)), "hit_share": float(np.mean(res == HIT)),
             "compiled_replay": _numba_real(), "model_profile": model.name, "gpu": hw.name}
 

@@ -3,7 +3,12 @@
 Sources (`--from`, else chosen by the file's extension):
   csv     (.csv)    llama.cpp-style route CSV ("# route_trace v1"): `#` header lines with the model,
                     `n_layer/n_expert/n_expert_used` and per-layer `expert_bytes`/`dense_bytes`, then
-                    rows turn,phase,step,layer,slot,expert,weight[,residency,expert_bytes].
+                    rows turn,phase,step,layer,slot,expert,weight[,residency,expert_bytes]. The
+                    `residency` column (1: the recording engine's cache held the expert) is kept
+                    as the trace's `residency` array (`python -m sim.residency` compares a replay
+                    against it). The weights per expert come from --expert-weights, the built-in
+                    Qwen3-30B-A3B, or are inferred from the header's per-layer expert bytes and the
+                    GGUF name's quant tag (`infer_expert_weights`); what cannot be inferred is said.
   jsonl   (.jsonl)  one JSON object per (token, layer); an optional first line {"meta": {...}}.
   logits  (.npz)    router-logit dumps as Hugging Face transformers returns them with
                     `output_router_logits=True` (one [tokens, n_experts] array per layer).
@@ -22,6 +27,7 @@ import argparse
 import json
 import os
 import re
+import sys
 import zipfile
 import zlib
 from collections.abc import Sequence
@@ -31,11 +37,13 @@ from typing import Any
 import numpy as np
 
 from sim.formats import FORMATS, PRECISION_ORDER
-from sim.io import InputError, exit_on_input_error
-from sim.trace import ABSENT, DECODE, PREFILL, Trace, TraceMeta, describe, open_npz, save_trace
+from sim.io import InputError, check_output_path, exit_on_input_error
+from sim.trace import ABSENT, DECODE, PREFILL, UNKNOWN, Trace, TraceMeta, describe, open_npz, save_trace
 
 QWEN3_30B_A3B_EXPERT_WEIGHTS = 3 * 2048 * 768  # gate + up + down of one Qwen3-30B-A3B expert
 _CSV_REQUIRED = ("turn", "phase", "step", "layer", "slot", "expert", "weight")
+SUPERBLOCK = 256  # weights per expert must fill whole K-quant super-blocks (the low formats need it)
+_QUANT_TAG = re.compile(r"(?:^|[-_.])(q[2-8]_k(?:_[sml])?|q8_0|bf16|f16|f32)(?:[-_.]|$)", re.IGNORECASE)
 _PHASE_WORDS = {"prefill": PREFILL, "decode": DECODE, PREFILL: PREFILL, DECODE: DECODE}
 
 
@@ -64,6 +72,63 @@ def expert_format_from_bytes(nbytes: int, expert_weights: int) -> str | None:
                 if b != a and sb is not None and sa + sb == nbytes:
                     return f"{a}+{b}_down"
     return None
+
+
+def check_expert_weights(expert_weights: int, where: str | os.PathLike | None = None) -> int:
+    """`expert_weights` if it fills whole super-blocks of 256 weights, else InputError."""
+    if expert_weights <= 0 or expert_weights % SUPERBLOCK:
+        raise InputError(where, f"--expert-weights {expert_weights}: weights per expert must be a positive multiple "
+                                f"of {SUPERBLOCK} (one K-quant super-block), e.g. 3*2048*768 = 4718592")
+    return expert_weights
+
+
+def _weights_for(nbytes: int) -> dict[int, str]:
+    """Every weights-per-expert (a multiple of 256) for which some format (or gate/up + down pair) takes `nbytes`."""
+    from fractions import Fraction
+
+    out: dict[int, str] = {}
+    per = {f: Fraction(FORMATS[f].block_bytes, FORMATS[f].block_weights) for f in PRECISION_ORDER}
+    for a in PRECISION_ORDER:
+        w = Fraction(nbytes) / per[a]
+        if w.denominator == 1 and w % SUPERBLOCK == 0:
+            out.setdefault(int(w), a)
+    for a in PRECISION_ORDER:
+        for b in PRECISION_ORDER:
+            if a == b:
+                continue
+            third = Fraction(nbytes) / (2 * per[a] + per[b])
+            if third.denominator == 1 and third % SUPERBLOCK == 0:
+                out.setdefault(int(3 * third), f"{a}+{b}_down")
+    return out
+
+
+def infer_expert_weights(expert_bytes: Sequence[int], model_name: str) -> tuple[int | None, str]:
+    """Weights per expert that explain every layer's expert bytes, and a one-line note saying how (or why not).
+
+    Candidates: each weights count (a multiple of 256) at which some format, or gate/up in one
+    format with ffn_down in another, takes exactly each layer's bytes. When several remain, the
+    quant tag in the model's file name (Q4_K_M → q4_k) keeps those whose formats use it.
+    """
+    cands: dict[int, list[str]] | None = None
+    for nbytes in dict.fromkeys(int(b) for b in expert_bytes):
+        found = _weights_for(nbytes)
+        cands = {w: [*fm, found[w]] for w, fm in (cands or {w: [] for w in found}).items() if w in found}
+        if not cands:
+            return None, ("weights per expert not inferred: no single weights count gives every layer's expert bytes "
+                          "in a GGUF format the simulator knows; pass --expert-weights")
+    assert cands is not None
+    tag = _QUANT_TAG.search(model_name)
+    if len(cands) > 1 and tag:
+        base = tag.group(1).lower()
+        base = base[:4] if base[1].isdigit() and base[2:4] == "_k" else base  # q4_k_m → q4_k
+        kept = {w: fm for w, fm in cands.items() if all(base in f.split("+")[0] for f in fm)}
+        cands = kept or cands
+    if len(cands) != 1:
+        shown = ", ".join(f"{w} ({'/'.join(dict.fromkeys(fm))})" for w, fm in sorted(cands.items())[:4])
+        return None, f"weights per expert not inferred: the expert bytes fit several ({shown}); pass --expert-weights"
+    (w, fm), = cands.items()
+    how = f" and the name's {tag.group(1)} tag" if tag else ""
+    return w, f"weights per expert {w} inferred from the header's expert bytes{how} (formats {', '.join(dict.fromkeys(fm))})"
 
 
 def _renormalise(weights: np.ndarray, present: np.ndarray) -> np.ndarray:
@@ -164,6 +229,13 @@ def read_route_csv(path: str | os.PathLike, *, model: str | None = None, expert_
             raise InputError(path, f"line {lineno}: weight {f[ci['weight']].strip()!r} is not a number") from None
     linenos = np.array([ln for ln, _ in rows])
     turn, phase, step, layer, slot, expert = ints.T
+    resid = None
+    if "residency" in columns:
+        rc = columns.index("residency")
+        resid = np.array([_int(f[rc], "residency", path, ln) for ln, f in rows], dtype=np.int64)
+        badr = (resid != 0) & (resid != 1)
+        if badr.any():
+            raise InputError(path, f"line {linenos[int(np.flatnonzero(badr)[0])]}: residency must be 0 or 1")
 
     def first_bad(mask: np.ndarray, msg: str) -> None:
         if mask.any():
@@ -201,6 +273,10 @@ def read_route_csv(path: str | os.PathLike, *, model: str | None = None, expert_
     weights = np.zeros((S, n_layers, top_k), dtype=np.float64)
     experts.reshape(-1)[flat] = expert
     weights.reshape(-1)[flat] = wts
+    residency = None
+    if resid is not None:
+        residency = np.full((S, n_layers, top_k), UNKNOWN, dtype=np.int64)
+        residency.reshape(-1)[flat] = resid
     filled = np.zeros((S, n_layers, top_k), dtype=bool)
     filled.reshape(-1)[flat] = True
     nfill = filled.sum(axis=2)
@@ -217,9 +293,12 @@ def read_route_csv(path: str | os.PathLike, *, model: str | None = None, expert_
     # meta
     model_path = header.get("model", "")
     name = model or (_model_from_path(model_path) if model_path else path.stem)
-    if expert_weights is None and "qwen3-30b-a3b" in name.lower():
+    if expert_weights is not None:
+        check_expert_weights(expert_weights)
+    elif "qwen3-30b-a3b" in name.lower():
         expert_weights = QWEN3_30B_A3B_EXPERT_WEIGHTS
     eb = db = fmt = None
+    notes: list[str] = []
     if layer_bytes:
         missing_l = [li for li in range(n_layers) if li not in layer_bytes]
         extra_l = [li for li in layer_bytes if not 0 <= li < n_layers]
@@ -229,10 +308,20 @@ def read_route_csv(path: str | os.PathLike, *, model: str | None = None, expert_
                                    f" (n_layer={n_layers})")
         eb = tuple(layer_bytes[li][0] for li in range(n_layers))
         db = tuple(layer_bytes[li][1] for li in range(n_layers))
+        if expert_weights is None:
+            expert_weights, note = infer_expert_weights(eb, _model_from_path(model_path) if model_path else name)
+            notes.append(note)
         if expert_weights is not None:
             names = [expert_format_from_bytes(b, expert_weights) for b in eb]
             fmt = tuple(names) if all(names) else None  # type: ignore[arg-type]
+            if fmt is None:
+                notes.append(f"expert format not named: some layer's expert bytes match no format at {expert_weights} "
+                             "weights per expert")
+    else:
+        notes.append("no per-layer expert_bytes in the header: the trace has no sizes; replay needs a built-in --model")
     extra: dict[str, Any] = {"source_format": "route_csv"}
+    if notes:
+        extra["import_notes"] = notes
     if version:
         extra["route_trace_version"] = version
     for k in ("arch",):
@@ -243,7 +332,7 @@ def read_route_csv(path: str | os.PathLike, *, model: str | None = None, expert_
         provenance=f"{path.name}: {model_line}".rstrip(": "),
         expert_weights=expert_weights, expert_bytes=eb, expert_format=fmt, dense_bytes=db, extra=extra,
     )
-    return Trace.from_arrays(experts, weights, step_phase, step_seq, meta, path=path, copy=False)
+    return Trace.from_arrays(experts, weights, step_phase, step_seq, meta, residency=residency, path=path, copy=False)
 
 
 # ----------------------------------------------------------------------------------------- JSONL
@@ -505,6 +594,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, source_format: str |
         raise InputError(src, f"{flag} does not apply to {fmt} sources")
     if Path(out).resolve() == src.resolve():
         raise InputError(src, "output path is the source file; choose another -o")
+    check_output_path(out, "-o")
     reader = {"csv": read_route_csv, "jsonl": read_jsonl, "logits": read_router_logits}[fmt]
     trace = reader(src, **{k: v for k, v in options.items() if k in applies and v is not None})
     save_trace(trace, out)
@@ -537,12 +627,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--renormalize", action="store_const", const=True, default=None,
                     help="csv/jsonl: rescale each group's weights to sum to 1 (default: require it ±1e-3)")
     ap.add_argument("--expert-weights", type=int,
-                    help="csv: weights per expert, to name each layer's GGUF format from its bytes "
-                         "(default: known for Qwen3-30B-A3B)")
+                    help="csv: weights per expert (a multiple of 256), to name each layer's GGUF format from its "
+                         "bytes (default: known for Qwen3-30B-A3B, else inferred from the header where it can be)")
     args = ap.parse_args(argv)
     trace = convert(args.src, args.out, args.source_format, model=args.model, n_experts=args.n_experts,
                     top_k=args.top_k, norm_topk=args.norm_topk, renormalize=args.renormalize,
                     expert_weights=args.expert_weights)
+    for note in trace.meta.extra.get("import_notes", ()):
+        print(f"note: {note}", file=sys.stderr)
     print(f"wrote {args.out}: {describe(trace)}")
 
 

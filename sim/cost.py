@@ -11,13 +11,20 @@ expert_launch_split: when the profile also measured one launch of G experts, a l
 one format cost a fixed launch part plus a per-expert part (see its docstring).
 dense_s(tokens, dense_bytes): attention, router and norms of one layer, scaled by dense bytes.
 head_s(head_bytes): output head of one decoded token at the profile's device bandwidth.
+
+Pricing a replay: `slot_tables` gives the bytes and copy-engine seconds of one expert per layer and
+format slot (sim.precision.SLOTS), `ComputeTable` the compute seconds per (layer, slot, tokens), and
+`group_costs` assembles an engine outcome into the per-group costs the timeline schedules.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from sim.engine import LOADED, SKIPPED, AccessGroups, Outcome
 from sim.formats import FORMATS
-from sim.profiles import HardwareProfile
+from sim.precision import LOW_FORMATS, SLOTS
+from sim.profiles import HardwareProfile, ModelProfile
+from sim.timeline import GroupCosts
 
 GB = 1e9  # bandwidths are in GB/s = 1e9 bytes/s
 
@@ -85,3 +92,76 @@ def dense_s(hw: HardwareProfile, tokens: int, dense_bytes: int) -> float:
 def head_s(hw: HardwareProfile, head_bytes: int) -> float:
     """Seconds to read the output head once (per decoded token)."""
     return head_bytes / (hw.vram_gbps * GB) if hw.vram_gbps > 0 else 0.0
+
+
+def slot_tables(model: ModelProfile, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray]:
+    """Bytes and copy-engine seconds of one expert of each layer in each format slot ([layers, slots])."""
+    sizes = np.array(
+        [[model.expert_bytes(layer)] + [model.expert_bytes(layer, f) for f in LOW_FORMATS] for layer in range(model.n_layers)],
+        dtype=np.int64,
+    )
+    # Several copy engines overlap the fixed per-copy cost; the link's bandwidth stays shared.
+    overlap = hw.transfer_fixed_s * (1 - 1 / hw.copy_engines)
+    link = np.asarray(transfer_s(hw, sizes.astype(np.float64))) - overlap
+    return sizes, link
+
+
+class ComputeTable:
+    """Compute seconds of expert accesses, each distinct (layer, slot, tokens) priced once and memoised."""
+
+    def __init__(self, model: ModelProfile, hw: HardwareProfile):
+        self.model, self.hw = model, hw
+        self._memo: dict[int, tuple[float, float]] = {}
+
+    def split_s(self, layer: np.ndarray, slot: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(per-launch, per-expert) compute seconds per access (see expert_launch_split)."""
+        code = (layer.astype(np.int64) * len(SLOTS) + slot) * (1 << 20) + tokens
+        uniq, inv = np.unique(code, return_inverse=True)
+        vals = np.empty((uniq.size, 2))
+        for i, c in enumerate(uniq.tolist()):
+            if c not in self._memo:
+                t, rest = c % (1 << 20), c >> 20
+                lay, s = divmod(rest, len(SLOTS))
+                if s == 0:
+                    fmt, nbytes = self.model.native_name(lay), self.model.expert_bytes(lay)
+                else:
+                    fmt, nbytes = SLOTS[s], self.model.expert_bytes(lay, SLOTS[s])
+                self._memo[c] = expert_launch_split(self.hw, fmt, t, self.model.expert_weights, nbytes)
+            vals[i] = self._memo[c]
+        return vals[inv, 0], vals[inv, 1]
+
+
+def group_costs(groups: AccessGroups, outcome: Outcome, model: ModelProfile, hw: HardwareProfile,
+                link_s: np.ndarray, compute: ComputeTable, acc_layer: np.ndarray, decode_only: bool) -> GroupCosts:
+    """The per-group costs (sim.timeline.GroupCosts) of an engine outcome.
+
+    Demand copies are the loaded accesses' link times; compute is each served access's per-expert
+    time plus, once per (group, slot), the launch's fixed part (a group's served experts of one
+    format share one launch); the output head runs after a token's last layer; dense time per
+    layer and group (`decode_only`: every group has one token, priced once per layer).
+    """
+    g = groups
+    group_of = np.repeat(np.arange(g.n_groups), np.diff(g.start))
+    served = outcome.result != SKIPPED
+    slot = np.where(served, outcome.slot, 0)
+    loaded = outcome.result == LOADED
+    acc_link = np.where(loaded, link_s[acc_layer, slot], 0.0)
+    launch_s, per_expert_s = compute.split_s(acc_layer, slot, g.acc_tokens)
+    first_of_launch = np.zeros(slot.size, dtype=bool)
+    launch_code = group_of.astype(np.int64) * len(SLOTS) + slot
+    _, first_idx = np.unique(np.where(served, launch_code, -1), return_index=True)
+    first_of_launch[first_idx] = True
+    acc_comp = np.where(served, per_expert_s + np.where(first_of_launch, launch_s, 0.0), 0.0)
+    head = head_s(hw, model.head_bytes)
+    if decode_only:
+        per_layer = np.array([dense_s(hw, 1, int(b)) for b in model.dense_bytes])
+        dense = per_layer[g.layer]
+    else:
+        dense = np.array([dense_s(hw, int(t), int(model.dense_bytes[la])) for t, la in zip(g.tokens.tolist(), g.layer.tolist())])
+    return GroupCosts(
+        dense_s=dense,
+        compute_s=np.bincount(group_of, weights=acc_comp, minlength=g.n_groups) + np.where(g.token_end, head, 0.0),
+        demand_link_s=np.bincount(group_of, weights=acc_link, minlength=g.n_groups),
+        prefetch_link_s=outcome.prefetch_link_s,
+        wait_group=outcome.wait_group,
+    )

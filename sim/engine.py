@@ -13,22 +13,28 @@ best (lowest) HOBBIT score; the engine loads each distinct expert once per batch
 does. Prefetch runs in decode only: after serving layer l of a token, the experts predicted for
 layer l+1 (the trace's own predictions, or an oracle with accuracy p) are admitted to the cache.
 
+Drivers. `replay(groups, CacheSpec, precision, ...)` is the one entry point. It takes the compiled
+path (numba LRU/SLRU over the key stream, `sim.cache.fast.replay_hits`) when the outcome cannot
+depend on Python-only rules (lru/slru, a fixed format per expert, one shared pool, no prefetch),
+and otherwise builds the cache objects, hands them the stream through their `prepare_replay` hook
+(Belady's future, static's calibration window) and runs `replay_reference`, the access-by-access
+reference loop. Tests hold the two paths equal.
+
 Calibration. The first `calib_fraction` of the trace (whole sequences when there are several,
 else steps) is the calibration window: static precision policies and static pinning learn from
 it, and it is replayed to warm the cache, but only the evaluation window is counted.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from sim import cost
-from sim.precision import PrecisionPolicy, demoted_experts, hobbit_scores, importance
-from sim.profiles import LOW_FORMATS, HardwareProfile, ModelProfile
+from sim.cache.base import EXPERT_SHIFT, LAYER_SHIFT, make_key
+from sim.precision import HIGH, LOW, SLOTS, PrecisionPolicy, dynamic_choice, hobbit_scores
 from sim.trace import ABSENT, DECODE, PREFILL, Trace
 
-SLOTS = ("native",) + LOW_FORMATS  # format slot of a cache entry: 0 = native, then the low formats
 HIT, LOADED, SKIPPED = 0, 1, 2
 
 
@@ -62,7 +68,7 @@ def calibration_steps(trace: Trace, fraction: float) -> np.ndarray:
         return calib
     seqs = list(dict.fromkeys(trace.seq.tolist()))  # in order of appearance
     if len(seqs) >= 2:
-        n = min(len(seqs) - 1, max(1, int(round(fraction * len(seqs)))))
+        n = min(len(seqs) - 1, max(1, round(fraction * len(seqs))))
         calib[np.isin(trace.seq, seqs[:n])] = True
     else:
         calib[: min(trace.n_steps - 1, max(1, int(fraction * trace.n_steps)))] = True
@@ -128,21 +134,21 @@ def _decode_groups(trace: Trace, lo: int, hi: int, calib_steps, predicted) -> di
         nxt_present[nxt] = present[t_idx[nxt], l_idx[nxt] + 1]
         sel = np.flatnonzero(nxt_present)
         pred[sel] = source[lo + t_idx[sel], l_idx[sel] + 1].astype(np.int32)
-    return dict(
-        layer=l_idx.astype(np.int32),
-        seq=trace.seq[lo + t_idx].astype(np.int32),
-        step=(lo + t_idx).astype(np.int32),
-        phase=np.full(t_idx.size, DECODE, dtype=np.uint8),
-        tokens=np.ones(t_idx.size, dtype=np.int32),
-        token_end=l_idx == last_layer[t_idx],
-        calib=calib_steps[lo + t_idx],
-        expert=experts[t_idx, l_idx].reshape(-1),
-        score=hobbit_scores(weights[t_idx, l_idx]).reshape(-1),
-        mass=weights[t_idx, l_idx].reshape(-1),
-        acc_tokens=np.ones(t_idx.size * k, dtype=np.int32),
-        predicted=pred,
-        counts=np.full(t_idx.size, k, dtype=np.int64),
-    )
+    return {
+        "layer": l_idx.astype(np.int32),
+        "seq": trace.seq[lo + t_idx].astype(np.int32),
+        "step": (lo + t_idx).astype(np.int32),
+        "phase": np.full(t_idx.size, DECODE, dtype=np.uint8),
+        "tokens": np.ones(t_idx.size, dtype=np.int32),
+        "token_end": l_idx == last_layer[t_idx],
+        "calib": calib_steps[lo + t_idx],
+        "expert": experts[t_idx, l_idx].reshape(-1),
+        "score": hobbit_scores(weights[t_idx, l_idx]).reshape(-1),
+        "mass": weights[t_idx, l_idx].reshape(-1),
+        "acc_tokens": np.ones(t_idx.size * k, dtype=np.int32),
+        "predicted": pred,
+        "counts": np.full(t_idx.size, k, dtype=np.int64),
+    }
 
 
 def _prefill_group(trace: Trace, lo: int, hi: int, calib_steps) -> dict:
@@ -169,21 +175,21 @@ def _prefill_group(trace: Trace, lo: int, hi: int, calib_steps) -> dict:
         out["acc_tokens"].append(np.bincount(ids, minlength=n_experts)[uniq].astype(np.int32))
         out["counts"].append(uniq.size)
     g = len(out["layer"])
-    return dict(
-        layer=np.array(out["layer"], dtype=np.int32),
-        seq=np.full(g, trace.seq[lo], dtype=np.int32),
-        step=np.full(g, lo, dtype=np.int32),
-        phase=np.full(g, PREFILL, dtype=np.uint8),
-        tokens=np.array(out["tokens"], dtype=np.int32),
-        token_end=np.zeros(g, dtype=bool),
-        calib=np.full(g, bool(calib_steps[lo]), dtype=bool),
-        expert=np.concatenate(out["expert"]),
-        score=np.concatenate(out["score"]),
-        mass=np.concatenate(out["mass"]),
-        acc_tokens=np.concatenate(out["acc_tokens"]),
-        predicted=np.full((g, k), ABSENT, dtype=np.int32),
-        counts=np.array(out["counts"], dtype=np.int64),
-    )
+    return {
+        "layer": np.array(out["layer"], dtype=np.int32),
+        "seq": np.full(g, trace.seq[lo], dtype=np.int32),
+        "step": np.full(g, lo, dtype=np.int32),
+        "phase": np.full(g, PREFILL, dtype=np.uint8),
+        "tokens": np.array(out["tokens"], dtype=np.int32),
+        "token_end": np.zeros(g, dtype=bool),
+        "calib": np.full(g, bool(calib_steps[lo]), dtype=bool),
+        "expert": np.concatenate(out["expert"]),
+        "score": np.concatenate(out["score"]),
+        "mass": np.concatenate(out["mass"]),
+        "acc_tokens": np.concatenate(out["acc_tokens"]),
+        "predicted": np.full((g, k), ABSENT, dtype=np.int32),
+        "counts": np.array(out["counts"], dtype=np.int64),
+    }
 
 
 @dataclass(frozen=True)
@@ -198,18 +204,55 @@ class Outcome:
     wait_group: np.ndarray  # int64 [G]: the group whose prefetch copy must land before g computes; -1 none
 
 
-def static_slots(trace_calib: Trace | None, policy: PrecisionPolicy, n_layers: int, n_experts: int, seed: int) -> np.ndarray:
-    """int8 [layers, experts]: the high-precision slot of each expert under `policy`'s static part."""
-    slots = np.zeros((n_layers, n_experts), dtype=np.int8)
-    if policy.is_static:
-        if trace_calib is None or trace_calib.n_steps == 0:
-            raise ValueError("a static precision policy needs a calibration window (calib_fraction > 0)")
-        demoted = demoted_experts(importance(trace_calib, policy.static_signal, seed), policy.static_fraction)
-        slots[demoted] = SLOTS.index(policy.static_format)
-    return slots
+@dataclass(frozen=True)
+class CacheSpec:
+    """The cache the engine builds: a registered policy, its parameters, a partition, a byte capacity."""
+
+    policy: str
+    capacity_bytes: int
+    partition: str = "global"
+    n_layers: int | None = None
+    params: Mapping = field(default_factory=dict)
+
+    def build(self, capacity_bytes: int | None = None):
+        """A fresh cache object (of `capacity_bytes` when given, else the spec's capacity)."""
+        from sim.cache.registry import make_policy
+
+        cap = self.capacity_bytes if capacity_bytes is None else capacity_bytes
+        return make_policy(self.policy, cap, partition=self.partition, n_layers=self.n_layers, **dict(self.params))
 
 
 def replay(
+    groups: AccessGroups,
+    cache: CacheSpec,
+    policy: PrecisionPolicy,
+    hi_slots: np.ndarray,  # int8 [layers, experts] high-precision slot (sim.precision.static_slots)
+    sizes: np.ndarray,  # int64 [layers, slots] bytes of one expert per format slot
+    link_s: np.ndarray,  # float64 [layers, slots] copy-engine seconds of one expert per slot
+    *,
+    fast: bool = True,
+) -> Outcome:
+    """The engine's one entry point: the compiled path where it applies (and `fast`), else the reference."""
+    if fast:
+        out = _replay_compiled(groups, cache, policy, hi_slots, sizes)
+        if out is not None:
+            return out
+    share = policy.low_pool_share
+    if share is None:
+        hi = lo = cache.build()
+    else:
+        hi, lo = cache.build(int(cache.capacity_bytes * (1 - share))), cache.build(int(cache.capacity_bytes * share))
+    acc_layer = np.repeat(groups.layer, np.diff(groups.start))
+    acc_slot = hi_slots[acc_layer, groups.expert]
+    keys = make_keys(acc_layer, groups.expert, acc_slot)
+    acc_sizes = sizes[acc_layer, acc_slot]
+    calib = np.repeat(groups.calib, np.diff(groups.start))
+    for c in {id(c): c for c in (hi, lo)}.values():
+        c.prepare_replay(keys, acc_sizes, groups.start[:-1], calibration=(keys[calib], acc_sizes[calib]))
+    return replay_reference(groups, (hi, lo), policy, hi_slots, sizes, link_s)
+
+
+def replay_reference(
     groups: AccessGroups,
     caches: tuple,  # (high-precision pool, low-precision pool) — the same object for one shared pool
     policy: PrecisionPolicy,
@@ -217,14 +260,11 @@ def replay(
     sizes: np.ndarray,  # int64 [layers, slots] bytes of one expert per format slot
     link_s: np.ndarray,  # float64 [layers, slots] copy-engine seconds of one expert per slot
 ) -> Outcome:
-    """Reference replay: per access, the precision decision and the cache's answer (pure Python)."""
-    from sim.cache.base import make_key
-
+    """Reference replay on given cache objects: per access, the precision decision and the cache's answer."""
     hi_cache, lo_cache = caches
     shared = hi_cache is lo_cache
     pool_of = (hi_cache, lo_cache, lo_cache)  # slot 0 → high pool, low slots → low pool
     dyn = policy.is_dynamic
-    t1, t2 = (policy.t1, policy.t2) if dyn else (1.0, 1.0)
     dyn_slot = SLOTS.index(policy.dynamic_format) if dyn else 0
     n = groups.expert.size
     result = np.zeros(n, dtype=np.int8)
@@ -254,24 +294,25 @@ def replay(
         dep = -1
         for i in range(hi - lo):
             a = lo + i
-            s_hi, k_hi, score = hs[i], keys_hi[i], scores[a]
+            s_hi, k_hi = hs[i], keys_hi[i]
+            choice = dynamic_choice(policy, scores[a])
             c_hi = pool_of[s_hi]
             if c_hi.contains(k_hi):
                 c_hi.access(k_hi, int(sizes[layer, s_hi]), high_precision=s_hi == 0)
                 result[a], slot_out[a] = HIT, s_hi
                 key_used = k_hi
-            elif dyn and score > t1 and lo_cache.contains(keys_lo[i]):
+            elif choice != HIGH and lo_cache.contains(keys_lo[i]):
                 lo_cache.access(keys_lo[i], int(sizes[layer, dyn_slot]), high_precision=False)
                 result[a], slot_out[a] = HIT, dyn_slot
                 key_used = keys_lo[i]
-            elif score <= t1:
+            elif choice == HIGH:
                 c_hi.access(k_hi, int(sizes[layer, s_hi]), high_precision=s_hi == 0)
                 result[a], slot_out[a] = LOADED, s_hi
                 admitted_at.pop(k_hi, None)
                 key_used = None
                 if dyn and shared and keys_lo[i] != k_hi and hi_cache.contains(keys_lo[i]):
                     hi_cache.remove(keys_lo[i])  # the high copy supersedes the low one
-            elif score <= t2:
+            elif choice == LOW:
                 lo_cache.access(keys_lo[i], int(sizes[layer, dyn_slot]), high_precision=False)
                 result[a], slot_out[a] = LOADED, dyn_slot
                 admitted_at.pop(keys_lo[i], None)
@@ -300,13 +341,9 @@ def replay(
     return Outcome(result, slot_out, pf_bytes, pf_loads, pf_link, wait)
 
 
-def replay_fast(
+def _replay_compiled(
     groups: AccessGroups,
-    policy_name: str,
-    policy_params: dict,
-    partition: str,
-    n_layers: int,
-    capacity_bytes: int,
+    cache: CacheSpec,
     policy: PrecisionPolicy,
     hi_slots: np.ndarray,
     sizes: np.ndarray,
@@ -315,10 +352,12 @@ def replay_fast(
 
     Applies to a fixed format per expert (native or static precision), one shared pool and no
     prefetch: every access is then a hit or a load, and the cache's hit stream decides all.
-    Returns None when it does not apply; tests hold it equal to `replay`.
+    Returns None when it does not apply; tests hold it equal to `replay_reference`.
     """
     from sim.cache.fast import FAST_POLICIES, replay_hits
 
+    policy_name, partition, capacity_bytes = cache.policy, cache.partition, cache.capacity_bytes
+    policy_params, n_layers = dict(cache.params), cache.n_layers
     if (policy_name not in FAST_POLICIES or policy.is_dynamic or policy.low_pool_share is not None
             or np.any(groups.predicted != ABSENT)):
         return None
@@ -352,18 +391,4 @@ def replay_fast(
 
 def make_keys(layer: np.ndarray, expert: np.ndarray, slot: np.ndarray) -> np.ndarray:
     """Vectorised `sim.cache.base.make_key` (int64 keys)."""
-    from sim.cache.base import EXPERT_SHIFT, LAYER_SHIFT
-
     return (layer.astype(np.int64) << LAYER_SHIFT) | (expert.astype(np.int64) << EXPERT_SHIFT) | slot.astype(np.int64)
-
-
-def slot_tables(model: ModelProfile, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray]:
-    """Bytes and copy-engine seconds of one expert of each layer in each format slot."""
-    sizes = np.array(
-        [[model.expert_bytes(layer)] + [model.expert_bytes(layer, f) for f in LOW_FORMATS] for layer in range(model.n_layers)],
-        dtype=np.int64,
-    )
-    # Several copy engines overlap the fixed per-copy cost; the link's bandwidth stays shared.
-    overlap = hw.transfer_fixed_s * (1 - 1 / hw.copy_engines)
-    link = np.asarray(cost.transfer_s(hw, sizes.astype(np.float64))) - overlap
-    return sizes, link

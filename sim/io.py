@@ -1,12 +1,17 @@
-"""Input errors and atomic output: every CLI reports bad input as one line and exit status 2."""
+"""Input errors and atomic output: every CLI reports bad input as one line and exit status 2.
+
+Outputs: a CLI checks every output path with `check_output_path` before any long work (the folder
+must exist: a mistyped one is an error, not created), then writes them all with `atomic_paths`
+(all or none). Written files get the usual mode (0666 minus the umask), not mkstemp's 0600.
+"""
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
 import tempfile
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator
 
 
 class InputError(Exception):
@@ -33,20 +38,60 @@ def exit_on_input_error(main):
     return wrapper
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def check_output_path(path: str | os.PathLike, option: str) -> Path:
+    """InputError unless `path` can be written: its folder exists and is writable, and it is not a folder."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    if path.is_dir():
+        raise InputError(path, f"{option}: is a folder, not a file")
+    if not parent.is_dir():
+        raise InputError(path, f"{option}: folder {str(parent)!r} does not exist (create it first)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(path, f"{option}: folder {str(parent)!r} is not writable")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(path, f"{option}: file exists and is not writable")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The folder is created if missing (library callers); CLIs check their paths first.
+    """
+    with atomic_paths([path], make_parents=True) as (tmp,):
+        yield tmp
+
+
+@contextlib.contextmanager
+def atomic_paths(paths: Sequence[str | os.PathLike], *, make_parents: bool = False) -> Iterator[list[Path]]:
+    """Temporary paths beside each of `paths`; all are renamed into place only if the block succeeds."""
+    finals = [Path(p) for p in paths]
+    tmps: list[Path] = []
+    mode = 0o666 & ~_umask()
     try:
-        yield tmp_path
-        os.replace(tmp_path, path)
+        for path in finals:
+            if make_parents:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix or ".tmp", dir=path.parent)
+            os.close(fd)
+            tmps.append(Path(tmp))
+        yield list(tmps)
+        for tmp in tmps:
+            if tmp.exists():
+                os.chmod(tmp, mode)
+        for tmp, path in zip(tmps, finals):
+            os.replace(tmp, path)
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        for tmp in tmps:
+            if tmp.exists():
+                tmp.unlink()
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

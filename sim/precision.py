@@ -18,6 +18,10 @@ the high one first, the low one when score > T1. HOBBIT used T1 = 0.6, T2 = 0.9 
 Combinations join with `+`: `static:mass:20%:q3_k+dynamic:0.6:0.9`. `+pools:split:S` keeps
 low-precision copies in a pool of share S of the capacity (HOBBIT's separate caches) instead of
 one shared byte pool.
+
+This module is the one home of precision: the format slots a cache entry can hold (`SLOTS`,
+`LOW_FORMATS`), the parser, the static demotion sets (`static_slots`) and the dynamic rule
+(`dynamic_choice`: a score → HIGH, LOW or SKIP). The engine and `jaxmoe.quality` import them.
 """
 from __future__ import annotations
 
@@ -26,11 +30,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from sim.io import InputError
-from sim.profiles import LOW_FORMATS
 from sim.trace import ABSENT, Trace
 
 SIGNALS = ("freq", "weight", "mass", "random")
 NATIVE = "native"
+LOW_FORMATS = ("q2_k", "q3_k")  # the formats a precision policy may demote an expert to
+SLOTS = (NATIVE,) + LOW_FORMATS  # format slot of a cache entry: 0 = native, then the low formats
+HIGH, LOW, SKIP = 0, 1, 2  # what the dynamic rule does with a missed expert (see dynamic_choice)
 
 
 @dataclass(frozen=True)
@@ -155,8 +161,8 @@ def importance(trace: Trace, signal: str, seed: int = 0) -> np.ndarray:
 
 def demoted_experts(scores: np.ndarray, fraction: float) -> np.ndarray:
     """bool [layers, experts]: the bottom `fraction` of each layer's experts by score (ties → lower id)."""
-    n_layers, n_experts = scores.shape
-    n_low = int(round(fraction * n_experts))
+    _n_layers, n_experts = scores.shape
+    n_low = round(fraction * n_experts)
     # stable sort on score ascending; equal scores keep expert-id order
     order = np.argsort(scores, axis=1, kind="stable")
     out = np.zeros_like(scores, dtype=bool)
@@ -168,3 +174,25 @@ def hobbit_scores(weights: np.ndarray) -> np.ndarray:
     """Summed gate weight of the higher-ranked experts, for weights in rank order along the last axis."""
     w = np.asarray(weights, dtype=np.float64)
     return np.cumsum(w, axis=-1) - w
+
+
+def dynamic_choice(policy: PrecisionPolicy, score: float) -> int:
+    """HOBBIT's rule for a missed expert of HOBBIT score `score`: HIGH, LOW (in policy.dynamic_format) or SKIP.
+
+    Without a dynamic part every expert is served at its high precision. A resident copy is
+    served whatever this says (the high one first; the low one too when the choice is not HIGH).
+    """
+    if not policy.is_dynamic or score <= policy.t1:
+        return HIGH
+    return LOW if score <= policy.t2 else SKIP
+
+
+def static_slots(calib: Trace | None, policy: PrecisionPolicy, n_layers: int, n_experts: int, seed: int) -> np.ndarray:
+    """int8 [layers, experts]: the high-precision slot of each expert (index into SLOTS) under `policy`'s static part."""
+    slots = np.zeros((n_layers, n_experts), dtype=np.int8)
+    if policy.is_static:
+        if calib is None or calib.n_steps == 0:
+            raise ValueError("a static precision policy needs a calibration window (calib_fraction > 0)")
+        demoted = demoted_experts(importance(calib, policy.static_signal, seed), policy.static_fraction)
+        slots[demoted] = SLOTS.index(policy.static_format)
+    return slots

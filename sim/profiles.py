@@ -26,6 +26,7 @@ import numpy as np
 
 from sim.formats import FORMATS, get_format
 from sim.io import InputError
+from sim.precision import LOW_FORMATS
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 GIB = 2**30
@@ -35,7 +36,7 @@ MIB = 2**20
 # Model profiles
 # ---------------------------------------------------------------------------------------------
 
-LOW_FORMATS = ("q2_k", "q3_k")  # the formats a precision policy may demote an expert to
+# LOW_FORMATS lives in sim.precision; re-exported here for code that still imports it from profiles.
 
 
 def use_more_bits(layer: int, n_layers: int) -> bool:
@@ -203,14 +204,22 @@ def model_for_trace(meta, fallback: str | None = None) -> ModelProfile:
     and expert_format in the trace override the native sizes. A trace of another model must carry
     expert_bytes and expert_weights so that the low-precision sizes can be computed.
     """
+    if fallback is not None:
+        get_model(fallback)  # an unknown --model is an error, never silently ignored
     name = (fallback or meta.model or "").lower()
     base = next((b for b in MODEL_BUILDERS if name.replace("_", "-").startswith(b)), None)
-    if fallback is None and base is None and (meta.expert_bytes is None or not meta.expert_weights):
-        raise InputError(
-            None,
-            f"trace model {meta.model!r} is not built in and the trace lacks expert_bytes/expert_weights; "
-            f"pass --model ({', '.join(MODEL_BUILDERS)})",
-        )
+    if base is None:
+        lacks = [k for k, v in (("expert_bytes", meta.expert_bytes), ("expert_weights", meta.expert_weights)) if not v]
+        if lacks:
+            raise InputError(
+                None,
+                f"trace model {meta.model!r} is not built in and the trace lacks {' and '.join(lacks)}; re-convert "
+                "with python -m sim.convert ... --expert-weights N (weights per expert, a multiple of 256), or pass "
+                f"--model for a trace of a built-in model ({', '.join(MODEL_BUILDERS)})",
+            )
+        if int(meta.expert_weights) % 256:
+            raise InputError(None, f"trace meta expert_weights={meta.expert_weights} is not a multiple of 256 "
+                                   "(one K-quant super-block); re-convert with a correct --expert-weights")
     if base is not None:
         prof = get_model(fallback or base)
         if (prof.n_layers, prof.n_experts) != (meta.n_layers, meta.n_experts):
@@ -309,13 +318,13 @@ def load_hardware(name_or_path: str) -> HardwareProfile:
         shape = expert.get("shape", {"hidden": 2048, "ffn": 768})
         tokens = _array(expert, "tokens", path)
         compute_s = {}
-        for fmt, secs in expert["seconds"].items():
+        for fmt in expert["seconds"]:
             arr = _array(expert["seconds"], fmt, path)
             if arr.size != tokens.size:
                 raise InputError(path, f"expert_compute.seconds.{fmt} has {arr.size} values for {tokens.size} token counts")
             compute_s[fmt.lower()] = arr
         grouped_s = {}
-        for fmt, secs in (expert.get("grouped_seconds") or {}).items():
+        for fmt in expert.get("grouped_seconds") or {}:
             arr = _array(expert["grouped_seconds"], fmt, path)
             if arr.size != tokens.size:
                 raise InputError(path, f"expert_compute.grouped_seconds.{fmt} has {arr.size} values for {tokens.size} token counts")
@@ -391,9 +400,9 @@ def derived_expert_budget(model: ModelProfile, hw: HardwareProfile, context_toke
 __all__ = [
     "FORMATS",
     "GIB",
-    "HardwareProfile",
     "LOW_FORMATS",
     "MIB",
+    "HardwareProfile",
     "ModelProfile",
     "derived_expert_budget",
     "get_model",

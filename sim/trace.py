@@ -39,9 +39,11 @@ ARRAY_DTYPES = {
     "phase": np.uint8,
     "seq": np.int32,
     "predicted": np.int16,
+    "residency": np.int8,
 }
 REQUIRED_KEYS = ("experts", "weights", "phase", "seq", "meta")
-OPTIONAL_KEYS = ("predicted",)
+OPTIONAL_KEYS = ("predicted", "residency")
+RESIDENT, NOT_RESIDENT, UNKNOWN = 1, 0, -1  # values of the optional residency array
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # fixed member timestamp: same trace → same bytes
 
 
@@ -153,6 +155,10 @@ class Trace:
     # Optional: ids the router of layer l would pick from layer l-1's hidden state (prefetch hint);
     # row l=0 is ABSENT. Same shape as `experts`.
     predicted: np.ndarray | None = None
+    # Optional: what the recording engine's own cache held when it routed each selection (RESIDENT,
+    # NOT_RESIDENT, or UNKNOWN, e.g. for absent groups). Same shape as `experts`. sim.residency
+    # compares a replay against it.
+    residency: np.ndarray | None = None
 
     @classmethod
     def from_arrays(
@@ -163,6 +169,7 @@ class Trace:
         seq: Any,
         meta: TraceMeta,
         predicted: Any = None,
+        residency: Any = None,
         *,
         path: str | os.PathLike | None = None,
         copy: bool = True,
@@ -175,6 +182,7 @@ class Trace:
             seq=np.asarray(seq),
             meta=meta,
             predicted=None if predicted is None else np.asarray(predicted),
+            residency=None if residency is None else np.asarray(residency),
         )
         validate(raw, path)
 
@@ -191,6 +199,7 @@ class Trace:
             seq=conv(raw.seq, "seq"),
             meta=meta,
             predicted=conv(raw.predicted, "predicted"),
+            residency=conv(raw.residency, "residency"),
         )
 
     @property
@@ -216,6 +225,7 @@ class Trace:
             seq=_readonly(self.seq[steps]),
             meta=self.meta,
             predicted=None if self.predicted is None else _readonly(self.predicted[steps]),
+            residency=None if self.residency is None else _readonly(self.residency[steps]),
         )
 
     def only_phase(self, phase: int) -> Trace:
@@ -255,7 +265,7 @@ def validate(trace: Trace, path: str | os.PathLike | None = None) -> None:
     validate_meta(meta, path)
     ex, w, ph, sq, pr = trace.experts, trace.weights, trace.phase, trace.seq, trace.predicted
     for key, a, kinds in (("experts", ex, "iu"), ("weights", w, "fiu"), ("phase", ph, "iu"),
-                          ("seq", sq, "iu"), ("predicted", pr, "iu")):
+                          ("seq", sq, "iu"), ("predicted", pr, "iu"), ("residency", trace.residency, "iub")):
         if a is None:
             continue
         if not isinstance(a, np.ndarray) or a.dtype.kind not in kinds:
@@ -274,6 +284,13 @@ def validate(trace: Trace, path: str | os.PathLike | None = None) -> None:
         raise InputError(path, f"seq shape {sq.shape} must be ({S},) (one per step of experts {ex.shape})")
     if pr is not None and pr.shape != ex.shape:
         raise InputError(path, f"predicted shape {pr.shape} differs from experts shape {ex.shape}")
+    res = trace.residency
+    if res is not None:
+        if res.shape != ex.shape:
+            raise InputError(path, f"residency shape {res.shape} differs from experts shape {ex.shape}")
+        badr = (res != RESIDENT) & (res != NOT_RESIDENT) & (res != UNKNOWN)
+        if badr.any():
+            raise InputError(path, f"{_loc(badr, _SLOT)}: residency must be 1, 0 or -1 (unknown)")
     if L != meta.n_layers:
         raise InputError(path, f"experts has {L} layers but meta.n_layers={meta.n_layers}")
     if K != meta.top_k:
@@ -366,6 +383,8 @@ def save_trace(trace: Trace, path: str | os.PathLike, *, compact: bool = False) 
     }
     if trace.predicted is not None:
         arrays["predicted"] = trace.predicted
+    if trace.residency is not None:
+        arrays["residency"] = trace.residency
     arrays = {k: np.ascontiguousarray(a, dtype=_storage_dtype(k, a) if compact else ARRAY_DTYPES[k])
               for k, a in arrays.items()}
     arrays["meta"] = np.array(meta_json)  # 0-d unicode array
@@ -443,7 +462,7 @@ def load_trace(path: str | os.PathLike) -> Trace:
     meta = TraceMeta.from_dict(d, path)
     return Trace.from_arrays(
         arrays["experts"], arrays["weights"], arrays["phase"], arrays["seq"], meta,
-        arrays.get("predicted"), path=path, copy=False,
+        arrays.get("predicted"), arrays.get("residency"), path=path, copy=False,
     )
 
 
@@ -472,6 +491,11 @@ def concat_traces(traces: Sequence[Trace], provenance: str | None = None) -> Tra
                                else np.full(t.experts.shape, ABSENT, np.int16) for t in traces])
     else:
         pred = None
+    if any(t.residency is not None for t in traces):
+        res = np.concatenate([t.residency if t.residency is not None
+                              else np.full(t.experts.shape, UNKNOWN, np.int8) for t in traces])
+    else:
+        res = None
     prov = provenance if provenance is not None else " + ".join(t.meta.provenance for t in traces)
     meta = dataclasses.replace(m0, provenance=prov)
     return Trace.from_arrays(
@@ -481,6 +505,7 @@ def concat_traces(traces: Sequence[Trace], provenance: str | None = None) -> Tra
         np.concatenate(seqs),
         meta,
         pred,
+        res,
         copy=False,
     )
 

@@ -14,7 +14,7 @@ import pytest
 
 from analysis import charts, report, sweep
 from sim.precision import parse_precision
-from sim.replay import ReplayConfig, run
+from sim.simulate import ReplayConfig, run
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = "rtx3060-12gb"
@@ -64,13 +64,13 @@ def test_sweep_rows_equal_direct_replay(quick_sweep, tiny_trace):
         cap = None if budget == "vram" else int(0.3 * row["capacity_bytes"] / row["capacity_fraction"] + 0.5)
         rec = run(ReplayConfig(trace=str(tiny_trace), gpu=GPU, policy=pol, precision=prec, capacity_bytes=cap))
         if cap is not None:
-            assert abs(rec["capacity_bytes"] - row["capacity_bytes"]) <= 1
+            assert abs(rec.capacity_bytes - row["capacity_bytes"]) <= 1
         else:
-            assert rec["capacity_bytes"] == row["capacity_bytes"]
+            assert rec.capacity_bytes == row["capacity_bytes"]
         for k in ("hits", "misses", "accesses", "demand_bytes", "skipped"):
-            assert rec[k] == row[k], k
+            assert getattr(rec, k) == row[k], k
         for k in ("hit_rate", "tokens_per_s", "low_precision_mass", "bytes_per_token"):
-            assert rec[k] == pytest.approx(row[k], rel=1e-8), k
+            assert getattr(rec, k) == pytest.approx(row[k], rel=1e-8), k
 
 
 def test_sweep_deterministic(quick_sweep, tiny_trace, tmp_path):

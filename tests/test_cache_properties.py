@@ -23,7 +23,8 @@ from hypothesis import strategies as st
 from sim.cache import POLICY_NAMES, make_key, make_policy
 from sim.cache.base import key_expert_id, key_layer
 
-EXAMPLES = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# How many examples each property runs is the hypothesis profile's (tests/conftest.py: `ci` 2,000, `dev` 100).
+EXAMPLES = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # ---- workloads -------------------------------------------------------------------------
@@ -522,7 +523,7 @@ def _optimum(future: tuple, groups: tuple, cap: int, pos: int, cache: frozenset)
     return best
 
 
-@settings(max_examples=400, deadline=None)
+@EXAMPLES
 @given(w=workloads(equal_sizes=True, one_fmt=True, admits=False, removes=False, max_groups=10, max_pool=6,
                    max_capacity=5, distinct_members=True))
 def test_belady_equals_exhaustive_optimum_on_equal_sizes(w):
@@ -556,7 +557,7 @@ def test_lru_hits_never_fall_as_capacity_grows(w):
     assert hits == sorted(hits)
 
 
-@settings(max_examples=200, deadline=None)
+@EXAMPLES
 @given(w=workloads(), case=st.sampled_from(CASES))
 def test_same_input_same_result(w, case):
     name, params = case
@@ -565,7 +566,7 @@ def test_same_input_same_result(w, case):
     assert a == b and ca.resident_keys() == cb.resident_keys() and ca.stats == cb.stats
 
 
-@settings(max_examples=200, deadline=None)
+@EXAMPLES
 @given(w=workloads(admits=False))
 def test_per_layer_lru_is_one_lru_per_layer(w):
     """Per-layer partition == an independent LRU of capacity//3 bytes replaying each layer's calls."""

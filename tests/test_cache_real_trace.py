@@ -64,4 +64,7 @@ def test_group_protection_is_what_makes_it_exact(shared_qwen_csv):
     df, keys, sizes, _ = _load(shared_qwen_csv)
     hits = replay_hits("lru", keys, sizes, np.zeros(0, np.int64), CAPACITY_BYTES)
     decode = (df.phase == 1).to_numpy()
-    assert (hits[decode] != (df.residency.to_numpy()[decode] == 1)).sum() > 0
+    engine_hit = df.residency.to_numpy()[decode] == 1
+    differ = hits[decode] != engine_hit
+    assert differ.sum() == 5  # the module docstring's count
+    assert engine_hit[differ].all()  # each one a hit the engine kept and the unprotected replay evicted

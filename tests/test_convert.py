@@ -432,6 +432,7 @@ def test_convert_cli_errors(tmp_path, name, fname, content, args, expected):
     elif content is not None:
         src.write_text(content)
     out = tmp_path / "out" / "trace.npz"
+    out.parent.mkdir()  # the converter never creates a missing output folder (test_convert_output_folder_must_exist)
     r = run_convert(src, "-o", out, *args)
     if expected is None:  # a control case: the same source, well-formed, converts
         assert r.returncode == 0, r.stderr

@@ -4,10 +4,21 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from sim.cache.base import make_policy
-from sim.engine import HIT, LOADED, SKIPPED, build_groups, calibration_steps, oracle_predictions, replay, replay_fast, static_slots
-from sim.precision import parse_precision
-from sim.replay import ReplayConfig, prepare, run, run_prepared
+from sim import engine
+from sim.cache import make_policy
+from sim.engine import (
+    HIT,
+    LOADED,
+    SKIPPED,
+    CacheSpec,
+    build_groups,
+    calibration_steps,
+    oracle_predictions,
+    replay,
+    replay_reference,
+)
+from sim.precision import parse_precision, static_slots
+from sim.simulate import ReplayConfig, prepare, run, run_prepared
 from sim.trace import DECODE, PREFILL, Trace, TraceMeta
 
 EXPERT_BYTES = 1000
@@ -69,9 +80,9 @@ def _replay(trace, policy="lru", precision="native", capacity=8000, partition="g
     prep = prepare(cfg)
     pol = parse_precision(precision)
     slots = static_slots(prep.calib_trace, pol, trace.meta.n_layers, trace.meta.n_experts, 0)
-    cache = make_policy(policy, capacity, partition=partition, n_layers=trace.meta.n_layers, **params)
-    ref = replay(prep.groups, (cache, cache), pol, slots, prep.sizes, prep.link_s)
-    fast = replay_fast(prep.groups, policy, dict(params), partition, trace.meta.n_layers, capacity, pol, slots, prep.sizes)
+    spec = CacheSpec(policy, capacity, partition, trace.meta.n_layers, params)
+    ref = replay(prep.groups, spec, pol, slots, prep.sizes, prep.link_s, fast=False)
+    fast = replay(prep.groups, spec, pol, slots, prep.sizes, prep.link_s, fast=True)
     return prep, ref, fast
 
 
@@ -106,14 +117,17 @@ def test_dynamic_rule_by_hand():
     meta = TraceMeta(model="tiny", n_layers=1, n_experts=4, top_k=4, expert_bytes=(EXPERT_BYTES,), expert_weights=3072)
     trace = Trace.from_arrays(experts, weights, [DECODE, DECODE], [0, 0], meta)
     prep, ref, fast = _replay(trace, precision="dynamic:0.6:0.9", capacity=10**6)
-    assert fast is None  # dynamic precision is reference-only
+    pol = parse_precision("dynamic:0.6:0.9")
+    slots = static_slots(None, pol, 1, 4, 0)
+    assert engine._replay_compiled(prep.groups, CacheSpec("lru", 10**6, n_layers=1), pol, slots, prep.sizes) is None
+    np.testing.assert_array_equal(fast.result, ref.result)  # dynamic precision runs the reference path
     assert ref.result.tolist() == [LOADED, LOADED, LOADED, SKIPPED, HIT, HIT, HIT, SKIPPED]
     assert ref.slot.tolist() == [0, 0, 1, -1, 0, 0, 1, -1]
     rec = run_prepared(prep, ReplayConfig(trace=trace, precision="dynamic:0.6:0.9", capacity_bytes=10**6,
                                           calib_fraction=0, timeline=False))
-    assert rec["low_precision_mass"] == pytest.approx(0.15, abs=1e-6)
-    assert rec["skipped_mass"] == pytest.approx(0.05, abs=1e-6)
-    assert rec["hits"] == 3 and rec["misses"] == 3 and rec["skipped"] == 2
+    assert rec.low_precision_mass == pytest.approx(0.15, abs=1e-6)
+    assert rec.skipped_mass == pytest.approx(0.05, abs=1e-6)
+    assert rec.hits == 3 and rec.misses == 3 and rec.skipped == 2
 
 
 def test_static_demotion_matches_brute_force():
@@ -127,7 +141,7 @@ def test_static_demotion_matches_brute_force():
                 for e, w in zip(calib.experts[t, layer].tolist(), calib.weights[t, layer].tolist()):
                     n, m = stats.get(e, (0, 0.0))
                     stats[e] = (n + 1, m + w)
-            def score(e):
+            def score(e, stats=stats, signal=signal):
                 n, m = stats.get(e, (0, 0.0))
                 return {"freq": n, "mass": m, "weight": m / n if n else 0.0}[signal]
             expected = sorted(range(16), key=lambda e: (score(e), e))[:4]
@@ -140,8 +154,8 @@ def test_perfect_oracle_prefetch_leaves_only_first_layer_misses():
     prep = prepare(ReplayConfig(trace=trace, prefetch="oracle:1.0", calib_fraction=0))
     layer0 = prep.groups.layer == 0
     first_use_layer0 = len(np.unique(trace.experts[:, 0]))
-    assert rec["misses"] == first_use_layer0  # every other expert was prefetched before it was needed
-    assert rec["prefetch_bytes"] > 0 and layer0.any()
+    assert rec.misses == first_use_layer0  # every other expert was prefetched before it was needed
+    assert rec.prefetch_bytes > 0 and layer0.any()
 
 
 def test_oracle_predictions_accuracy_and_validity():
@@ -159,10 +173,10 @@ def test_record_accounting_and_determinism():
                        prefetch="trace", gpu="rtx4070-12gb")
     a, b = run(cfg), run(cfg)
     assert a == b
-    assert a["hits"] + a["misses"] + a["skipped"] == a["accesses"]
-    assert a["bytes_moved"] == a["demand_bytes"] + a["prefetch_bytes"]
-    assert 0 < a["low_precision_mass"] < 1 and 0 <= a["skipped_mass"] < 1
-    assert a["tokens_per_s"] > 0 and 0 <= a["stall_fraction"] < 1
+    assert a.hits + a.misses + a.skipped == a.accesses
+    assert a.bytes_moved == a.demand_bytes + a.prefetch_bytes
+    assert 0 < a.low_precision_mass < 1 and 0 <= a.skipped_mass < 1
+    assert a.tokens_per_s > 0 and 0 <= a.stall_fraction < 1
 
 
 def test_split_pools_respect_their_shares():
@@ -171,7 +185,7 @@ def test_split_pools_respect_their_shares():
                            precision="static:freq:50%:q2_k+pools:split:0.25", timeline=False))
     shared = run(ReplayConfig(trace=trace, policy="lru", capacity_bytes=6000, calib_fraction=0.3,
                               precision="static:freq:50%:q2_k", timeline=False))
-    assert rec["accesses"] == shared["accesses"] and rec["hit_rate"] != shared["hit_rate"]
+    assert rec.accesses == shared.accesses and rec.hit_rate != shared.hit_rate
 
 
 def test_calibration_window_by_sequence_and_by_step():
@@ -210,13 +224,13 @@ def test_replays_shared_engine_residency(shared_qwen_csv, tmp_path):
     cfg = ReplayConfig(trace=load_trace(out), policy="lru", capacity_bytes=4000 * 2**20, calib_fraction=0, timeline=False)
     prep = prepare(cfg)
     cache = make_policy("lru", 4000 * 2**20)
-    outcome = replay(prep.groups, (cache, cache), parse_precision("native"),
+    outcome = replay_reference(prep.groups, (cache, cache), parse_precision("native"),
                      np.zeros((48, 128), np.int8), prep.sizes, prep.link_s)
     decode_acc = np.repeat(prep.groups.phase, np.diff(prep.groups.start)) == DECODE
     rows = pd.read_csv(shared_qwen_csv, comment="#")
     decode = rows[rows.phase == 1].sort_values(["step", "layer", "slot"], kind="stable")
     np.testing.assert_array_equal((outcome.result[decode_acc] == HIT).astype(int), decode.residency.to_numpy())
-    assert run_prepared(prep, cfg)["hit_rate"] == pytest.approx(0.803, abs=5e-4)
+    assert run_prepared(prep, cfg).hit_rate == pytest.approx(0.803, abs=5e-4)
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -225,7 +239,7 @@ def test_belady_bounds_every_online_policy_through_the_engine(seed):
     hits = {}
     for policy in ("belady", "lru", "slru", "lfu", "s3fifo", "hobbit"):
         rec = run(ReplayConfig(trace=trace, policy=policy, capacity_bytes=8000, calib_fraction=0, timeline=False))
-        hits[policy] = rec["hits"]
+        hits[policy] = rec.hits
     assert all(hits["belady"] >= h for h in hits.values()), hits
 
 
@@ -259,4 +273,4 @@ def test_one_launch_per_format_per_group(tmp_path):
             a, b = cost.expert_launch_split(hw, fmt, 1, prep.model.expert_weights, nbytes)
             compute += a + n * b
         expected = cost.dense_s(hw, 1, prep.model.dense_bytes[0]) + link + compute
-        assert rec["decode_s"] == pytest.approx(expected, rel=1e-12), precision
+        assert rec.decode_s == pytest.approx(expected, rel=1e-12), precision

@@ -13,9 +13,8 @@ import pytest
 from jaxmoe import gguf_io as G
 from jaxmoe import model as M
 from jaxmoe import quality as Q
-from sim.engine import static_slots
 from sim.io import InputError
-from sim.precision import SIGNALS, hobbit_scores, parse_precision
+from sim.precision import SIGNALS, hobbit_scores, parse_precision, static_slots
 
 TINY = M.Config(vocab=97, hidden=256, n_layers=2, n_heads=2, n_kv_heads=1, head_dim=32, n_experts=8, top_k=3,
                 expert_ffn=256, rope_theta=10000.0, max_seq=64)

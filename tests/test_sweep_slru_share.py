@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from analysis import report, sweep
-from sim.replay import ReplayConfig, run
+from sim.simulate import ReplayConfig, run
 from tests.test_analysis import _table_after
 
 GPU = "rtx3060-12gb"
@@ -119,7 +119,7 @@ def test_share_rows_equal_reference_replay(share_sweep, tiny_trace):
         rec = run(ReplayConfig(trace=str(tiny_trace), gpu=GPU, policy="slru", capacity_bytes=int(r["capacity_bytes"]),
                                policy_params=params, fast=False, timeline=False))
         for k in CORE:
-            assert rec[k] == r[k], (share, k)
+            assert getattr(rec, k) == r[k], (share, k)
     # and the share matters: 0.5 and the default differ on this trace at 10 %
     assert _row(f, "slru", 0.5, "10%", "native")["hits"] != _row(f, "slru", 0.8, "10%", "native")["hits"]
 

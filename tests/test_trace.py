@@ -266,7 +266,8 @@ def _put(key, value):
 LOADER_CASES = [
     ("missing key", _put("weights", ...), "missing key(s) weights"),
     ("missing meta", _put("meta", ...), "missing key(s) meta"),
-    ("unknown key", _put("residency", np.zeros(3)), "unknown key(s) residency"),
+    ("unknown key", _put("hit_flags", np.zeros(3)), "unknown key(s) hit_flags"),
+    ("bad residency", _put("residency", np.zeros(3)), "residency must be an integer array"),
     ("meta not JSON", _put("meta", "{model: m"), "meta is not valid JSON"),
     ("meta not 0-d string", _put("meta", np.zeros(2)), "meta must be a 0-d unicode array"),
     ("meta not an object", _put("meta", "[1, 2]"), "meta must be a JSON object"),

@@ -1,7 +1,8 @@
 """Byte-capacity expert-cache policies behind one interface (see sim/cache/base.py).
 
 Policies are registered by name; which ones run is data: `make_policy(name, capacity_bytes, ...)`
-for name in POLICY_NAMES. `sim.cache.fast.replay_hits` replays a key stream with numba (lru, slru).
+for name in POLICY_NAMES (sim/cache/registry.py). `sim.cache.fast.replay_hits` replays a key stream with
+numba (lru, slru); `replay_hits_python` is the reference that drives the policy objects.
 """
 from sim.cache import belady, hobbit, lfu, lru, s3fifo, slru, static  # noqa: F401  (registers them)
 from sim.cache.base import (
@@ -13,9 +14,9 @@ from sim.cache.base import (
     key_fmt,
     key_layer,
     make_key,
-    make_policy,
     register_policy,
 )
+from sim.cache.registry import make_policy, policy_class
 
 POLICY_NAMES: tuple[str, ...] = tuple(sorted(_REGISTRY))
 
@@ -29,5 +30,6 @@ __all__ = [
     "key_layer",
     "make_key",
     "make_policy",
+    "policy_class",
     "register_policy",
 ]

@@ -13,6 +13,10 @@ policy until the new entry fits, then inserts it. Policies only supply hooks:
     _should_admit(key, size, need_evict, prefetch) -> bool   False: bypass the cache
     _before_access(key, high_precision)     called first on every access (Belady tracks its clock)
     _on_group(layer, seq, step, keys)       a new (token step, layer) group begins
+    prepare_replay(keys, sizes, group_starts, calibration)   once, before a driver's replay:
+                                            the whole access stream and the calibration window, for
+                                            policies that need them (Belady: the future; static:
+                                            the pinned set). Drivers call it on every policy.
 
 Groups: the driver calls `begin_group(layer, seq, step, keys)` before serving each (token step,
 layer) group. Until the next `begin_group` (or `end_group`) the resident entries whose keys are in
@@ -23,19 +27,24 @@ it counts as a miss and a bypass, nothing is evicted and nothing is inserted.
 """
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import ClassVar
 
-LAYER_SHIFT = 20  # key bits: layer << 20 | expert << 4 | fmt_id
-EXPERT_SHIFT = 4
-EXPERT_MASK = 0xFFFF
-FMT_MASK = 0xF
+# Key layout, the one definition (sim.engine.make_keys and the numba kernels derive from it):
+# key = layer << LAYER_SHIFT | expert << EXPERT_SHIFT | fmt_id, with FMT_BITS bits of format slot
+# and EXPERT_BITS bits of expert id.
+FMT_BITS = 4
+EXPERT_BITS = 16
+EXPERT_SHIFT = FMT_BITS
+LAYER_SHIFT = EXPERT_SHIFT + EXPERT_BITS
+EXPERT_MASK = (1 << EXPERT_BITS) - 1
+FMT_MASK = (1 << FMT_BITS) - 1
+N_FMT_IDS = 1 << FMT_BITS  # format ids per (layer, expert)
 
 
 def make_key(layer: int, expert: int, fmt_id: int) -> int:
-    """Pack (layer, expert, format index in PRECISION_ORDER) into one int key."""
+    """Pack (layer, expert, format id) into one int key (the engine's format id is the slot in sim.precision.SLOTS)."""
     if not (0 <= layer and 0 <= expert <= EXPERT_MASK and 0 <= fmt_id <= FMT_MASK):
         raise ValueError(f"key out of range: layer={layer} expert={expert} fmt_id={fmt_id}")
     return (int(layer) << LAYER_SHIFT) | (int(expert) << EXPERT_SHIFT) | int(fmt_id)
@@ -52,7 +61,7 @@ def key_expert(key: int) -> int:
 
 
 def key_fmt(key: int) -> int:
-    """Format index (into sim.formats.PRECISION_ORDER) of a key."""
+    """Format id of a key (in the engine: the slot in sim.precision.SLOTS)."""
     return key & FMT_MASK
 
 
@@ -92,6 +101,8 @@ class CachePolicy:
     """Base of every byte-capacity policy: owns residency, byte accounting, groups and stats."""
 
     name: ClassVar[str] = ""
+    needs_future: ClassVar[bool] = False  # True: prepare_replay must see the exact future access stream
+    takes_n_layers: ClassVar[bool] = False  # True: the constructor takes n_layers (make_policy passes it)
 
     def __init__(self, capacity_bytes: int):
         capacity_bytes = int(capacity_bytes)
@@ -214,6 +225,14 @@ class CachePolicy:
             self._group_bytes += size_bytes
         self._insert(key, high_precision, prefetch)
 
+    def prepare_replay(self, keys, sizes, group_starts, calibration=None) -> None:
+        """Hook called by a driver once before replaying: the access stream and the calibration window.
+
+        `keys`/`sizes` are the accesses in order (no admits), `group_starts` the index where each
+        group begins, `calibration` (keys, sizes) of the calibration window or None. Default:
+        nothing (online policies need neither).
+        """
+
     # ---- hooks (policies override) ---------------------------------------------------
     def _before_access(self, key: int, high_precision: bool) -> None:
         pass
@@ -258,41 +277,6 @@ def register_policy(name: str) -> Callable[[type[CachePolicy]], type[CachePolicy
         return cls
 
     return deco
-
-
-def policy_class(name: str) -> type[CachePolicy]:
-    """The class registered under `name` (ValueError lists the known names)."""
-    import sim.cache  # noqa: F401  (importing the package registers every policy)
-
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown cache policy {name!r}; known: {', '.join(sorted(_REGISTRY))}")
-    return _REGISTRY[name]
-
-
-def make_policy(
-    name: str,
-    capacity_bytes: int,
-    *,
-    partition: str = "global",
-    n_layers: int | None = None,
-    **params,
-) -> CachePolicy:
-    """Build a policy by name; partition="per-layer" gives each of `n_layers` layers an equal share.
-
-    `n_layers` is also passed to policies whose constructor takes it (hobbit's layer distance).
-    """
-    cls = policy_class(name)
-    if n_layers is not None and "n_layers" in inspect.signature(cls.__init__).parameters:
-        params.setdefault("n_layers", n_layers)  # policies that use the layer count (hobbit) get it
-    if partition == "global":
-        return cls(capacity_bytes, **params)
-    if partition == "per-layer":
-        from sim.cache.partition import PerLayerCache
-
-        if n_layers is None or n_layers < 1:
-            raise ValueError("partition='per-layer' needs n_layers >= 1")
-        return PerLayerCache(lambda cap: cls(cap, **params), capacity_bytes, n_layers)
-    raise ValueError(f"unknown partition {partition!r}; known: global, per-layer")
 
 
 def sizes_lookup(keys: Iterable[int], sizes: Mapping[int, int] | Iterable[int]) -> dict[int, int]:

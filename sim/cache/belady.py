@@ -47,6 +47,8 @@ NEVER = 1 << 62  # rank of "not used again"
 class Belady(CachePolicy):
     """Offline optimal byte-capacity cache (keeps what is needed soonest); needs `prepare(...)`."""
 
+    needs_future = True
+
     def __init__(self, capacity_bytes: int):
         super().__init__(capacity_bytes)
         self._eids: np.ndarray | None = None
@@ -86,6 +88,10 @@ class Belady(CachePolicy):
         for key in self._nu:  # entries already resident: next use from the start
             self._set_nu(key, self._first_after(key_expert_id(key), -1))
         return self
+
+    def prepare_replay(self, keys, sizes, group_starts, calibration=None) -> None:
+        """Driver hook: the future is the replay's own access stream."""
+        self.prepare(keys, sizes, group_starts)
 
     @property
     def position(self) -> int:

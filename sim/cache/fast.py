@@ -1,4 +1,9 @@
-"""Fast hit-only replay of a key stream: numba kernels for LRU and SLRU, the Python classes otherwise.
+"""Replaying a key stream: the one fast path (numba LRU/SLRU kernels) and the one reference path.
+
+`replay_hits(policy, ...)` is the fast path for lru and slru; for any other policy it builds the
+class and runs the reference path. `replay_hits_python(cache, ...)` is the reference path: it
+drives a `CachePolicy` object access by access. Tests hold the two equal. The engine
+(`sim.engine.replay`) uses the fast path when the precision policy cannot change the stream.
 
 `replay_hits` takes the stream as arrays: `keys[i]` (ints from `make_key`), `sizes[i]` (bytes),
 `group_starts` (sorted indices where a (token step, layer) group begins; group g spans
@@ -9,7 +14,7 @@ start the non-admit keys of the group become protected; an access is a hit or a 
 it fits, or bypass); an admit inserts if absent. The result is one bool per entry: for an access,
 hit; for an admit, whether the key is resident afterwards.
 
-Kernels: keys are first mapped to dense ids `(layer * n_experts + expert) * 16 + fmt` (one numba
+Kernels: keys are first mapped to dense ids `(layer * n_experts + expert) * N_FMT_IDS + fmt` (one numba
 pass; np.unique when that space would be too large); the replay then walks the groups in order. LRU is a circular doubly linked list
 over the ids (arrays prev/next, sentinel = n_ids), most recent at the tail; SLRU has two such
 lists (probation, protected) and the same rules as sim/cache/slru.py. Group protection is a stamp
@@ -21,7 +26,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from sim.cache.base import CachePolicy, key_layer, make_policy
+from sim.cache.base import EXPERT_MASK, EXPERT_SHIFT, FMT_MASK, LAYER_SHIFT, N_FMT_IDS, CachePolicy, key_layer
+from sim.cache.registry import make_policy
+from sim.cache.slru import DEFAULT_PROTECTED_SHARE
 
 FAST_POLICIES = ("lru", "slru")
 _DENSE_LIMIT = 1 << 24  # largest dense id space before falling back to np.unique
@@ -29,20 +36,20 @@ _DENSE_LIMIT = 1 << 24  # largest dense id space before falling back to np.uniqu
 
 @numba.njit(cache=True)
 def _dense_ids_nb(keys):  # pragma: no cover - compiled
-    """(layer * n_experts + expert) * 16 + fmt, with n_experts = max expert + 1; and the id count."""
+    """(layer * n_experts + expert) * N_FMT_IDS + fmt, with n_experts = max expert + 1; and the id count."""
     max_layer = 0
     max_expert = 0
     for k in keys:
-        max_layer = max(max_layer, k >> 20)
-        max_expert = max(max_expert, (k >> 4) & 0xFFFF)
+        max_layer = max(max_layer, k >> LAYER_SHIFT)
+        max_expert = max(max_expert, (k >> EXPERT_SHIFT) & EXPERT_MASK)
     n_experts = max_expert + 1
-    n_ids = (max_layer + 1) * n_experts * 16
+    n_ids = (max_layer + 1) * n_experts * N_FMT_IDS
     ids = np.empty(keys.shape[0], np.int32)
     if n_ids > _DENSE_LIMIT:
         return ids, -1
     for i in range(keys.shape[0]):
         k = keys[i]
-        ids[i] = ((k >> 20) * n_experts + ((k >> 4) & 0xFFFF)) * 16 + (k & 0xF)
+        ids[i] = ((k >> LAYER_SHIFT) * n_experts + ((k >> EXPERT_SHIFT) & EXPERT_MASK)) * N_FMT_IDS + (k & FMT_MASK)
     return ids, n_ids
 
 
@@ -234,8 +241,9 @@ def replay_hits(
 ) -> np.ndarray:
     """Replay a key stream through a fresh `policy` cache; bool per entry (hit, or resident after admit).
 
-    Policies other than lru/slru run the Python class; belady is prepared with the stream itself
-    (its accesses and group starts); static needs `calibration=(calibration_keys, sizes)`.
+    Policies other than lru/slru run the reference path, prepared through the policy's
+    `prepare_replay` hook with the stream's accesses and group starts (belady's future) and
+    `calibration=(calibration_keys, sizes)` when given (static's pinned set; static needs it).
     """
     keys, sizes, starts, admit = _check_stream(keys, sizes, group_starts, is_admit)
     capacity = int(capacity_bytes)
@@ -244,21 +252,16 @@ def replay_hits(
     if policy not in FAST_POLICIES:
         calibration = params.pop("calibration", None)
         cache = make_policy(policy, capacity, **params)
-        if policy == "belady":
-            access = ~admit
-            n_before = np.cumsum(np.r_[0, access.astype(np.int64)])  # accesses before each index
-            cache.prepare(keys[access], sizes[access], n_before[starts])
-        elif policy == "static":
-            if calibration is None:
-                raise TypeError("static needs calibration=(calibration_keys, sizes)")
-            cache.fit(*calibration)
+        access = ~admit
+        n_before = np.cumsum(np.r_[0, access.astype(np.int64)])  # accesses before each index
+        cache.prepare_replay(keys[access], sizes[access], n_before[starts], calibration=calibration)
         return replay_hits_python(cache, keys, sizes, starts, is_admit=admit)
     ids, n_ids = _dense_ids(keys)
     if policy == "lru":
         if params:
             raise TypeError(f"lru takes no parameters, got {sorted(params)}")
         return _lru_kernel(ids, sizes, starts, admit, n_ids, capacity)
-    share = params.pop("protected_share", 0.8)
+    share = params.pop("protected_share", DEFAULT_PROTECTED_SHARE)
     if params:
         raise TypeError(f"slru takes only protected_share, got {sorted(params)}")
     if not 0.0 <= share <= 1.0:

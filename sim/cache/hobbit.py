@@ -32,6 +32,8 @@ from sim.cache.base import CachePolicy, key_expert_id, key_layer, register_polic
 class HobbitPriority(CachePolicy):
     """Byte-capacity cache evicting the lowest HOBBIT-style multi-factor priority."""
 
+    takes_n_layers = True
+
     def __init__(
         self,
         capacity_bytes: int,

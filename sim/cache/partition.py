@@ -88,9 +88,9 @@ class PerLayerCache(CachePolicy):
         """Drop `key` from its layer's sub-cache."""
         return self._sub(key).remove(key)
 
-    def prepare(self, future_keys: Iterable[int], sizes=None, group_starts=None) -> PerLayerCache:
-        """Belady: give each layer's sub-cache its own part of the future (and of sizes and groups)."""
-        keys = [int(k) for k in future_keys]
+    def _split_stream(self, keys, sizes, group_starts):
+        """Each layer's part of an access stream: (keys, sizes or None, group starts or None) per layer."""
+        keys = [int(k) for k in keys]
         sizes = None if sizes is None else [int(s) for s in sizes]
         starts = [] if group_starts is None else sorted(int(s) for s in group_starts)
         parts: list[list[int]] = [[] for _ in self.subs]
@@ -110,9 +110,13 @@ class PerLayerCache(CachePolicy):
             parts[layer].append(k)
             if sizes is not None:
                 part_sizes[layer].append(sizes[i])
-        for layer, s in enumerate(self.subs):
-            s.prepare(parts[layer], None if sizes is None else part_sizes[layer],
-                      None if group_starts is None else part_starts[layer])
+        return [(parts[la], None if sizes is None else part_sizes[la], None if group_starts is None else part_starts[la])
+                for la in range(self.n_layers)]
+
+    def prepare(self, future_keys: Iterable[int], sizes=None, group_starts=None) -> PerLayerCache:
+        """Belady: give each layer's sub-cache its own part of the future (and of sizes and groups)."""
+        for s, part in zip(self.subs, self._split_stream(future_keys, sizes, group_starts)):
+            s.prepare(*part)
         return self
 
     def fit(self, calibration_keys: Iterable[int], sizes: Mapping[int, int] | Iterable[int], **kw) -> PerLayerCache:
@@ -125,3 +129,18 @@ class PerLayerCache(CachePolicy):
         for s, part in zip(self.subs, parts):
             s.fit(part, size_of, **kw)
         return self
+
+    def prepare_replay(self, keys, sizes, group_starts, calibration=None) -> None:
+        """Driver hook: each layer's sub-cache gets its own part of the stream and of the calibration window."""
+        if type(self.subs[0]).prepare_replay is CachePolicy.prepare_replay:
+            return  # an online policy: nothing to hand over
+        calib_parts = [None] * self.n_layers
+        if calibration is not None:
+            ckeys = [int(k) for k in calibration[0]]
+            size_of = sizes_lookup(ckeys, calibration[1])
+            split: list[list[int]] = [[] for _ in self.subs]
+            for k in ckeys:
+                split[key_layer(k)].append(k)
+            calib_parts = [(part, size_of) for part in split]
+        for s, part, calib in zip(self.subs, self._split_stream(keys, sizes, group_starts), calib_parts):
+            s.prepare_replay(*part, calibration=calib)

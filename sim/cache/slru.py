@@ -2,7 +2,8 @@
 
 Karedla, Love and Wherry, "Caching strategies to improve disk system performance", IEEE Computer
 27(3), 1994. Both segments are LRU lists. The protected segment may hold at most
-`floor(protected_share * capacity_bytes)` bytes (default share 0.8); the probationary segment holds
+`floor(protected_share * capacity_bytes)` bytes (default `DEFAULT_PROTECTED_SHARE` = 0.8, the
+engine's setting; the numba kernel and the sweep read the same constant); the probationary segment holds
 the rest. The exact rules used here:
   * a miss (or an admit) inserts the entry at the MRU end of the probationary segment;
   * a hit in the probationary segment moves the entry to the MRU end of the protected segment;
@@ -22,12 +23,14 @@ from collections import OrderedDict
 
 from sim.cache.base import CachePolicy, register_policy
 
+DEFAULT_PROTECTED_SHARE = 0.8  # share of the capacity the protected segment may hold by default
+
 
 @register_policy("slru")
 class SLRU(CachePolicy):
     """Byte-capacity segmented LRU (probation + protected)."""
 
-    def __init__(self, capacity_bytes: int, protected_share: float = 0.8):
+    def __init__(self, capacity_bytes: int, protected_share: float = DEFAULT_PROTECTED_SHARE):
         super().__init__(capacity_bytes)
         if not 0.0 <= protected_share <= 1.0:
             raise ValueError(f"protected_share must be in [0, 1], got {protected_share}")

@@ -60,6 +60,12 @@ class StaticPinned(CachePolicy):
                     self._used += size
         return self
 
+    def prepare_replay(self, keys, sizes, group_starts, calibration=None) -> None:
+        """Driver hook: pin the hottest entries of the calibration window `(keys, sizes)`."""
+        if calibration is None:
+            raise TypeError("static needs a calibration window: calibration=(calibration_keys, sizes)")
+        self.fit(*calibration)
+
     def _need_fit(self) -> dict[int, int]:
         if self._pinned is None:
             raise RuntimeError("static policy used before fit(calibration_keys, sizes)")

@@ -1,4 +1,7 @@
-"""Benchmark the fused quantized expert-FFN kernels on a GPU against bf16 and XLA dequantize-then-dot.
+"""Time the fused quantized expert-FFN kernels on a GPU against bf16 and XLA dequantize-then-dot.
+
+The measurement that `jaxmoe.calibrate` turns into the hardware profile's expert-compute table;
+`benchmarks/bench_kernels.py` is its stand-alone command line.
 
 Method. Every timed call is a jitted function launched from the host; device time is read with
 CUPTI (the activity API that `jax.experimental.mosaic.gpu.profiler.measure` uses), so each number is
@@ -16,14 +19,9 @@ Everything is compiled ahead of time in a thread pool before timing starts (XLA 
 baselines on the GPU while compiling). Baselines: bf16 jnp dots of the same shapes, and the XLA path
 (gather the experts' planes from the same bank, dequantize to bf16 with jnp, the same dots). Each
 cell's relative error against the float32 reference is measured at M = 1, 16, 64.
-
-Examples:
-  python -m jaxmoe.bench_kernels --out-dir results/            # full run on a GPU (a few minutes)
-  python -m jaxmoe.bench_kernels --formats q2_k --tokens 1 --quick
 """
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import csv
 import dataclasses
@@ -36,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.io import InputError, atomic_path, exit_on_input_error
+from sim.io import InputError, atomic_path
 
 HIDDEN, FFN, N_EXPERTS, TOP_K = 2048, 768, 128, 8
 TOKENS = (1, 2, 4, 8, 16, 64)
@@ -142,34 +140,6 @@ def hbm_bandwidth(timer: Timer, nbytes: int = 2 * 2**30) -> dict:
     r = summarize(timer.time_calls(red, [(a,) for a in xs], reps=5))
     return {"nbytes": nbytes, "copy_s": c["total_s"], "copy_gbps": 2 * nbytes / c["total_s"] / 1e9,
             "read_s": r["total_s"], "read_gbps": nbytes / r["total_s"] / 1e9, "method": timer.method}
-
-
-def probe() -> None:
-    """Print JAX's devices, compile a trivial Pallas Triton kernel and check dp4a against its emulation."""
-    import jax
-    import jax.numpy as jnp
-    from jax.experimental import pallas as pl
-
-    from jaxmoe.kernels import expert_ffn as ef
-
-    print("jax", jax.__version__, jax.devices(), flush=True)
-
-    def kern(a_ref, b_ref, o_ref):
-        o_ref[...] = ef._dp4a(a_ref[...], b_ref[...], use_asm=True)
-
-    rng = np.random.default_rng(0)
-    a = jnp.asarray(rng.integers(0, 2**32, size=(64, 8), dtype=np.uint32))
-    b = jnp.asarray(rng.integers(0, 2**32, size=(64, 8), dtype=np.uint32))
-    from jax.experimental.pallas import triton as plt
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        f = pl.pallas_call(kern, out_shape=jax.ShapeDtypeStruct((64, 8), jnp.int32),
-                           compiler_params=plt.CompilerParams(num_warps=1))
-        got = np.asarray(jax.jit(f)(a, b))
-    want = np.asarray(ef._dp4a(a, b, use_asm=False))
-    print("probe: pallas triton + dp4a", "OK" if np.array_equal(got, want) else "MISMATCH", flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,7 +311,7 @@ def run_bench(formats=FORMATS, tokens=TOKENS, quick: bool = False, deadline_s: f
     hard = lambda: time.time() - t_start > deadline_s + 100  # hard: no further cells
     bench = Bench(formats, reps=reps or (3 if quick else 6))
     log(f"devices {jax.devices()}; timer {bench.timer.method}")
-    res = {"meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    res = {"meta": {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                     "jax": jax.__version__, "device": str(jax.devices()[0].device_kind), "timer": bench.timer.method,
                     "reps": bench.reps, "quick": quick, "command": command},
            "hbm": None, "tuning": [], "cells": [], "bf16": [], "xla": [], "summary": {}}
@@ -509,13 +479,12 @@ def write_outputs(res: dict, out_dir: Path) -> tuple[Path, Path]:
         tmp.write_text(json.dumps(res, indent=1, default=str))
     cols = ["fmt", "m", "g", "total_s", "pallas_s", "up_s", "down_s", "other_s", "weight_bytes", "gbps",
             "pct_hbm_copy", "pct_hbm_read", "speedup_vs_bf16", "speedup_vs_xla", "xla_s", "rel_err", "config"]
-    with atomic_path(cpath) as tmp:
-        with open(tmp, "w", newline="") as fh:
-            w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
-            w.writeheader()
-            for row in res["cells"]:
-                w.writerow({**row, "xla_s": row.get("xla", {}).get("total_s"),
-                            "config": json.dumps(row.get("config"))})
+    with atomic_path(cpath) as tmp, open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for row in res["cells"]:
+            w.writerow({**row, "xla_s": row.get("xla", {}).get("total_s"),
+                        "config": json.dumps(row.get("config"))})
     return jpath, cpath
 
 
@@ -538,20 +507,6 @@ def print_table(res: dict) -> None:
     print("targets:", json.dumps(res["summary"]))
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m jaxmoe.bench_kernels", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out-dir", default="results", help="folder for bench_kernels.json / .csv (default: results)")
-    p.add_argument("--formats", default=",".join(FORMATS), help="comma-separated subset of q2_k,q3_k,q4_k")
-    p.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts M")
-    p.add_argument("--quick", action="store_true", help="fewer configurations and repetitions")
-    p.add_argument("--deadline-s", type=float, default=600.0, help="stop tuning after this many seconds")
-    p.add_argument("--probe", action="store_true", help="only check that a Pallas Triton kernel with dp4a compiles")
-    p.add_argument("--wait-pid", type=int, default=None,
-                   help="before timing, wait for this process (e.g. GPU tests compiling alongside) to exit")
-    return p.parse_args(argv)
-
-
 def parse_list(text: str, allowed=None, kind=str) -> tuple:
     """Parse a comma-separated CLI list; InputError names a bad item."""
     try:
@@ -563,25 +518,3 @@ def parse_list(text: str, allowed=None, kind=str) -> tuple:
     if kind is int and any(i < 1 for i in items):
         raise InputError(None, f"token counts must be ≥ 1: {text!r}")
     return items
-
-
-@exit_on_input_error
-def main(argv=None) -> int:
-    """CLI entry point."""
-    args = parse_args(argv)
-    if args.probe:
-        probe()
-        return 0
-    formats = parse_list(args.formats, FORMATS)
-    tokens = parse_list(args.tokens, kind=int)
-    command = "python -m jaxmoe.bench_kernels " + " ".join(sys.argv[1:] if argv is None else argv)
-    res = run_bench(formats, tokens, quick=args.quick, deadline_s=args.deadline_s, out_dir=Path(args.out_dir),
-                    wait_pid=args.wait_pid, command=command)
-    jpath, cpath = write_outputs(res, Path(args.out_dir))
-    print_table(res)
-    print(f"wrote {jpath} and {cpath}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,0 +1,265 @@
+"""The simulator as a library: a configuration in, one typed result record out.
+
+`run(ReplayConfig(...))` loads a trace and profiles, replays it through a precision policy and a
+cache policy (`sim.engine`), prices every access group (`sim.cost`) and runs the PCIe/compute
+timeline (`sim.timeline`); it returns a `ReplayRecord`. A sweep prepares the trace once per GPU
+(`prepare`) and calls `run_prepared` per configuration. `python -m sim.replay` is the command line
+over this module; `analysis.sweep` derives its CSV columns from `ReplayRecord`'s fields.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from sim import cost, timeline
+from sim.budget import default_budget
+from sim.cache.registry import PARTITIONS, policy_class
+from sim.engine import (
+    HIT,
+    LOADED,
+    SKIPPED,
+    AccessGroups,
+    CacheSpec,
+    Outcome,
+    build_groups,
+    calibration_steps,
+    oracle_predictions,
+    replay,
+)
+from sim.io import InputError
+from sim.precision import PrecisionPolicy, parse_precision, static_slots
+from sim.profiles import HardwareProfile, ModelProfile, load_hardware, model_for_trace
+from sim.trace import DECODE, PREFILL, Trace, load_trace
+
+PHASES = {"decode": (DECODE,), "prefill": (PREFILL,), "all": (PREFILL, DECODE)}
+MAX_UBATCH = 1 << 16  # a prefill micro-batch beyond this is a typo, not a configuration
+
+
+@dataclass(frozen=True)
+class ReplayConfig:
+    """One simulated configuration (a trace, a GPU, a budget, a cache and a precision policy)."""
+
+    trace: str | Trace
+    capacity_bytes: int | None = None  # None: sim.budget.default_budget (VRAM-derived, or 40 % of experts)
+    policy: str = "slru"
+    precision: str | PrecisionPolicy = "native"  # a spec (sim.precision grammar) or an already parsed policy
+    gpu: str = "rtx3060-12gb"
+    model: str | None = None  # built-in model profile; None: from the trace's metadata
+    partition: str = "global"
+    prefetch: str = "none"  # none | trace | oracle:P
+    phase: str = "decode"
+    calib_fraction: float = 0.25
+    ubatch: int = 512
+    context: int = 4096
+    seed: int = 0
+    timeline: bool = True
+    fast: bool = True  # use the compiled cache replay where it applies (identical results)
+    policy_params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ReplayRecord:
+    """The result of one configuration. Timeline fields are None when the timeline was not run.
+
+    Masses are shares of the counted accesses' gate mass; `per_layer_hit_rate` has None for a
+    layer without counted accesses. Field order is the order of the CLI's JSON/CSV and of the
+    sweep's columns.
+    """
+
+    policy: str
+    precision: str
+    partition: str
+    prefetch: str
+    gpu: str
+    model: str
+    phase: str
+    capacity_bytes: int
+    capacity_experts: float  # the budget in native-size experts
+    capacity_fraction: float  # the budget as a share of all expert bytes
+    accesses: int
+    hits: int
+    misses: int
+    skipped: int
+    hit_rate: float
+    demand_bytes: int
+    prefetch_bytes: int
+    bytes_moved: int
+    tokens: int
+    bytes_per_token: float
+    low_precision_mass: float
+    skipped_mass: float
+    per_layer_hit_rate: list
+    tokens_per_s: float | None = None
+    stall_fraction: float | None = None
+    decode_s: float | None = None
+    prefill_s: float | None = None
+
+    def as_dict(self) -> dict:
+        """The record as a plain dict (JSON-ready)."""
+        return asdict(self)
+
+
+RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ReplayRecord))
+SCALAR_FIELDS: tuple[str, ...] = tuple(n for n in RECORD_FIELDS if n != "per_layer_hit_rate")
+
+
+def incompatible(cache_policy: str, precision: PrecisionPolicy) -> str | None:
+    """Why a (cache policy, precision policy) pair cannot run, or None.
+
+    A policy that needs the future access stream (Belady) cannot run with dynamic precision,
+    which changes that stream online (skips, low-precision copies).
+    """
+    if precision.is_dynamic and policy_class(cache_policy).needs_future:
+        return (f"{cache_policy} needs the whole future access sequence, which dynamic precision changes "
+                "online (skips); use native or static precision with it")
+    return None
+
+
+class Prepared:
+    """Everything a sweep shares across configurations: trace, profiles, groups, cost tables."""
+
+    def __init__(self, trace: Trace, model: ModelProfile, hw: HardwareProfile, *, calib_fraction: float,
+                 ubatch: int, prefetch: str, seed: int, context: int):
+        self.trace, self.model, self.hw, self.seed, self.context = trace, model, hw, seed, context
+        self.prefetch = prefetch
+        calib = calibration_steps(trace, calib_fraction)
+        self.calib_steps = calib
+        self.calib_trace = trace.select(np.flatnonzero(calib)) if calib.any() else None
+        predicted = None
+        if prefetch == "none":
+            predicted = np.full_like(trace.experts, -1)
+        elif prefetch == "trace":
+            if trace.predicted is None:
+                raise InputError(None, "--prefetch trace: the trace has no predicted experts")
+        elif prefetch.startswith("oracle:"):
+            try:
+                p = float(prefetch.split(":", 1)[1])
+            except ValueError:
+                p = -1.0
+            if not 0 <= p <= 1:
+                raise InputError(None, f"--prefetch {prefetch!r}: accuracy must be in [0, 1]")
+            predicted = oracle_predictions(trace, p, seed)
+        else:
+            raise InputError(None, f"--prefetch {prefetch!r}: use none, trace or oracle:P")
+        self.groups: AccessGroups = build_groups(trace, calib, ubatch=ubatch, predicted=predicted)
+        self.sizes, self.link_s = cost.slot_tables(model, hw)
+        self.compute = cost.ComputeTable(model, hw)
+
+    def default_capacity(self) -> tuple[int, str]:
+        """The expert budget when none is given, and how it was chosen (sim.budget.default_budget)."""
+        return default_budget(self.model, self.hw, self.context)
+
+
+def check_config(cfg: ReplayConfig) -> None:
+    """Range-check the numeric and named options of a configuration (InputError names the option)."""
+    if cfg.phase not in PHASES:
+        raise InputError(None, f"--phase {cfg.phase!r}: use decode, prefill or all")
+    if cfg.partition not in PARTITIONS:
+        raise InputError(None, f"--partition {cfg.partition!r}: use {' or '.join(PARTITIONS)}")
+    if not 1 <= cfg.ubatch <= MAX_UBATCH:
+        raise InputError(None, f"--ubatch {cfg.ubatch}: a prefill micro-batch must be 1..{MAX_UBATCH} tokens")
+    if cfg.context < 0:
+        raise InputError(None, f"--context {cfg.context}: a context length must be ≥ 0 tokens")
+    if not 0 <= cfg.calib_fraction < 1 or math.isnan(cfg.calib_fraction):
+        raise InputError(None, f"--calib-fraction {cfg.calib_fraction}: must be in [0, 1)")
+    if cfg.seed < 0:
+        raise InputError(None, f"--seed {cfg.seed}: must be ≥ 0")
+    if cfg.capacity_bytes is not None and cfg.capacity_bytes < 0:
+        raise InputError(None, f"capacity {cfg.capacity_bytes}: a budget must be ≥ 0 bytes")
+
+
+def prepare(cfg: ReplayConfig) -> Prepared:
+    """Check `cfg`, load its trace and profiles, and build its access groups."""
+    check_config(cfg)
+    trace = load_trace(cfg.trace) if not isinstance(cfg.trace, Trace) else cfg.trace
+    model = model_for_trace(trace.meta, cfg.model)
+    hw = load_hardware(cfg.gpu)
+    return Prepared(trace, model, hw, calib_fraction=cfg.calib_fraction, ubatch=cfg.ubatch,
+                    prefetch=cfg.prefetch, seed=cfg.seed, context=cfg.context)
+
+
+def run_prepared(prep: Prepared, cfg: ReplayConfig) -> ReplayRecord:
+    """Simulate one configuration on prepared data; returns its record."""
+    policy = cfg.precision if isinstance(cfg.precision, PrecisionPolicy) else parse_precision(cfg.precision)
+    model = prep.model
+    capacity = cfg.capacity_bytes if cfg.capacity_bytes is not None else prep.default_capacity()[0]
+    try:
+        hi_slots = static_slots(prep.calib_trace, policy, model.n_layers, model.n_experts, cfg.seed)
+    except ValueError as exc:
+        raise InputError(None, f"precision {policy.name!r}: {exc}") from None
+    try:
+        why = incompatible(cfg.policy, policy)
+        if why:
+            raise InputError(None, why)
+        spec = CacheSpec(cfg.policy, int(capacity), cfg.partition, model.n_layers, dict(cfg.policy_params))
+        out = replay(prep.groups, spec, policy, hi_slots, prep.sizes, prep.link_s, fast=cfg.fast)
+    except (KeyError, ValueError, TypeError) as exc:
+        raise InputError(None, f"cache policy {cfg.policy!r}: {exc}") from None
+    return summarize(prep, cfg, policy.name, capacity, out)
+
+
+def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: int, out: Outcome) -> ReplayRecord:
+    """Turn a replay outcome into a record (running the timeline when asked)."""
+    g, model, hw = prep.groups, prep.model, prep.hw
+    acc_layer = np.repeat(g.layer, np.diff(g.start))
+    group_of = np.repeat(np.arange(g.n_groups), np.diff(g.start))
+    served = out.result != SKIPPED
+    slot = np.where(served, out.slot, 0)
+    loaded = out.result == LOADED
+    acc_bytes = np.where(loaded, prep.sizes[acc_layer, slot], 0)
+    counted_g = ~g.calib & np.isin(g.phase, PHASES[cfg.phase])
+    counted = counted_g[group_of]
+    low = served & (slot > 0)
+    tokens = int(np.isin(prep.trace.phase[~prep.calib_steps], PHASES[cfg.phase]).sum())
+    hits = int((counted & (out.result == HIT)).sum())
+    accesses = int(counted.sum())
+    demand_bytes = int(acc_bytes[counted].sum())
+    prefetch_bytes = int(out.prefetch_bytes[counted_g].sum())
+    mass_total = float(g.mass[counted].sum())
+    layer_acc = np.bincount(acc_layer[counted], minlength=model.n_layers)
+    layer_hit = np.bincount(acc_layer[counted & (out.result == HIT)], minlength=model.n_layers)
+    rec = {
+        "policy": cfg.policy,
+        "precision": precision_name,
+        "partition": cfg.partition,
+        "prefetch": cfg.prefetch,
+        "gpu": hw.name,
+        "model": model.name,
+        "phase": cfg.phase,
+        "capacity_bytes": int(capacity),
+        "capacity_experts": round(capacity / float(prep.sizes[:, 0].mean()), 1),
+        "capacity_fraction": round(capacity / model.total_expert_bytes(), 4),
+        "accesses": accesses,
+        "hits": hits,
+        "misses": int((counted & loaded).sum()),
+        "skipped": int((counted & (out.result == SKIPPED)).sum()),
+        "hit_rate": hits / accesses if accesses else float("nan"),
+        "demand_bytes": demand_bytes,
+        "prefetch_bytes": prefetch_bytes,
+        "bytes_moved": demand_bytes + prefetch_bytes,
+        "tokens": tokens,
+        "bytes_per_token": (demand_bytes + prefetch_bytes) / tokens if tokens else float("nan"),
+        "low_precision_mass": float(g.mass[counted & low].sum()) / mass_total if mass_total else 0.0,
+        "skipped_mass": float(g.mass[counted & ~served].sum()) / mass_total if mass_total else 0.0,
+        "per_layer_hit_rate": [round(float(h) / a, 6) if a else None for h, a in zip(layer_hit, layer_acc)],
+    }
+    if cfg.timeline:
+        costs = cost.group_costs(g, out, model, hw, prep.link_s, prep.compute, acc_layer,
+                                 decode_only=not np.any(g.phase == PREFILL))
+        sched = timeline.simulate(costs)
+        span = np.diff(np.r_[0.0, sched.end_s])
+        counted_s = float(span[counted_g].sum())
+        rec.update(
+            tokens_per_s=tokens / counted_s if counted_s > 0 and tokens else float("nan"),
+            stall_fraction=float(sched.stall_s[counted_g].sum()) / counted_s if counted_s > 0 else float("nan"),
+            decode_s=float(span[~g.calib & (g.phase == DECODE)].sum()),
+            prefill_s=float(span[~g.calib & (g.phase == PREFILL)].sum()),
+        )
+    return ReplayRecord(**rec)
+
+
+def run(cfg: ReplayConfig) -> ReplayRecord:
+    """Simulate one configuration end to end; returns its record."""
+    return run_prepared(prepare(cfg), cfg)
