@@ -89,6 +89,14 @@ def dense_s(hw: HardwareProfile, tokens: int, dense_bytes: int) -> float:
     return base
 
 
+def dense_s_per_group(hw: HardwareProfile, tokens: np.ndarray, dense_bytes: np.ndarray) -> np.ndarray:
+    """`dense_s` for arrays of groups (the same arithmetic, element by element)."""
+    base = np.interp(tokens, hw.dense_tokens, hw.dense_s)
+    if hw.dense_ref_bytes:
+        return np.where(dense_bytes != 0, base * dense_bytes / hw.dense_ref_bytes, base)
+    return base
+
+
 def head_s(hw: HardwareProfile, head_bytes: int) -> float:
     """Seconds to read the output head once (per decoded token)."""
     return head_bytes / (hw.vram_gbps * GB) if hw.vram_gbps > 0 else 0.0
@@ -111,24 +119,47 @@ class ComputeTable:
 
     def __init__(self, model: ModelProfile, hw: HardwareProfile):
         self.model, self.hw = model, hw
-        self._memo: dict[int, tuple[float, float]] = {}
+        self._memo: dict[tuple[int, int, int], tuple[float, float]] = {}
 
     def split_s(self, layer: np.ndarray, slot: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(per-launch, per-expert) compute seconds per access (see expert_launch_split)."""
-        code = (layer.astype(np.int64) * len(SLOTS) + slot) * (1 << 20) + tokens
-        uniq, inv = np.unique(code, return_inverse=True)
-        vals = np.empty((uniq.size, 2))
-        for i, c in enumerate(uniq.tolist()):
-            if c not in self._memo:
-                t, rest = c % (1 << 20), c >> 20
-                lay, s = divmod(rest, len(SLOTS))
+        """(per-launch, per-expert) compute seconds per access (see expert_launch_split).
+
+        Linear in the number of accesses: the distinct (layer, slot, tokens) combinations are found
+        through a dense presence table (no sort), priced once each, and gathered back.
+        """
+        n_slots = len(SLOTS)
+        tokens = np.asarray(tokens)
+        present = np.zeros(int(tokens.max()) + 1 if tokens.size else 1, dtype=bool)
+        present[tokens] = True
+        tok_vals = np.flatnonzero(present)
+        tok_index = np.cumsum(present) - 1
+        n_codes = self.model.n_layers * n_slots * tok_vals.size
+        code = (layer.astype(np.int64) * n_slots + slot) * tok_vals.size + tok_index[tokens]
+        used = np.flatnonzero(np.bincount(code, minlength=n_codes))
+        table = np.zeros((n_codes, 2))
+        for c in used.tolist():
+            rest, ti = divmod(c, tok_vals.size)
+            lay, s = divmod(rest, n_slots)
+            memo_key = (lay, s, int(tok_vals[ti]))
+            if memo_key not in self._memo:
                 if s == 0:
                     fmt, nbytes = self.model.native_name(lay), self.model.expert_bytes(lay)
                 else:
                     fmt, nbytes = SLOTS[s], self.model.expert_bytes(lay, SLOTS[s])
-                self._memo[c] = expert_launch_split(self.hw, fmt, t, self.model.expert_weights, nbytes)
-            vals[i] = self._memo[c]
-        return vals[inv, 0], vals[inv, 1]
+                self._memo[memo_key] = expert_launch_split(self.hw, fmt, memo_key[2], self.model.expert_weights, nbytes)
+            table[c] = self._memo[memo_key]
+        return table[code, 0], table[code, 1]
+
+
+def first_of_launch(group_of: np.ndarray, slot: np.ndarray, served: np.ndarray) -> np.ndarray:
+    """bool per access: the first served access of its (group, slot) launch (accesses are in group order)."""
+    out = np.zeros(slot.size, dtype=bool)
+    for s in range(len(SLOTS)):
+        idx = np.flatnonzero(served & (slot == s))
+        if idx.size:
+            grp = group_of[idx]
+            out[idx[np.r_[True, grp[1:] != grp[:-1]]]] = True
+    return out
 
 
 def group_costs(groups: AccessGroups, outcome: Outcome, model: ModelProfile, hw: HardwareProfile,
@@ -147,17 +178,14 @@ def group_costs(groups: AccessGroups, outcome: Outcome, model: ModelProfile, hw:
     loaded = outcome.result == LOADED
     acc_link = np.where(loaded, link_s[acc_layer, slot], 0.0)
     launch_s, per_expert_s = compute.split_s(acc_layer, slot, g.acc_tokens)
-    first_of_launch = np.zeros(slot.size, dtype=bool)
-    launch_code = group_of.astype(np.int64) * len(SLOTS) + slot
-    _, first_idx = np.unique(np.where(served, launch_code, -1), return_index=True)
-    first_of_launch[first_idx] = True
-    acc_comp = np.where(served, per_expert_s + np.where(first_of_launch, launch_s, 0.0), 0.0)
+    first = first_of_launch(group_of, slot, served)
+    acc_comp = np.where(served, per_expert_s + np.where(first, launch_s, 0.0), 0.0)
     head = head_s(hw, model.head_bytes)
     if decode_only:
         per_layer = np.array([dense_s(hw, 1, int(b)) for b in model.dense_bytes])
         dense = per_layer[g.layer]
     else:
-        dense = np.array([dense_s(hw, int(t), int(model.dense_bytes[la])) for t, la in zip(g.tokens.tolist(), g.layer.tolist())])
+        dense = dense_s_per_group(hw, g.tokens, np.asarray(model.dense_bytes)[g.layer])
     return GroupCosts(
         dense_s=dense,
         compute_s=np.bincount(group_of, weights=acc_comp, minlength=g.n_groups) + np.where(g.token_end, head, 0.0),

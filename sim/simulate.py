@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from sim import cost, timeline
+from sim import cost, timeline, timeline_compiled
 from sim.budget import default_budget
 from sim.cache.registry import PARTITIONS, policy_class
 from sim.engine import (
@@ -55,7 +55,7 @@ class ReplayConfig:
     context: int = 4096
     seed: int = 0
     timeline: bool = True
-    fast: bool = True  # use the compiled cache replay where it applies (identical results)
+    fast: bool = True  # compiled engine (all policies but belady) and timeline; identical results
     policy_params: dict = field(default_factory=dict)
 
 
@@ -246,7 +246,7 @@ def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: 
     if cfg.timeline:
         costs = cost.group_costs(g, out, model, hw, prep.link_s, prep.compute, acc_layer,
                                  decode_only=not np.any(g.phase == PREFILL))
-        sched = timeline.simulate(costs)
+        sched = timeline_compiled.schedule(costs) if cfg.fast else timeline.simulate(costs)
         span = np.diff(np.r_[0.0, sched.end_s])
         counted_s = float(span[counted_g].sum())
         rec.update(
