@@ -39,16 +39,21 @@ HIGH_C, LOW_C, SKIP_C = 0, 1, 2  # as sim.precision.dynamic_choice
 CAP, USED, GB, GST, TICK, PCAP, PBYTES, AGE, SBYTES, MBYTES, GHBYTES, CSEQ, CLAYER, MAXL, HN, RN, BASE = range(17)
 # rows of M (int64 per id; lists also use the 3 sentinels per sub-cache after the ids): resident,
 # bytes, group stamp, list links, segment/queue, count or frequency, LFU priority, last touch, heap
-# slots and positions, hobbit's resident list and positions, pinned, sub-cache, scratch
-RES, SIZE, STAMP, PRV, NXT, SEG, CNT, KK, TK, HP, HPOS, RL, RPOS, PIN, SCOF, SCR = range(16)
-N_ROWS = 16
+# slots and positions, hobbit's resident list and positions, pinned, sub-cache, scratch, and (by
+# pool * n_eids + expert id) hobbit's uses and high-precision uses in the current sequence.
+# The last row of S holds the kernel's integer parameters, the last row of F hobbit's weights:
+# three arrays in all, because numba reference-counts every array a helper receives.
+RES, SIZE, STAMP, PRV, NXT, SEG, CNT, KK, TK, HP, HPOS, RL, RPOS, PIN, SCOF, SCR, USES, HPUSES = range(18)
+N_ROWS = 18
 # columns of F (float64 per sub-cache)
 STGT, GCAP = range(2)
 NO_SEQ = -(1 << 62)
+# columns of the parameter row S[-1]
+MOVE_THR, HOB_LAYERS, PER_LAYER, N_PARTS, N_EXPERTS, N_EIDS, N_IDS = 3, 8, 9, 10, 11, 12, 13
 
 
 # ---- linked lists ------------------------------------------------------------------------
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False, inline="always")
 def _unlink(M, k):  # pragma: no cover - compiled
     p = M[PRV, k]
     q = M[NXT, k]
@@ -56,7 +61,7 @@ def _unlink(M, k):  # pragma: no cover - compiled
     M[PRV, q] = p
 
 
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False, inline="always")
 def _append(M, head, k):  # pragma: no cover - compiled
     t = M[PRV, head]
     M[NXT, t] = k
@@ -66,7 +71,7 @@ def _append(M, head, k):  # pragma: no cover - compiled
 
 
 # ---- LFU-DA indexed heap on (K, last touch, id) ---------------------------------------------
-@numba.njit(cache=True, inline="always")
+@numba.njit(cache=True, _nrt=False, inline="always")
 def _less(M, a, b):  # pragma: no cover - compiled
     if M[KK, a] != M[KK, b]:
         return M[KK, a] < M[KK, b]
@@ -75,7 +80,7 @@ def _less(M, a, b):  # pragma: no cover - compiled
     return a < b
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _sift_up(M, base, i):  # pragma: no cover - compiled
     x = M[HP, base + i]
     while i > 0:
@@ -90,7 +95,7 @@ def _sift_up(M, base, i):  # pragma: no cover - compiled
     M[HPOS, x] = i
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _sift_down(M, base, n, i):  # pragma: no cover - compiled
     x = M[HP, base + i]
     while True:
@@ -109,7 +114,7 @@ def _sift_down(M, base, n, i):  # pragma: no cover - compiled
     M[HPOS, x] = i
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _heap_remove(M, S, sc, k):  # pragma: no cover - compiled
     base = S[sc, BASE]
     n = S[sc, HN] - 1
@@ -125,7 +130,7 @@ def _heap_remove(M, S, sc, k):  # pragma: no cover - compiled
     _sift_down(M, base, n, M[HPOS, last])
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _heap_touch(M, S, sc, k):  # pragma: no cover - compiled
     """Insert k, or restore its place after its (K, touch) changed (they only grow)."""
     base = S[sc, BASE]
@@ -140,9 +145,9 @@ def _heap_touch(M, S, sc, k):  # pragma: no cover - compiled
 
 
 # ---- the cache operations, one branch per policy -------------------------------------------
-@numba.njit(cache=True, inline="always")
-def _on_hit(M, S, F, U, P, W, pol, sc, k, hp_):  # pragma: no cover - compiled
-    head = P[13] + 3 * sc
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _on_hit(M, S, F, pol, sc, k, hp_):  # pragma: no cover - compiled
+    head = S[-1, N_IDS] + 3 * sc
     if pol == LRU:
         _unlink(M, k)
         _append(M, head, k)
@@ -169,9 +174,9 @@ def _on_hit(M, S, F, U, P, W, pol, sc, k, hp_):  # pragma: no cover - compiled
         M[TK, k] = S[sc, TICK]
 
 
-@numba.njit(cache=True, inline="always")
-def _insert(M, S, F, U, P, W, pol, sc, k, prefetch):  # pragma: no cover - compiled
-    head = P[13] + 3 * sc
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _insert(M, S, F, pol, sc, k, prefetch):  # pragma: no cover - compiled
+    head = S[-1, N_IDS] + 3 * sc
     if pol == LRU or pol == SLRU:
         _append(M, head, k)
         M[SEG, k] = 1
@@ -194,7 +199,7 @@ def _insert(M, S, F, U, P, W, pol, sc, k, prefetch):  # pragma: no cover - compi
             S[sc, SBYTES] += M[SIZE, k]
     elif pol == HOBBIT:
         M[TK, k] = S[sc, TICK]
-        layer = k // NS // P[11]
+        layer = k // NS // S[-1, N_EXPERTS]
         S[sc, MAXL] = max(S[sc, MAXL], layer)
         n = S[sc, RN]
         M[RL, S[sc, BASE] + n] = k
@@ -202,10 +207,10 @@ def _insert(M, S, F, U, P, W, pol, sc, k, prefetch):  # pragma: no cover - compi
         S[sc, RN] = n + 1
 
 
-@numba.njit(cache=True, inline="always")
-def _forget(M, S, F, U, P, W, pol, sc, k, evicted):  # pragma: no cover - compiled
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _forget(M, S, F, pol, sc, k, evicted):  # pragma: no cover - compiled
     """The policy's _evict (evicted) or _remove (a driver removal) hook."""
-    head = P[13] + 3 * sc
+    head = S[-1, N_IDS] + 3 * sc
     if pol == LRU:
         _unlink(M, k)
     elif pol == SLRU:
@@ -244,7 +249,7 @@ def _forget(M, S, F, U, P, W, pol, sc, k, evicted):  # pragma: no cover - compil
         S[sc, RN] = n
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, _nrt=False)
 def _first_free(M, head, g):  # pragma: no cover - compiled
     v = M[NXT, head]
     while v != head and M[STAMP, v] == g:
@@ -252,9 +257,9 @@ def _first_free(M, head, g):  # pragma: no cover - compiled
     return -1 if v == head else v
 
 
-@numba.njit(cache=True)
-def _victim(M, S, F, U, P, W, pol, sc, g):  # pragma: no cover - compiled
-    head = P[13] + 3 * sc
+@numba.njit(cache=True, _nrt=False)
+def _victim(M, S, F, pol, sc, g):  # pragma: no cover - compiled
+    head = S[-1, N_IDS] + 3 * sc
     if pol == LRU:
         return _first_free(M, head, g)
     if pol == SLRU:
@@ -276,7 +281,7 @@ def _victim(M, S, F, U, P, W, pol, sc, g):  # pragma: no cover - compiled
             _heap_touch(M, S, sc, M[SCR, j])
         return v
     if pol == S3FIFO:
-        thr = P[3]
+        thr = S[-1, MOVE_THR]
         while True:
             s_key = _first_free(M, head, g)
             m_key = _first_free(M, head + 1, g)
@@ -299,18 +304,18 @@ def _victim(M, S, F, U, P, W, pol, sc, g):  # pragma: no cover - compiled
                 continue
             return m_key
     if pol == HOBBIT:
-        return _hobbit_victim(M, S, F, U, P, W, sc, g)
+        return _hobbit_victim(M, S, F, sc, g)
     return -1  # static never evicts
 
 
-@numba.njit(cache=True)
-def _hobbit_victim(M, S, F, U, P, W, sc, g):  # pragma: no cover - compiled
+@numba.njit(cache=True, _nrt=False)
+def _hobbit_victim(M, S, F, sc, g):  # pragma: no cover - compiled
     """sim.cache.hobbit._lowest_priority over the sub-cache's unprotected residents."""
-    wr, wf, wh, wd = W[0], W[1], W[2], W[3]
-    n_experts = P[11]
-    n_eids = P[12]
-    n_layers = P[8] if P[8] > 0 else S[sc, MAXL] + 1
-    pool = sc // P[10]
+    wr, wf, wh, wd = F[-1, 0], F[-1, 1], F[-1, 2], F[-1, 3]
+    n_experts = S[-1, N_EXPERTS]
+    n_eids = S[-1, N_EIDS]
+    n_layers = S[-1, HOB_LAYERS] if S[-1, HOB_LAYERS] > 0 else S[sc, MAXL] + 1
+    pool = sc // S[-1, N_PARTS]
     cur = S[sc, CLAYER] if S[sc, CLAYER] >= 0 else 0
     base = S[sc, BASE]
     n = S[sc, RN]
@@ -325,8 +330,8 @@ def _hobbit_victim(M, S, F, U, P, W, sc, g):  # pragma: no cover - compiled
         eid = pool * n_eids + k // NS
         lo = min(lo, M[TK, k])
         hi = max(hi, M[TK, k])
-        fmax = max(fmax, U[0, eid])
-        hmax = max(hmax, U[1, eid])
+        fmax = max(fmax, M[USES, eid])
+        hmax = max(hmax, M[HPUSES, eid])
     best = -1
     best_p = 0.0
     for j in range(n):
@@ -335,8 +340,8 @@ def _hobbit_victim(M, S, F, U, P, W, sc, g):  # pragma: no cover - compiled
             continue
         eid = pool * n_eids + k // NS
         r = (M[TK, k] - lo) / (hi - lo) if hi > lo else 1.0
-        fv = U[0, eid] / fmax if fmax > 0 else 0.0
-        hv = U[1, eid] / hmax if hmax > 0 else 0.0
+        fv = M[USES, eid] / fmax if fmax > 0 else 0.0
+        hv = M[HPUSES, eid] / hmax if hmax > 0 else 0.0
         layer = k // NS // n_experts
         d = 1.0 - ((layer - cur) % n_layers) / n_layers
         p = wr * r + wf * fv + wh * hv + wd * d
@@ -346,77 +351,77 @@ def _hobbit_victim(M, S, F, U, P, W, sc, g):  # pragma: no cover - compiled
     return best
 
 
-@numba.njit(cache=True, inline="always")
-def _make_room(M, S, F, U, P, W, pol, sc, k, size, prefetch, g):  # pragma: no cover - compiled
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _make_room(M, S, F, pol, sc, k, size, prefetch, g):  # pragma: no cover - compiled
     gbytes = S[sc, GB] if S[sc, GST] == g else 0
     if size > S[sc, CAP] - gbytes:
         return False
     if pol == STATIC and (not M[PIN, k] or S[sc, USED] + size > S[sc, CAP]):
         return False
     while S[sc, USED] + size > S[sc, CAP]:
-        v = _victim(M, S, F, U, P, W, pol, sc, g)
-        _forget(M, S, F, U, P, W, pol, sc, v, True)
+        v = _victim(M, S, F, pol, sc, g)
+        _forget(M, S, F, pol, sc, v, True)
         M[RES, v] = False
         S[sc, USED] -= M[SIZE, v]
     return True
 
 
-@numba.njit(cache=True, inline="always")
-def _place(M, S, F, U, P, W, pol, sc, k, size, prefetch, g):  # pragma: no cover - compiled
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _place(M, S, F, pol, sc, k, size, prefetch, g):  # pragma: no cover - compiled
     M[RES, k] = True
     M[SIZE, k] = size
     S[sc, USED] += size
     if M[STAMP, k] == g:
         S[sc, GB] += size
-    _insert(M, S, F, U, P, W, pol, sc, k, prefetch)
+    _insert(M, S, F, pol, sc, k, prefetch)
 
 
-@numba.njit(cache=True, inline="always")
-def _access(M, S, F, U, P, W, pol, k, size, hp_, g):  # pragma: no cover - compiled
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _access(M, S, F, pol, k, size, hp_, g):  # pragma: no cover - compiled
     """CachePolicy.access: True on a hit; on a miss make room and insert (or bypass)."""
     sc = M[SCOF, k]
     if pol == HOBBIT:  # _before_access: count the expert's uses in this sub-cache's sequence
-        eid = (sc // P[10]) * P[12] + k // NS
-        U[0, eid] += 1
+        eid = (sc // S[-1, N_PARTS]) * S[-1, N_EIDS] + k // NS
+        M[USES, eid] += 1
         if hp_:
-            U[1, eid] += 1
-        S[sc, MAXL] = max(S[sc, MAXL], k // NS // P[11])
+            M[HPUSES, eid] += 1
+        S[sc, MAXL] = max(S[sc, MAXL], k // NS // S[-1, N_EXPERTS])
     S[sc, TICK] += 1
     if M[RES, k]:
-        _on_hit(M, S, F, U, P, W, pol, sc, k, hp_)
+        _on_hit(M, S, F, pol, sc, k, hp_)
         return True
-    if _make_room(M, S, F, U, P, W, pol, sc, k, size, False, g):
-        _place(M, S, F, U, P, W, pol, sc, k, size, False, g)
+    if _make_room(M, S, F, pol, sc, k, size, False, g):
+        _place(M, S, F, pol, sc, k, size, False, g)
     return False
 
 
-@numba.njit(cache=True, inline="always")
-def _admit(M, S, F, U, P, W, pol, k, size, g):  # pragma: no cover - compiled
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _admit(M, S, F, pol, k, size, g):  # pragma: no cover - compiled
     """CachePolicy.admit: a prefetch; True if resident afterwards."""
     if M[RES, k]:
         return True
     sc = M[SCOF, k]
     S[sc, TICK] += 1
-    if not _make_room(M, S, F, U, P, W, pol, sc, k, size, True, g):
+    if not _make_room(M, S, F, pol, sc, k, size, True, g):
         return False
-    _place(M, S, F, U, P, W, pol, sc, k, size, True, g)
+    _place(M, S, F, pol, sc, k, size, True, g)
     return True
 
 
-@numba.njit(cache=True, inline="always")
-def _remove(M, S, F, U, P, W, pol, k, g):  # pragma: no cover - compiled
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _remove(M, S, F, pol, k, g):  # pragma: no cover - compiled
     if not M[RES, k]:
         return
     sc = M[SCOF, k]
-    _forget(M, S, F, U, P, W, pol, sc, k, False)
+    _forget(M, S, F, pol, sc, k, False)
     M[RES, k] = False
     S[sc, USED] -= M[SIZE, k]
     if M[STAMP, k] == g and S[sc, GST] == g:
         S[sc, GB] -= M[SIZE, k]
 
 
-@numba.njit(cache=True, inline="always")
-def _stamp(M, S, F, U, P, W, k, g):  # pragma: no cover - compiled
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _stamp(M, S, F, k, g):  # pragma: no cover - compiled
     sc = M[SCOF, k]
     if S[sc, GST] != g:
         S[sc, GST] = g
@@ -427,24 +432,22 @@ def _stamp(M, S, F, U, P, W, k, g):  # pragma: no cover - compiled
             S[sc, GB] += M[SIZE, k]
 
 
-@numba.njit(cache=True)
-def _kernel(M, S, F, U, P, W, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
-            dyn, t1, t2, dyn_slot, split, shared):  # pragma: no cover - compiled
-    """sim.engine.replay_reference over dense ids (see there for the rules)."""
+@numba.njit(cache=True, _nrt=False)
+def _kernel(M, S, F, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
+            dyn, t1, t2, dyn_slot, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
+            adm_at):  # pragma: no cover - compiled
+    """sim.engine.replay_reference over dense ids (see there for the rules); fills the output arrays.
+
+    Compiled without numba's reference counting (`_nrt=False`, as are its helpers): every array is
+    allocated by the caller, and the atomic reference counts on each helper's array arguments cost
+    more than the cache work itself on this path (measured: 0.33 s → 0.08 s on 960 k hits).
+    """
     n_experts = hi_slots.shape[1]
-    n_parts = P[10]
-    per_layer = P[9] > 0
-    n_eids = P[12]
+    n_parts = S[-1, N_PARTS]
+    per_layer = S[-1, PER_LAYER] > 0
+    n_eids = S[-1, N_EIDS]
     n_pools = 2 if split else 1
-    n = expert.shape[0]
     G = glayer.shape[0]
-    result = np.zeros(n, np.int8)
-    slot_out = np.zeros(n, np.int8)
-    pf_bytes = np.zeros(G, np.int64)
-    pf_loads = np.zeros(G, np.int64)
-    pf_link = np.zeros(G, np.float64)
-    wait = np.full(G, -1, np.int64)
-    adm_at = np.full(P[13], -1, np.int64)
     for g in range(G):
         layer = glayer[g]
         lo = start[g]
@@ -457,14 +460,15 @@ def _kernel(M, S, F, U, P, W, pol, start, glayer, gseq, expert, score, predicted
                 S[sc, CSEQ] = gseq[g]
                 e0 = layer * n_experts if per_layer else 0
                 e1 = (layer + 1) * n_experts if per_layer else n_eids
-                U[0, p * n_eids + e0:p * n_eids + e1] = 0
-                U[1, p * n_eids + e0:p * n_eids + e1] = 0
+                for x in range(p * n_eids + e0, p * n_eids + e1):
+                    M[USES, x] = 0
+                    M[HPUSES, x] = 0
         row = layer * n_experts
         for a in range(lo, hi):
             e = expert[a]
-            _stamp(M, S, F, U, P, W, (row + e) * NS + hi_slots[layer, e], g)
+            _stamp(M, S, F, (row + e) * NS + hi_slots[layer, e], g)
             if dyn:
-                _stamp(M, S, F, U, P, W, (row + e) * NS + dyn_slot, g)
+                _stamp(M, S, F, (row + e) * NS + dyn_slot, g)
         dep = -1
         for a in range(lo, hi):
             e = expert[a]
@@ -476,24 +480,24 @@ def _kernel(M, S, F, U, P, W, pol, start, glayer, gseq, expert, score, predicted
                 choice = LOW_C if score[a] <= t2 else SKIP_C
             used = -1
             if M[RES, k_hi]:
-                _access(M, S, F, U, P, W, pol, k_hi, sizes[layer, s_hi], s_hi == 0, g)
+                _access(M, S, F, pol, k_hi, sizes[layer, s_hi], s_hi == 0, g)
                 result[a] = HIT
                 slot_out[a] = s_hi
                 used = k_hi
             elif choice != HIGH_C and M[RES, k_lo]:
-                _access(M, S, F, U, P, W, pol, k_lo, sizes[layer, dyn_slot], False, g)
+                _access(M, S, F, pol, k_lo, sizes[layer, dyn_slot], False, g)
                 result[a] = HIT
                 slot_out[a] = dyn_slot
                 used = k_lo
             elif choice == HIGH_C:
-                _access(M, S, F, U, P, W, pol, k_hi, sizes[layer, s_hi], s_hi == 0, g)
+                _access(M, S, F, pol, k_hi, sizes[layer, s_hi], s_hi == 0, g)
                 result[a] = LOADED
                 slot_out[a] = s_hi
                 adm_at[k_hi] = -1
                 if dyn and shared and k_lo != k_hi and M[RES, k_lo]:
-                    _remove(M, S, F, U, P, W, pol, k_lo, g)  # the high copy supersedes the low one
+                    _remove(M, S, F, pol, k_lo, g)  # the high copy supersedes the low one
             elif choice == LOW_C:
-                _access(M, S, F, U, P, W, pol, k_lo, sizes[layer, dyn_slot], False, g)
+                _access(M, S, F, pol, k_lo, sizes[layer, dyn_slot], False, g)
                 result[a] = LOADED
                 slot_out[a] = dyn_slot
                 adm_at[k_lo] = -1
@@ -511,12 +515,11 @@ def _kernel(M, S, F, U, P, W, pol, start, glayer, gseq, expert, score, predicted
                     continue
                 s = hi_slots[nl, e]
                 k = (nl * n_experts + e) * NS + s
-                if not M[RES, k] and _admit(M, S, F, U, P, W, pol, k, sizes[nl, s], g):
+                if not M[RES, k] and _admit(M, S, F, pol, k, sizes[nl, s], g):
                     pf_bytes[g] += sizes[nl, s]
                     pf_loads[g] += 1
                     pf_link[g] += link_s[nl, s]
                     adm_at[k] = g
-    return result, slot_out, pf_bytes, pf_loads, pf_link, wait
 
 
 def _pinned_ids(caches, n_experts: int, n_ids: int) -> np.ndarray:
@@ -559,7 +562,7 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s, *, calib_cac
     pool_caps = [int(cache.capacity_bytes)] if not split else [int(cache.capacity_bytes * (1 - share)), int(cache.capacity_bytes * share)]
     n_sc = len(pool_caps) * n_parts
     # the parameters each class takes (its constructor's defaults), checked like the class does
-    P = np.zeros(14, np.int64)
+    prm = np.zeros(17, np.int64)  # becomes S[-1]
     Pf = {"protected_share": DEFAULT_PROTECTED_SHARE, "small_share": 0.1, "ghost_share": 0.9}
     allowed = {LRU: (), SLRU: ("protected_share",), LFU: (), STATIC: (),
                S3FIFO: ("small_share", "ghost_share", "move_to_main_threshold"),
@@ -576,13 +579,13 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s, *, calib_cac
         Pf["ghost_share"] = float(params.get("ghost_share", 0.9))
         if not 0.0 <= Pf["small_share"] <= 1.0 or Pf["ghost_share"] < 0.0:
             raise ValueError(f"bad shares: small_share={Pf['small_share']} ghost_share={Pf['ghost_share']}")
-        P[3] = int(params.get("move_to_main_threshold", 1))
+        prm[MOVE_THR] = int(params.get("move_to_main_threshold", 1))
     weights = (1.0, 1.0, 0.5, 1.0)
     if pol == HOBBIT:
         weights = tuple(float(params.get(n, d)) for n, d in zip(allowed[:4], weights))
         hob_layers = params.get("n_layers", cache.n_layers)
-        P[8] = int(hob_layers) if hob_layers else 0
-    P[9], P[10], P[11], P[12] = int(per_layer), n_parts, n_experts, n_eids
+        prm[HOB_LAYERS] = int(hob_layers) if hob_layers else 0
+    prm[PER_LAYER], prm[N_PARTS], prm[N_EXPERTS], prm[N_EIDS], prm[N_IDS] = int(per_layer), n_parts, n_experts, n_eids, n_ids
     # sub-cache of every id: pool (split: slot 0 high, others low) x partition (per-layer: its layer)
     ids = np.arange(n_ids)
     slot_of = ids % NS
@@ -590,7 +593,7 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s, *, calib_cac
     sc_of = ((slot_of != 0) & split).astype(np.int64) * n_parts + (layer_of if per_layer else 0)
     counts = np.bincount(sc_of, minlength=n_sc)
     S = np.zeros((n_sc, 17), np.int64)
-    F = np.zeros((n_sc, 2), np.float64)
+    F = np.zeros((n_sc, 4), np.float64)
     S[:, BASE] = np.r_[0, np.cumsum(counts)[:-1]]
     for p, cap in enumerate(pool_caps):
         sub_cap = cap // n_parts if per_layer else cap
@@ -613,14 +616,17 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s, *, calib_cac
     M[SCOF, :n_ids] = sc_of
     if pol == STATIC:
         M[PIN, :n_ids] = _pinned_ids(calib_caches, n_experts, n_ids)
-    P[13] = n_ids
-    U = np.zeros((2, 2 * n_eids if pol == HOBBIT else 1), np.int64)  # uses, high-precision uses
-    W = np.array(weights, np.float64)
+    S = np.vstack([S, prm[None]])
+    F = np.vstack([F, np.array([weights], np.float64)])
     dyn = policy.is_dynamic
     dyn_slot = SLOTS.index(policy.dynamic_format) if dyn else 0
     t1 = float(policy.t1) if dyn else 0.0
     t2 = float(policy.t2) if dyn else 0.0
-    out = _kernel(M, S, F, U, P, W, pol, groups.start, groups.layer, groups.seq, groups.expert, groups.score, groups.predicted,
-                  hi_slots, np.ascontiguousarray(sizes, dtype=np.int64), np.ascontiguousarray(link_s, dtype=np.float64),
-                  dyn, t1, t2, dyn_slot, split, not split)
-    return Outcome(*out)
+    n, n_groups = groups.expert.size, groups.n_groups
+    out = Outcome(np.zeros(n, np.int8), np.zeros(n, np.int8), np.zeros(n_groups, np.int64), np.zeros(n_groups, np.int64),
+                  np.zeros(n_groups, np.float64), np.full(n_groups, -1, np.int64))
+    _kernel(M, S, F, pol, groups.start, groups.layer, groups.seq, groups.expert, groups.score, groups.predicted,
+            hi_slots, np.ascontiguousarray(sizes, dtype=np.int64), np.ascontiguousarray(link_s, dtype=np.float64),
+            dyn, t1, t2, dyn_slot, split, not split, out.result, out.slot, out.prefetch_bytes, out.prefetch_loads,
+            out.prefetch_link_s, out.wait_group, np.full(n_ids, -1, np.int64))
+    return out
