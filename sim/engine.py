@@ -235,8 +235,7 @@ def replay(
     """The engine's one entry point: the compiled path where it applies (and `fast`), else the reference."""
     from sim.engine_compiled import COMPILED_POLICIES, replay_compiled
 
-    compiled = fast and cache.policy in COMPILED_POLICIES
-    if compiled and cache.policy != "static":
+    if fast and cache.policy in COMPILED_POLICIES:
         return replay_compiled(groups, cache, policy, hi_slots, sizes, link_s)
     share = policy.low_pool_share
     if share is None:
@@ -250,8 +249,6 @@ def replay(
     calib = np.repeat(groups.calib, np.diff(groups.start))
     for c in {id(c): c for c in (hi, lo)}.values():
         c.prepare_replay(keys, acc_sizes, groups.start[:-1], calibration=(keys[calib], acc_sizes[calib]))
-    if compiled:  # static: the kernel pins what the classes' own fit pinned
-        return replay_compiled(groups, cache, policy, hi_slots, sizes, link_s, calib_caches=(hi, lo))
     return replay_reference(groups, (hi, lo), policy, hi_slots, sizes, link_s)
 
 

@@ -23,11 +23,8 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from sim.cache.base import EXPERT_MASK, EXPERT_SHIFT, FMT_MASK, LAYER_SHIFT
-from sim.cache.partition import PerLayerCache
 from sim.cache.slru import DEFAULT_PROTECTED_SHARE
 from sim.precision import SLOTS
-from sim.trace import ABSENT
 
 LRU, SLRU, LFU, S3FIFO, STATIC, HOBBIT = range(6)
 COMPILED_POLICIES = {"lru": LRU, "slru": SLRU, "lfu": LFU, "s3fifo": S3FIFO, "static": STATIC, "hobbit": HOBBIT}
@@ -522,24 +519,39 @@ def _kernel(M, S, F, pol, start, glayer, gseq, expert, score, predicted, hi_slot
                     adm_at[k] = g
 
 
-def _pinned_ids(caches, n_experts: int, n_ids: int) -> np.ndarray:
-    """bool [ids]: the keys static caches pinned (learned by the classes' own `fit`)."""
-    out = np.zeros(n_ids, np.bool_)
-    for c in caches:
-        subs = c.subs if isinstance(c, PerLayerCache) else [c]
-        keys = np.array(sorted(k for s in subs for k in s.pinned), dtype=np.int64)
-        if keys.size:
-            layer, e, slot = keys >> LAYER_SHIFT, (keys >> EXPERT_SHIFT) & EXPERT_MASK, keys & FMT_MASK
-            out[(layer * n_experts + e) * NS + slot] = True
+def _static_pins(groups, hi_slots, sizes, caps, n_parts: int, per_layer: bool) -> np.ndarray:
+    """int64 [ids]: 1 where the static cache that holds the id pins it (StaticPinned.fit, vectorised).
+
+    Every pool's cache (and, per layer, every layer's sub-cache) is fit on the calibration window's
+    accesses at their high-precision slot: keys by count (descending), ties to the smaller key,
+    pinned greedily while they fit in that cache's capacity.
+    """
+    n_layers, n_experts = hi_slots.shape
+    n_ids = n_layers * n_experts * NS
+    calib = np.repeat(groups.calib, np.diff(groups.start))
+    layer = np.repeat(groups.layer, np.diff(groups.start))[calib].astype(np.int64)
+    expert = groups.expert[calib].astype(np.int64)
+    ids = (layer * n_experts + expert) * NS + hi_slots[layer, expert]
+    counts = np.bincount(ids, minlength=n_ids)
+    cand = np.flatnonzero(counts)
+    order = cand[np.lexsort((cand, -counts[cand]))]
+    size = sizes[order // NS // n_experts, order % NS].tolist()
+    part = (order // NS // n_experts if per_layer else np.zeros_like(order)).tolist()
+    out = np.zeros(n_ids, np.int64)
+    for p, cap in enumerate(caps):
+        left = [cap // n_parts if per_layer else cap] * n_parts
+        pinned = np.zeros(n_ids, bool)
+        for k, s, q in zip(order.tolist(), size, part):
+            if s <= left[q]:
+                pinned[k] = True
+                left[q] -= s
+        mine = (np.arange(n_ids) % NS != 0) == (p == 1) if len(caps) == 2 else np.ones(n_ids, bool)
+        out[mine & pinned] = 1
     return out
 
 
-def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s, *, calib_caches=None):
-    """The compiled engine, or None when the cache policy has no compiled form (belady).
-
-    `calib_caches` (static only): the (high, low) pool objects, already `prepare_replay`d, whose
-    pinned sets the kernel uses (sim.engine.replay builds them as the reference does).
-    """
+def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
+    """The compiled engine's Outcome, or None when the cache policy has no compiled form (belady)."""
     from sim.engine import Outcome
 
     pol = COMPILED_POLICIES.get(cache.policy)
@@ -615,7 +627,7 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s, *, calib_cac
     M[HPOS] = -1
     M[SCOF, :n_ids] = sc_of
     if pol == STATIC:
-        M[PIN, :n_ids] = _pinned_ids(calib_caches, n_experts, n_ids)
+        M[PIN, :n_ids] = _static_pins(groups, hi_slots, sizes, pool_caps, n_parts, per_layer)
     S = np.vstack([S, prm[None]])
     F = np.vstack([F, np.array([weights], np.float64)])
     dyn = policy.is_dynamic
