@@ -18,6 +18,7 @@ format slot (sim.precision.SLOTS), `ComputeTable` the compute seconds per (layer
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from sim.engine import LOADED, SKIPPED, AccessGroups, Outcome
@@ -27,6 +28,7 @@ from sim.profiles import HardwareProfile, ModelProfile
 from sim.timeline import GroupCosts
 
 GB = 1e9  # bandwidths are in GB/s = 1e9 bytes/s
+N_SLOTS = len(SLOTS)
 
 
 def transfer_s(hw: HardwareProfile, nbytes: int | np.ndarray) -> np.ndarray | float:
@@ -121,45 +123,50 @@ class ComputeTable:
         self.model, self.hw = model, hw
         self._memo: dict[tuple[int, int, int], tuple[float, float]] = {}
 
-    def split_s(self, layer: np.ndarray, slot: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(per-launch, per-expert) compute seconds per access (see expert_launch_split).
-
-        Linear in the number of accesses: the distinct (layer, slot, tokens) combinations are found
-        through a dense presence table (no sort), priced once each, and gathered back.
-        """
-        n_slots = len(SLOTS)
-        tokens = np.asarray(tokens)
-        present = np.zeros(int(tokens.max()) + 1 if tokens.size else 1, dtype=bool)
-        present[tokens] = True
-        tok_vals = np.flatnonzero(present)
-        tok_index = np.cumsum(present) - 1
-        n_codes = self.model.n_layers * n_slots * tok_vals.size
-        code = (layer.astype(np.int64) * n_slots + slot) * tok_vals.size + tok_index[tokens]
-        used = np.flatnonzero(np.bincount(code, minlength=n_codes))
-        table = np.zeros((n_codes, 2))
-        for c in used.tolist():
-            rest, ti = divmod(c, tok_vals.size)
+    def price(self, codes: np.ndarray, tok_vals: np.ndarray) -> np.ndarray:
+        """float64 [len(codes), 2]: (per-launch, per-expert) seconds of each code (layer, slot, token index)."""
+        out = np.zeros((codes.size, 2))
+        n_slots, n_tok = len(SLOTS), tok_vals.size
+        for i, c in enumerate(codes.tolist()):
+            rest, ti = divmod(c, n_tok)
             lay, s = divmod(rest, n_slots)
-            memo_key = (lay, s, int(tok_vals[ti]))
-            if memo_key not in self._memo:
+            key = (lay, s, int(tok_vals[ti]))
+            if key not in self._memo:
                 if s == 0:
                     fmt, nbytes = self.model.native_name(lay), self.model.expert_bytes(lay)
                 else:
                     fmt, nbytes = SLOTS[s], self.model.expert_bytes(lay, SLOTS[s])
-                self._memo[memo_key] = expert_launch_split(self.hw, fmt, memo_key[2], self.model.expert_weights, nbytes)
-            table[c] = self._memo[memo_key]
-        return table[code, 0], table[code, 1]
+                self._memo[key] = expert_launch_split(self.hw, fmt, key[2], self.model.expert_weights, nbytes)
+            out[i] = self._memo[key]
+        return out
 
 
-def first_of_launch(group_of: np.ndarray, slot: np.ndarray, served: np.ndarray) -> np.ndarray:
-    """bool per access: the first served access of its (group, slot) launch (accesses are in group order)."""
-    out = np.zeros(slot.size, dtype=bool)
-    for s in range(len(SLOTS)):
-        idx = np.flatnonzero(served & (slot == s))
-        if idx.size:
-            grp = group_of[idx]
-            out[idx[np.r_[True, grp[1:] != grp[:-1]]]] = True
-    return out
+@numba.njit(cache=True)
+def _mark_codes(start, layer, result, slot, acc_tokens, tok_index, n_tok, used):  # pragma: no cover - compiled
+    """used[code] = True for the (layer, slot, token index) of every served access."""
+    for g in range(layer.shape[0]):
+        for a in range(start[g], start[g + 1]):
+            if result[a] != SKIPPED:
+                used[(layer[g] * N_SLOTS + slot[a]) * n_tok + tok_index[acc_tokens[a]]] = True
+
+
+@numba.njit(cache=True)
+def _price_groups(start, layer, result, slot, acc_tokens, tok_index, n_tok, table, link_s,
+                  compute, link):  # pragma: no cover - compiled
+    """Per group, in access order: summed compute (launch part once per slot) and demand link seconds."""
+    seen = np.full(N_SLOTS, -1, np.int64)
+    for g in range(layer.shape[0]):
+        la = layer[g]
+        for a in range(start[g], start[g + 1]):
+            r = result[a]
+            if r == SKIPPED:
+                continue
+            s = slot[a]
+            c = (la * N_SLOTS + s) * n_tok + tok_index[acc_tokens[a]]
+            compute[g] += table[c, 1] + (table[c, 0] if seen[s] != g else 0.0)
+            seen[s] = g
+            if r == LOADED:
+                link[g] += link_s[la, s]
 
 
 def group_costs(groups: AccessGroups, outcome: Outcome, model: ModelProfile, hw: HardwareProfile,
@@ -169,17 +176,25 @@ def group_costs(groups: AccessGroups, outcome: Outcome, model: ModelProfile, hw:
     Demand copies are the loaded accesses' link times; compute is each served access's per-expert
     time plus, once per (group, slot), the launch's fixed part (a group's served experts of one
     format share one launch); the output head runs after a token's last layer; dense time per
-    layer and group (`decode_only`: every group has one token, priced once per layer).
+    layer and group (`decode_only`: every group has one token, priced once per layer). One
+    compiled pass over the accesses (linear, no sort); each distinct (layer, slot, tokens) is
+    priced once. `acc_layer` is unused (kept for callers).
     """
     g = groups
-    group_of = np.repeat(np.arange(g.n_groups), np.diff(g.start))
-    served = outcome.result != SKIPPED
-    slot = np.where(served, outcome.slot, 0)
-    loaded = outcome.result == LOADED
-    acc_link = np.where(loaded, link_s[acc_layer, slot], 0.0)
-    launch_s, per_expert_s = compute.split_s(acc_layer, slot, g.acc_tokens)
-    first = first_of_launch(group_of, slot, served)
-    acc_comp = np.where(served, per_expert_s + np.where(first, launch_s, 0.0), 0.0)
+    tokens = g.acc_tokens
+    present = np.zeros(int(tokens.max()) + 1 if tokens.size else 1, dtype=bool)
+    present[tokens] = True
+    tok_vals = np.flatnonzero(present)
+    tok_index = np.cumsum(present) - 1
+    used = np.zeros(model.n_layers * N_SLOTS * tok_vals.size, dtype=bool)
+    _mark_codes(g.start, g.layer, outcome.result, outcome.slot, tokens, tok_index, tok_vals.size, used)
+    table = np.zeros((used.size, 2))
+    codes = np.flatnonzero(used)
+    table[codes] = compute.price(codes, tok_vals)
+    comp = np.zeros(g.n_groups)
+    link = np.zeros(g.n_groups)
+    _price_groups(g.start, g.layer, outcome.result, outcome.slot, tokens, tok_index, tok_vals.size, table,
+                  np.ascontiguousarray(link_s, dtype=np.float64), comp, link)
     head = head_s(hw, model.head_bytes)
     if decode_only:
         per_layer = np.array([dense_s(hw, 1, int(b)) for b in model.dense_bytes])
@@ -188,8 +203,8 @@ def group_costs(groups: AccessGroups, outcome: Outcome, model: ModelProfile, hw:
         dense = dense_s_per_group(hw, g.tokens, np.asarray(model.dense_bytes)[g.layer])
     return GroupCosts(
         dense_s=dense,
-        compute_s=np.bincount(group_of, weights=acc_comp, minlength=g.n_groups) + np.where(g.token_end, head, 0.0),
-        demand_link_s=np.bincount(group_of, weights=acc_link, minlength=g.n_groups),
+        compute_s=comp + np.where(g.token_end, head, 0.0),
+        demand_link_s=link,
         prefetch_link_s=outcome.prefetch_link_s,
         wait_group=outcome.wait_group,
     )
