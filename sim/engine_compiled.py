@@ -37,11 +37,12 @@ CAP, USED, GB, GST, TICK, PCAP, PBYTES, AGE, SBYTES, MBYTES, GHBYTES, CSEQ, CLAY
 # rows of M (int64 per id; lists also use the 3 sentinels per sub-cache after the ids): resident,
 # bytes, group stamp, list links, segment/queue, count or frequency, LFU priority, last touch, heap
 # slots and positions, hobbit's resident list and positions, pinned, sub-cache, scratch, and (by
-# pool * n_eids + expert id) hobbit's uses and high-precision uses in the current sequence.
+# pool * n_eids + expert id) hobbit's uses and high-precision uses in the current sequence; each
+# id's layer and (layer, expert) id, precomputed (integer division is slow in hobbit's scan).
 # The last row of S holds the kernel's integer parameters, the last row of F hobbit's weights:
 # three arrays in all, because numba reference-counts every array a helper receives.
-RES, SIZE, STAMP, PRV, NXT, SEG, CNT, KK, TK, HP, HPOS, RL, RPOS, PIN, SCOF, SCR, USES, HPUSES = range(18)
-N_ROWS = 18
+RES, SIZE, STAMP, PRV, NXT, SEG, CNT, KK, TK, HP, HPOS, RL, RPOS, PIN, SCOF, SCR, USES, HPUSES, LAYR, EID = range(20)
+N_ROWS = 20
 # columns of F (float64 per sub-cache)
 STGT, GCAP = range(2)
 NO_SEQ = -(1 << 62)
@@ -196,7 +197,7 @@ def _insert(M, S, F, pol, sc, k, prefetch):  # pragma: no cover - compiled
             S[sc, SBYTES] += M[SIZE, k]
     elif pol == HOBBIT:
         M[TK, k] = S[sc, TICK]
-        layer = k // NS // S[-1, N_EXPERTS]
+        layer = M[LAYR, k]
         S[sc, MAXL] = max(S[sc, MAXL], layer)
         n = S[sc, RN]
         M[RL, S[sc, BASE] + n] = k
@@ -309,7 +310,6 @@ def _victim(M, S, F, pol, sc, g):  # pragma: no cover - compiled
 def _hobbit_victim(M, S, F, sc, g):  # pragma: no cover - compiled
     """sim.cache.hobbit._lowest_priority over the sub-cache's unprotected residents."""
     wr, wf, wh, wd = F[-1, 0], F[-1, 1], F[-1, 2], F[-1, 3]
-    n_experts = S[-1, N_EXPERTS]
     n_eids = S[-1, N_EIDS]
     n_layers = S[-1, HOB_LAYERS] if S[-1, HOB_LAYERS] > 0 else S[sc, MAXL] + 1
     pool = sc // S[-1, N_PARTS]
@@ -324,7 +324,7 @@ def _hobbit_victim(M, S, F, sc, g):  # pragma: no cover - compiled
         k = M[RL, base + j]
         if M[STAMP, k] == g:
             continue
-        eid = pool * n_eids + k // NS
+        eid = pool * n_eids + M[EID, k]
         lo = min(lo, M[TK, k])
         hi = max(hi, M[TK, k])
         fmax = max(fmax, M[USES, eid])
@@ -335,11 +335,11 @@ def _hobbit_victim(M, S, F, sc, g):  # pragma: no cover - compiled
         k = M[RL, base + j]
         if M[STAMP, k] == g:
             continue
-        eid = pool * n_eids + k // NS
+        eid = pool * n_eids + M[EID, k]
         r = (M[TK, k] - lo) / (hi - lo) if hi > lo else 1.0
         fv = M[USES, eid] / fmax if fmax > 0 else 0.0
         hv = M[HPUSES, eid] / hmax if hmax > 0 else 0.0
-        layer = k // NS // n_experts
+        layer = M[LAYR, k]
         d = 1.0 - ((layer - cur) % n_layers) / n_layers
         p = wr * r + wf * fv + wh * hv + wd * d
         if best < 0 or p < best_p or (p == best_p and (M[TK, k] < M[TK, best] or (M[TK, k] == M[TK, best] and k < best))):
@@ -378,11 +378,11 @@ def _access(M, S, F, pol, k, size, hp_, g):  # pragma: no cover - compiled
     """CachePolicy.access: True on a hit; on a miss make room and insert (or bypass)."""
     sc = M[SCOF, k]
     if pol == HOBBIT:  # _before_access: count the expert's uses in this sub-cache's sequence
-        eid = (sc // S[-1, N_PARTS]) * S[-1, N_EIDS] + k // NS
+        eid = (sc // S[-1, N_PARTS]) * S[-1, N_EIDS] + M[EID, k]
         M[USES, eid] += 1
         if hp_:
             M[HPUSES, eid] += 1
-        S[sc, MAXL] = max(S[sc, MAXL], k // NS // S[-1, N_EXPERTS])
+        S[sc, MAXL] = max(S[sc, MAXL], M[LAYR, k])
     S[sc, TICK] += 1
     if M[RES, k]:
         _on_hit(M, S, F, pol, sc, k, hp_)
@@ -626,6 +626,8 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
     M[STAMP] = -2
     M[HPOS] = -1
     M[SCOF, :n_ids] = sc_of
+    M[LAYR, :n_ids] = layer_of
+    M[EID, :n_ids] = ids // NS
     if pol == STATIC:
         M[PIN, :n_ids] = _static_pins(groups, hi_slots, sizes, pool_caps, n_parts, per_layer)
     S = np.vstack([S, prm[None]])
