@@ -65,7 +65,7 @@ def cases(draw):
         policy=policy,
         params=draw(st.sampled_from(PARAMS.get(policy, ({},)))),
         precision=draw(st.sampled_from(PRECISIONS)),
-        capacity=draw(st.integers(0, 16000)),
+        capacity=draw(st.one_of(st.integers(0, 16000), st.integers(1500, 9000))),  # 1.5 to 9 experts: evictions
         partition=draw(st.sampled_from(("global", "per-layer"))),
         prefetch=draw(st.sampled_from(("none", "trace", "oracle:0.7", "oracle:1.0"))),
     )
@@ -74,7 +74,8 @@ def cases(draw):
 @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(c=cases())
 def test_compiled_engine_equals_reference(c):
-    k = min(c["k"], c["n_experts"])
+    # sim.engine.oracle_predictions needs room for k wrong experts beside the true k (else it loops)
+    k = min(c["k"], c["n_experts"] // 2)
     trace = random_trace(n_steps=30, n_layers=c["n_layers"], n_experts=c["n_experts"], k=k, seed=c["seed"],
                          n_seqs=c["n_seqs"], prefill=c["prefill"], predicted=True)
     ref, fast = _outcomes(trace, c["policy"], c["precision"], c["capacity"], c["partition"], c["prefetch"], c["params"])
