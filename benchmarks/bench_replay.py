@@ -166,31 +166,38 @@ def main() -> int:
         slow = policy == "belady"
         run_prepared(prep_for(1, prefetch), cfg[1])  # warm-up (JIT compile or cache load)
         n1 = prep_for(1, prefetch).groups.expert.size
-        _, t1 = best_time(lambda: run_prepared(prep_for(1, prefetch), cfg[1]), 1 if slow else args.repeat)
         hr_cfg = ReplayConfig(trace=traces[1], policy=policy, precision=precision, prefetch=prefetch, timeline=False)
-        rec, th = best_time(lambda: run_prepared(prep_for(1, prefetch), hr_cfg), 1 if slow else args.repeat)
-        if slow:
-            t4, n4 = float("nan"), 4 * n1
-        else:
-            n4 = prep_for(4, prefetch).groups.expert.size
-            _, t4 = best_time(lambda: run_prepared(prep_for(4, prefetch), cfg[4]), args.repeat)
+        n4 = 4 * n1 if slow else prep_for(4, prefetch).groups.expert.size
+        t1 = th = t4 = float("inf")
+        for _ in range(1 if slow else args.repeat):  # interleaved, so that a burst of load hits all three alike
+            _, t = best_time(lambda: run_prepared(prep_for(1, prefetch), cfg[1]), 1)
+            t1 = min(t1, t)
+            rec, t = best_time(lambda: run_prepared(prep_for(1, prefetch), hr_cfg), 1)
+            th = min(th, t)
+            if not slow:
+                _, t = best_time(lambda: run_prepared(prep_for(4, prefetch), cfg[4]), 1)
+                t4 = min(t4, t)
+        t4 = float("nan") if slow else t4
         rows.append(dict(label=label, n1=n1, t1=t1, th=th, n4=n4, t4=t4, hit_rate=rec.hit_rate))
         r = rows[-1]
         print(f"  {label:36s} timeline {n1 / t1 / 1e6:6.2f} M/s  hit-rate only {n1 / th / 1e6:6.2f} M/s "
               f"4x: {n4 / t4 / 1e6:6.2f} M/s", flush=True)
 
     print()
-    print(f"{'configuration':36s} {'M acc/s':>8s} {'M acc/s':>8s} {'x naive':>8s} {'M acc/s':>8s} {'4x/1x':>6s} {'hit rate':>8s}")
-    print(f"{'':36s} {'timeline':>8s} {'hits':>8s} {'(hits)':>8s} {'4x, tl':>8s} {'ns/acc':>6s} {'':>8s}")
+    print(f"{'configuration':36s} {'M acc/s':>8s} {'M acc/s':>8s} {'x naive':>8s} {'M acc/s':>8s} {'4x/1x':>6s} {'hit rate':>8s}"
+          "  targets met")
+    print(f"{'':36s} {'timeline':>8s} {'hits':>8s} {'(hits)':>8s} {'4x, tl':>8s} {'ns/acc':>6s} {'':>8s}"
+          "  (rate, x naive, linear)")
     met = {"rate": True, "naive": True, "linear": True}
     for r in rows:
         rate, hrate = r["n1"] / r["t1"], r["n1"] / r["th"]
         lin = (r["t4"] / r["n4"]) / (r["t1"] / r["n1"])
-        met["rate"] &= rate >= TARGET_RATE
-        met["naive"] &= hrate / naive_rate >= TARGET_NAIVE
-        met["linear"] &= bool(lin <= TARGET_LINEAR)
+        ok = (rate >= TARGET_RATE, hrate / naive_rate >= TARGET_NAIVE, bool(lin <= TARGET_LINEAR))
+        met["rate"] &= ok[0]
+        met["naive"] &= ok[1]
+        met["linear"] &= ok[2]
         print(f"{r['label']:36s} {rate / 1e6:8.2f} {hrate / 1e6:8.2f} {hrate / naive_rate:8.1f} "
-              f"{r['n4'] / r['t4'] / 1e6:8.2f} {lin:6.2f} {r['hit_rate']:8.4f}")
+              f"{r['n4'] / r['t4'] / 1e6:8.2f} {lin:6.2f} {r['hit_rate']:8.4f}  " + " ".join("yes" if x else "NO" for x in ok))
     print(f"\nnaive OrderedDict LRU baseline: {naive_rate / 1e3:,.0f} k accesses/s (same run)")
     print(f"target full replay with timeline >= 2 M accesses/s, every configuration: {'MET' if met['rate'] else 'NOT MET'}")
     print(f"target hit-rate replay >= 20x naive OrderedDict LRU, every configuration: {'MET' if met['naive'] else 'NOT MET'}")

@@ -110,8 +110,9 @@ def build_groups(trace: Trace, calib_steps: np.ndarray, *, ubatch: int = 512, pr
         else:
             for b in range(lo, hi, ubatch):
                 parts.append(_prefill_group(trace, b, min(hi, b + ubatch), calib_steps))
-    cat = {key: np.concatenate([p[key] for p in parts]) for key in parts[0] if key != "counts"}
-    counts = np.concatenate([p["counts"] for p in parts])
+    # key by key, dropping each part's piece once joined: the peak is the groups plus one column's pieces
+    cat = {key: np.concatenate([p.pop(key) for p in parts]) for key in list(parts[0])}
+    counts = cat.pop("counts")
     start = np.zeros(counts.size + 1, dtype=np.int64)
     np.cumsum(counts, out=start[1:])
     return AccessGroups(start=start, **cat)
