@@ -1,7 +1,12 @@
 """`python -m analysis.sweep TRACE --name NAME`: the decision document's grid of simulations.
 
-The trace is prepared once per GPU (`sim.simulate.prepare`) and every configuration of the grid runs
-in-process (`sim.simulate.run_prepared`). The grid is a union of panels, each a Cartesian product of
+Every configuration of the grid is one task (`sim.simulate.run_prepared` on the trace prepared once
+per process and GPU). `--scheduler local` (the default) runs the tasks on a Dask LocalCluster (one
+single-threaded worker process per core, a progress bar on a terminal); `--scheduler tcp://HOST:8786`
+on an existing dask.distributed cluster (several machines: docs/performance.md); `--scheduler serial`
+in this process without Dask. The trace is sent to every worker once (`Client.scatter(...,
+broadcast=True)`), not with each task; results are gathered in grid order, so every scheduler writes
+byte-identical files (tests/test_sweep_dask.py). The grid is a union of panels, each a Cartesian product of
 GPUs × cache policies × precision policies × expert budgets; a configuration that two panels share
 runs once, and `belady` runs only with native/static precision (it needs the future access
 sequence, which dynamic skips change online; `sim.simulate.incompatible` says which pairs cannot run).
@@ -47,6 +52,7 @@ import argparse
 import hashlib
 import io
 import json
+import os
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -57,9 +63,9 @@ from sim.budget import DERIVED, FRACTION, VRAM, parse_budget
 from sim.cache.slru import DEFAULT_PROTECTED_SHARE
 from sim.io import InputError, atomic_paths, check_output_path, exit_on_input_error
 from sim.precision import PrecisionPolicy, parse_precision
-from sim.profiles import load_hardware
+from sim.profiles import load_hardware, model_for_trace
 from sim.simulate import RECORD_FIELDS, Prepared, ReplayConfig, incompatible, prepare, run_prepared
-from sim.trace import load_trace
+from sim.trace import Trace, load_trace
 
 OUT_DIR = Path("results/sweeps")
 FRACTIONS = tuple(f"{p}%" for p in range(10, 100, 10))
@@ -117,6 +123,7 @@ GRIDS: dict[str, tuple[Panel, ...]] = {
     ),
 }
 DEFAULT_GPUS = ("rtx3060-12gb", "rtx4070-12gb")
+SERIAL, LOCAL = "serial", "local"  # --scheduler values besides a Dask scheduler address
 
 
 @dataclass(frozen=True)
@@ -211,48 +218,116 @@ def _progress(total: int, quiet: bool):
     return cm()
 
 
+def _applicable(trace: Trace, configs: list[SweepConfig]) -> list[tuple[SweepConfig, int | None]]:
+    """Each configuration with its budget in bytes (None: the budget does not apply to its GPU)."""
+    model = model_for_trace(trace.meta, None)
+    out = []
+    for sc in configs:
+        parsed = parse_budget(sc.budget, option="budget label")
+        if parsed.kind not in (FRACTION, DERIVED):
+            raise InputError(None, f"budget label {sc.budget!r}: use N% or {VRAM}")
+        out.append((sc, parsed.resolve(model, load_hardware(sc.gpu), ReplayConfig.context)))
+    return out
+
+
+_WORKER_PREPS: dict[tuple[str, str], Prepared] = {}  # per process: (trace token, gpu) -> prepared trace
+
+
+def _run_config(trace: Trace, token: str, sc: SweepConfig, cap: int) -> dict:
+    """One configuration's record (a dict); the trace is prepared once per process and GPU."""
+    key = (token, sc.gpu)
+    if key not in _WORKER_PREPS:
+        for old in [k for k in _WORKER_PREPS if k[0] != token]:
+            del _WORKER_PREPS[old]  # one trace at a time per process
+        _WORKER_PREPS[key] = prepare(ReplayConfig(trace=trace, gpu=sc.gpu))
+    cfg = ReplayConfig(trace=trace, gpu=sc.gpu, policy=sc.policy, precision=sc.precision, capacity_bytes=cap,
+                       policy_params=sc.policy_params)
+    return run_prepared(_WORKER_PREPS[key], cfg).as_dict()
+
+
+def _rows(sc: SweepConfig, cid: int, label: str, rec: dict) -> tuple[dict, list[dict]]:
+    """The CSV row and the per-layer rows of one configuration's record."""
+    per_layer = rec.pop("per_layer_hit_rate")
+    row = dict(config_id=cid, trace=label, budget=sc.budget,
+               budget_kind=parse_budget(sc.budget, option="budget label").kind,
+               **precision_columns(parse_precision(sc.precision)), **rec,
+               protected_share=float("nan") if sc.protected_share is None else sc.protected_share)
+    return ({k: row.get(k) for k in SWEEP_COLUMNS},
+            [{"config_id": cid, "layer": i, "hit_rate": h} for i, h in enumerate(per_layer)])
+
+
+def _label(sc: SweepConfig) -> str:
+    share = "" if sc.protected_share is None else f"@{sc.protected_share:g}"
+    return f"{sc.gpu} {sc.policy}{share} {sc.budget} {sc.precision}"
+
+
+def _records_serial(trace: Trace, token: str, todo: list, quiet: bool) -> list[dict]:
+    out = []
+    with _progress(len(todo), quiet) as advance:
+        for sc, cap in todo:
+            out.append(_run_config(trace, token, sc, cap))
+            advance(_label(sc))
+    return out
+
+
+def _records_dask(trace: Trace, token: str, todo: list, quiet: bool, scheduler: str) -> list[dict]:
+    """Run the configurations as Dask tasks; the trace goes to every worker once (scatter, broadcast)."""
+    from dask.distributed import Client, LocalCluster, as_completed
+
+    cluster = None
+    if scheduler == LOCAL:
+        cluster = LocalCluster(n_workers=os.cpu_count() or 1, threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    else:
+        client = Client(scheduler)
+    try:
+        trace_f = client.scatter(trace, broadcast=True)
+        futures = [client.submit(_run_config, trace_f, token, sc, cap, key=f"sweep-{token[:12]}-{i}", pure=False)
+                   for i, (sc, cap) in enumerate(todo)]
+        index = {f.key: i for i, f in enumerate(futures)}
+        with _progress(len(todo), quiet) as advance:
+            for f in as_completed(futures):
+                advance(_label(todo[index[f.key]][0]))
+        return client.gather(futures)
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
 def run_sweep(trace_path: str | Path, *, gpus: tuple[str, ...] = DEFAULT_GPUS, grid: str = "default",
-              quiet: bool = True, trace_label: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Run a grid on one trace; returns (configs frame, per-layer long frame, provenance dict)."""
+              quiet: bool = True, trace_label: str | None = None,
+              scheduler: str = SERIAL) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Run a grid on one trace; returns (configs frame, per-layer long frame, provenance dict).
+
+    `scheduler`: SERIAL (in this process), LOCAL (a Dask LocalCluster, one single-threaded worker
+    process per core) or a Dask scheduler address (tcp://host:8786). Every path gives the same frames.
+    """
     if grid not in GRIDS:
         raise InputError(None, f"unknown grid {grid!r}; known: {', '.join(GRIDS)}")
     for g in gpus:
         load_hardware(g)  # fail fast on an unknown GPU
     trace = load_trace(trace_path)
     label = trace_label or Path(trace_path).stem
-    configs = expand_grid(GRIDS[grid], tuple(gpus))
-    preps: dict[str, Prepared] = {}
+    digest = hashlib.sha256(Path(trace_path).read_bytes()).hexdigest()
+    todo = [(sc, cap) for sc, cap in _applicable(trace, expand_grid(GRIDS[grid], tuple(gpus))) if cap is not None]
+    if scheduler == SERIAL:
+        records = _records_serial(trace, digest, todo, quiet)
+    else:
+        records = _records_dask(trace, digest, todo, quiet, scheduler)
     rows, layer_rows = [], []
-    with _progress(len(configs), quiet) as advance:
-        for sc in configs:
-            if sc.gpu not in preps:
-                preps[sc.gpu] = prepare(ReplayConfig(trace=trace, gpu=sc.gpu))
-            prep = preps[sc.gpu]
-            cap = budget_bytes(prep, sc.budget)
-            if cap is None:
-                advance(f"{sc.gpu} {sc.budget} (n/a)")
-                continue
-            precision = parse_precision(sc.precision)  # parsed once: the run and the columns share it
-            cfg = ReplayConfig(trace=trace, gpu=sc.gpu, policy=sc.policy, precision=precision, capacity_bytes=cap,
-                               policy_params=sc.policy_params)
-            rec = run_prepared(prep, cfg).as_dict()
-            cid = len(rows)
-            per_layer = rec.pop("per_layer_hit_rate")
-            row = dict(config_id=cid, trace=label, budget=sc.budget,
-                       budget_kind=parse_budget(sc.budget, option="budget label").kind,
-                       **precision_columns(precision), **rec,
-                       protected_share=float("nan") if sc.protected_share is None else sc.protected_share)
-            rows.append({k: row.get(k) for k in SWEEP_COLUMNS})
-            layer_rows.extend({"config_id": cid, "layer": i, "hit_rate": h} for i, h in enumerate(per_layer))
-            share = "" if sc.protected_share is None else f"@{sc.protected_share:g}"
-            advance(f"{sc.gpu} {sc.policy}{share} {sc.budget} {sc.precision}")
+    for cid, ((sc, _), rec) in enumerate(zip(todo, records)):
+        row, per_layer = _rows(sc, cid, label, rec)
+        rows.append(row)
+        layer_rows.extend(per_layer)
     frame = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
     layers = pd.DataFrame(layer_rows, columns=list(PER_LAYER_COLUMNS))
     m = trace.meta
     prov = {
         "trace": label,
         "trace_file": Path(trace_path).name,
-        "trace_sha256": hashlib.sha256(Path(trace_path).read_bytes()).hexdigest(),
+        "trace_sha256": digest,
         "model": m.model, "provenance": m.provenance, "n_layers": m.n_layers, "n_experts": m.n_experts, "top_k": m.top_k,
         "n_steps": int(trace.n_steps), "n_seqs": len(set(trace.seq.tolist())),
         "prefill_steps": int((trace.phase == 0).sum()), "decode_steps": int((trace.phase == 1).sum()),
@@ -308,6 +383,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--out", default=str(OUT_DIR), help="output folder (default: %(default)s)")
     ap.add_argument("--trace-cmd", default="",
                     help="how TRACE was made (e.g. the sim.synth / sim.convert command); recorded in NAME.json")
+    ap.add_argument("--scheduler", default=LOCAL,
+                    help=f"where the configurations run: {LOCAL} (a Dask LocalCluster, one worker per core), "
+                         f"{SERIAL} (this process, no Dask), or a dask.distributed scheduler address such as "
+                         "tcp://10.0.0.5:8786 (default: %(default)s); every choice writes the same files")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return ap
 
@@ -322,10 +401,13 @@ def main(argv: list[str] | None = None) -> pd.DataFrame:
     gpus = tuple(g.strip() for g in args.gpu.split(",") if g.strip())
     if not gpus:
         raise InputError(None, "--gpu: give at least one hardware profile")
+    sched = args.scheduler.strip()
+    if sched not in (SERIAL, LOCAL) and "://" not in sched:
+        raise InputError(None, f"--scheduler {args.scheduler!r}: use {LOCAL}, {SERIAL} or an address like tcp://host:8786")
     for suffix in (".csv", ".per_layer.csv", ".json"):  # before the long run: the folder must exist
         check_output_path(Path(args.out) / f"{name}{suffix}", "--out")
     frame, layers, prov = run_sweep(args.trace, gpus=gpus, grid="quick" if args.quick else "default",
-                                    quiet=args.quiet, trace_label=name)
+                                    quiet=args.quiet, trace_label=name, scheduler=sched)
     prov["command"] = (f"python -m analysis.sweep {args.trace} --name {name}" + (" --quick" if args.quick else "")
                        + (f" --gpu {','.join(gpus)}" if gpus != DEFAULT_GPUS else ""))
     prov["trace_command"] = args.trace_cmd

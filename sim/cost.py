@@ -18,6 +18,7 @@ format slot (sim.precision.SLOTS), `ComputeTable` the compute seconds per (layer
 """
 from __future__ import annotations
 
+import numba
 import numpy as np
 
 from sim.engine import LOADED, SKIPPED, AccessGroups, Outcome
@@ -27,6 +28,7 @@ from sim.profiles import HardwareProfile, ModelProfile
 from sim.timeline import GroupCosts
 
 GB = 1e9  # bandwidths are in GB/s = 1e9 bytes/s
+N_SLOTS = len(SLOTS)
 
 
 def transfer_s(hw: HardwareProfile, nbytes: int | np.ndarray) -> np.ndarray | float:
@@ -89,6 +91,14 @@ def dense_s(hw: HardwareProfile, tokens: int, dense_bytes: int) -> float:
     return base
 
 
+def dense_s_per_group(hw: HardwareProfile, tokens: np.ndarray, dense_bytes: np.ndarray) -> np.ndarray:
+    """`dense_s` for arrays of groups (the same arithmetic, element by element)."""
+    base = np.interp(tokens, hw.dense_tokens, hw.dense_s)
+    if hw.dense_ref_bytes:
+        return np.where(dense_bytes != 0, base * dense_bytes / hw.dense_ref_bytes, base)
+    return base
+
+
 def head_s(hw: HardwareProfile, head_bytes: int) -> float:
     """Seconds to read the output head once (per decoded token)."""
     return head_bytes / (hw.vram_gbps * GB) if hw.vram_gbps > 0 else 0.0
@@ -111,24 +121,52 @@ class ComputeTable:
 
     def __init__(self, model: ModelProfile, hw: HardwareProfile):
         self.model, self.hw = model, hw
-        self._memo: dict[int, tuple[float, float]] = {}
+        self._memo: dict[tuple[int, int, int], tuple[float, float]] = {}
 
-    def split_s(self, layer: np.ndarray, slot: np.ndarray, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(per-launch, per-expert) compute seconds per access (see expert_launch_split)."""
-        code = (layer.astype(np.int64) * len(SLOTS) + slot) * (1 << 20) + tokens
-        uniq, inv = np.unique(code, return_inverse=True)
-        vals = np.empty((uniq.size, 2))
-        for i, c in enumerate(uniq.tolist()):
-            if c not in self._memo:
-                t, rest = c % (1 << 20), c >> 20
-                lay, s = divmod(rest, len(SLOTS))
+    def price(self, codes: np.ndarray, tok_vals: np.ndarray) -> np.ndarray:
+        """float64 [len(codes), 2]: (per-launch, per-expert) seconds of each code (layer, slot, token index)."""
+        out = np.zeros((codes.size, 2))
+        n_slots, n_tok = len(SLOTS), tok_vals.size
+        for i, c in enumerate(codes.tolist()):
+            rest, ti = divmod(c, n_tok)
+            lay, s = divmod(rest, n_slots)
+            key = (lay, s, int(tok_vals[ti]))
+            if key not in self._memo:
                 if s == 0:
                     fmt, nbytes = self.model.native_name(lay), self.model.expert_bytes(lay)
                 else:
                     fmt, nbytes = SLOTS[s], self.model.expert_bytes(lay, SLOTS[s])
-                self._memo[c] = expert_launch_split(self.hw, fmt, t, self.model.expert_weights, nbytes)
-            vals[i] = self._memo[c]
-        return vals[inv, 0], vals[inv, 1]
+                self._memo[key] = expert_launch_split(self.hw, fmt, key[2], self.model.expert_weights, nbytes)
+            out[i] = self._memo[key]
+        return out
+
+
+@numba.njit(cache=True)
+def _mark_codes(start, layer, result, slot, acc_tokens, tok_index, n_tok, used):  # pragma: no cover - compiled
+    """used[code] = True for the (layer, slot, token index) of every served access."""
+    for g in range(layer.shape[0]):
+        for a in range(start[g], start[g + 1]):
+            if result[a] != SKIPPED:
+                used[(layer[g] * N_SLOTS + slot[a]) * n_tok + tok_index[acc_tokens[a]]] = True
+
+
+@numba.njit(cache=True)
+def _price_groups(start, layer, result, slot, acc_tokens, tok_index, n_tok, table, link_s,
+                  compute, link):  # pragma: no cover - compiled
+    """Per group, in access order: summed compute (launch part once per slot) and demand link seconds."""
+    seen = np.full(N_SLOTS, -1, np.int64)
+    for g in range(layer.shape[0]):
+        la = layer[g]
+        for a in range(start[g], start[g + 1]):
+            r = result[a]
+            if r == SKIPPED:
+                continue
+            s = slot[a]
+            c = (la * N_SLOTS + s) * n_tok + tok_index[acc_tokens[a]]
+            compute[g] += table[c, 1] + (table[c, 0] if seen[s] != g else 0.0)
+            seen[s] = g
+            if r == LOADED:
+                link[g] += link_s[la, s]
 
 
 def group_costs(groups: AccessGroups, outcome: Outcome, model: ModelProfile, hw: HardwareProfile,
@@ -138,30 +176,35 @@ def group_costs(groups: AccessGroups, outcome: Outcome, model: ModelProfile, hw:
     Demand copies are the loaded accesses' link times; compute is each served access's per-expert
     time plus, once per (group, slot), the launch's fixed part (a group's served experts of one
     format share one launch); the output head runs after a token's last layer; dense time per
-    layer and group (`decode_only`: every group has one token, priced once per layer).
+    layer and group (`decode_only`: every group has one token, priced once per layer). One
+    compiled pass over the accesses (linear, no sort); each distinct (layer, slot, tokens) is
+    priced once. `acc_layer` is unused (kept for callers).
     """
     g = groups
-    group_of = np.repeat(np.arange(g.n_groups), np.diff(g.start))
-    served = outcome.result != SKIPPED
-    slot = np.where(served, outcome.slot, 0)
-    loaded = outcome.result == LOADED
-    acc_link = np.where(loaded, link_s[acc_layer, slot], 0.0)
-    launch_s, per_expert_s = compute.split_s(acc_layer, slot, g.acc_tokens)
-    first_of_launch = np.zeros(slot.size, dtype=bool)
-    launch_code = group_of.astype(np.int64) * len(SLOTS) + slot
-    _, first_idx = np.unique(np.where(served, launch_code, -1), return_index=True)
-    first_of_launch[first_idx] = True
-    acc_comp = np.where(served, per_expert_s + np.where(first_of_launch, launch_s, 0.0), 0.0)
+    tokens = g.acc_tokens
+    present = np.zeros(int(tokens.max()) + 1 if tokens.size else 1, dtype=bool)
+    present[tokens] = True
+    tok_vals = np.flatnonzero(present)
+    tok_index = np.cumsum(present) - 1
+    used = np.zeros(model.n_layers * N_SLOTS * tok_vals.size, dtype=bool)
+    _mark_codes(g.start, g.layer, outcome.result, outcome.slot, tokens, tok_index, tok_vals.size, used)
+    table = np.zeros((used.size, 2))
+    codes = np.flatnonzero(used)
+    table[codes] = compute.price(codes, tok_vals)
+    comp = np.zeros(g.n_groups)
+    link = np.zeros(g.n_groups)
+    _price_groups(g.start, g.layer, outcome.result, outcome.slot, tokens, tok_index, tok_vals.size, table,
+                  np.ascontiguousarray(link_s, dtype=np.float64), comp, link)
     head = head_s(hw, model.head_bytes)
     if decode_only:
         per_layer = np.array([dense_s(hw, 1, int(b)) for b in model.dense_bytes])
         dense = per_layer[g.layer]
     else:
-        dense = np.array([dense_s(hw, int(t), int(model.dense_bytes[la])) for t, la in zip(g.tokens.tolist(), g.layer.tolist())])
+        dense = dense_s_per_group(hw, g.tokens, np.asarray(model.dense_bytes)[g.layer])
     return GroupCosts(
         dense_s=dense,
-        compute_s=np.bincount(group_of, weights=acc_comp, minlength=g.n_groups) + np.where(g.token_end, head, 0.0),
-        demand_link_s=np.bincount(group_of, weights=acc_link, minlength=g.n_groups),
+        compute_s=comp + np.where(g.token_end, head, 0.0),
+        demand_link_s=link,
         prefetch_link_s=outcome.prefetch_link_s,
         wait_group=outcome.wait_group,
     )

@@ -14,11 +14,11 @@ does. Prefetch runs in decode only: after serving layer l of a token, the expert
 layer l+1 (the trace's own predictions, or an oracle with accuracy p) are admitted to the cache.
 
 Drivers. `replay(groups, CacheSpec, precision, ...)` is the one entry point. It takes the compiled
-path (numba LRU/SLRU over the key stream, `sim.cache.fast.replay_hits`) when the outcome cannot
-depend on Python-only rules (lru/slru, a fixed format per expert, one shared pool, no prefetch),
-and otherwise builds the cache objects, hands them the stream through their `prepare_replay` hook
-(Belady's future, static's calibration window) and runs `replay_reference`, the access-by-access
-reference loop. Tests hold the two paths equal.
+path (`sim.engine_compiled`: this loop and the cache policies in one numba kernel) for every cache
+policy that has one (all but belady) and any precision policy, split pools and prefetch included;
+otherwise (or with `fast=False`) it builds the cache objects, hands them the stream through their
+`prepare_replay` hook (Belady's future, static's calibration window) and runs `replay_reference`,
+the access-by-access reference loop. Tests hold the two paths equal, access for access.
 
 Calibration. The first `calib_fraction` of the trace (whole sequences when there are several,
 else steps) is the calibration window: static precision policies and static pinning learn from
@@ -110,8 +110,9 @@ def build_groups(trace: Trace, calib_steps: np.ndarray, *, ubatch: int = 512, pr
         else:
             for b in range(lo, hi, ubatch):
                 parts.append(_prefill_group(trace, b, min(hi, b + ubatch), calib_steps))
-    cat = {key: np.concatenate([p[key] for p in parts]) for key in parts[0] if key != "counts"}
-    counts = np.concatenate([p["counts"] for p in parts])
+    # key by key, dropping each part's piece once joined: the peak is the groups plus one column's pieces
+    cat = {key: np.concatenate([p.pop(key) for p in parts]) for key in list(parts[0])}
+    counts = cat.pop("counts")
     start = np.zeros(counts.size + 1, dtype=np.int64)
     np.cumsum(counts, out=start[1:])
     return AccessGroups(start=start, **cat)
@@ -233,10 +234,10 @@ def replay(
     fast: bool = True,
 ) -> Outcome:
     """The engine's one entry point: the compiled path where it applies (and `fast`), else the reference."""
-    if fast:
-        out = _replay_compiled(groups, cache, policy, hi_slots, sizes)
-        if out is not None:
-            return out
+    from sim.engine_compiled import COMPILED_POLICIES, replay_compiled
+
+    if fast and cache.policy in COMPILED_POLICIES:
+        return replay_compiled(groups, cache, policy, hi_slots, sizes, link_s)
     share = policy.low_pool_share
     if share is None:
         hi = lo = cache.build()
@@ -339,54 +340,6 @@ def replay_reference(
                     pf_link[g] += link_s[nl, s]
                     admitted_at[key] = g
     return Outcome(result, slot_out, pf_bytes, pf_loads, pf_link, wait)
-
-
-def _replay_compiled(
-    groups: AccessGroups,
-    cache: CacheSpec,
-    policy: PrecisionPolicy,
-    hi_slots: np.ndarray,
-    sizes: np.ndarray,
-) -> Outcome | None:
-    """The compiled path (numba LRU/SLRU) when the outcome cannot depend on Python-only rules.
-
-    Applies to a fixed format per expert (native or static precision), one shared pool and no
-    prefetch: every access is then a hit or a load, and the cache's hit stream decides all.
-    Returns None when it does not apply; tests hold it equal to `replay_reference`.
-    """
-    from sim.cache.fast import FAST_POLICIES, replay_hits
-
-    policy_name, partition, capacity_bytes = cache.policy, cache.partition, cache.capacity_bytes
-    policy_params, n_layers = dict(cache.params), cache.n_layers
-    if (policy_name not in FAST_POLICIES or policy.is_dynamic or policy.low_pool_share is not None
-            or np.any(groups.predicted != ABSENT)):
-        return None
-    acc_layer = np.repeat(groups.layer, np.diff(groups.start))
-    slot = hi_slots[acc_layer, groups.expert]
-    keys = make_keys(acc_layer, groups.expert, slot)
-    acc_sizes = sizes[acc_layer, slot]
-    hits = np.zeros(keys.size, dtype=bool)
-    if partition == "global":
-        hits[:] = replay_hits(policy_name, keys, acc_sizes, groups.start[:-1], capacity_bytes, **policy_params)
-    else:  # independent sub-caches of capacity // n_layers: replay each layer's own stream
-        share = int(capacity_bytes) // n_layers
-        for layer in range(n_layers):
-            sel_g = np.flatnonzero(groups.layer == layer)
-            if sel_g.size == 0:
-                continue
-            counts = np.diff(groups.start)[sel_g]
-            idx = np.concatenate([np.arange(groups.start[g], groups.start[g + 1]) for g in sel_g.tolist()])
-            starts = np.r_[0, np.cumsum(counts)[:-1]]
-            hits[idx] = replay_hits(policy_name, keys[idx], acc_sizes[idx], starts, share, **policy_params)
-    g_count = groups.n_groups
-    return Outcome(
-        result=np.where(hits, HIT, LOADED).astype(np.int8),
-        slot=slot.astype(np.int8),
-        prefetch_bytes=np.zeros(g_count, dtype=np.int64),
-        prefetch_loads=np.zeros(g_count, dtype=np.int64),
-        prefetch_link_s=np.zeros(g_count),
-        wait_group=np.full(g_count, -1, dtype=np.int64),
-    )
 
 
 def make_keys(layer: np.ndarray, expert: np.ndarray, slot: np.ndarray) -> np.ndarray:

@@ -11,9 +11,10 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 
+import numba
 import numpy as np
 
-from sim import cost, timeline
+from sim import cost, timeline, timeline_compiled
 from sim.budget import default_budget
 from sim.cache.registry import PARTITIONS, policy_class
 from sim.engine import (
@@ -55,7 +56,7 @@ class ReplayConfig:
     context: int = 4096
     seed: int = 0
     timeline: bool = True
-    fast: bool = True  # use the compiled cache replay where it applies (identical results)
+    fast: bool = True  # compiled engine (all policies but belady) and timeline; identical results
     policy_params: dict = field(default_factory=dict)
 
 
@@ -203,23 +204,18 @@ def run_prepared(prep: Prepared, cfg: ReplayConfig) -> ReplayRecord:
 def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: int, out: Outcome) -> ReplayRecord:
     """Turn a replay outcome into a record (running the timeline when asked)."""
     g, model, hw = prep.groups, prep.model, prep.hw
-    acc_layer = np.repeat(g.layer, np.diff(g.start))
-    group_of = np.repeat(np.arange(g.n_groups), np.diff(g.start))
-    served = out.result != SKIPPED
-    slot = np.where(served, out.slot, 0)
-    loaded = out.result == LOADED
-    acc_bytes = np.where(loaded, prep.sizes[acc_layer, slot], 0)
     counted_g = ~g.calib & np.isin(g.phase, PHASES[cfg.phase])
-    counted = counted_g[group_of]
-    low = served & (slot > 0)
+    counted = np.zeros(g.expert.size, dtype=bool)
+    counted_low = np.zeros(g.expert.size, dtype=bool)
+    counted_skip = np.zeros(g.expert.size, dtype=bool)
+    layer_acc = np.zeros(model.n_layers, dtype=np.int64)
+    layer_hit = np.zeros(model.n_layers, dtype=np.int64)
+    hits, misses, skipped, demand_bytes = _tally(g.start, g.layer, counted_g, out.result, out.slot, prep.sizes,
+                                                 counted, counted_low, counted_skip, layer_acc, layer_hit)
     tokens = int(np.isin(prep.trace.phase[~prep.calib_steps], PHASES[cfg.phase]).sum())
-    hits = int((counted & (out.result == HIT)).sum())
-    accesses = int(counted.sum())
-    demand_bytes = int(acc_bytes[counted].sum())
+    accesses = int(layer_acc.sum())
     prefetch_bytes = int(out.prefetch_bytes[counted_g].sum())
     mass_total = float(g.mass[counted].sum())
-    layer_acc = np.bincount(acc_layer[counted], minlength=model.n_layers)
-    layer_hit = np.bincount(acc_layer[counted & (out.result == HIT)], minlength=model.n_layers)
     rec = {
         "policy": cfg.policy,
         "precision": precision_name,
@@ -233,22 +229,22 @@ def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: 
         "capacity_fraction": round(capacity / model.total_expert_bytes(), 4),
         "accesses": accesses,
         "hits": hits,
-        "misses": int((counted & loaded).sum()),
-        "skipped": int((counted & (out.result == SKIPPED)).sum()),
+        "misses": misses,
+        "skipped": skipped,
         "hit_rate": hits / accesses if accesses else float("nan"),
         "demand_bytes": demand_bytes,
         "prefetch_bytes": prefetch_bytes,
         "bytes_moved": demand_bytes + prefetch_bytes,
         "tokens": tokens,
         "bytes_per_token": (demand_bytes + prefetch_bytes) / tokens if tokens else float("nan"),
-        "low_precision_mass": float(g.mass[counted & low].sum()) / mass_total if mass_total else 0.0,
-        "skipped_mass": float(g.mass[counted & ~served].sum()) / mass_total if mass_total else 0.0,
+        "low_precision_mass": float(g.mass[counted_low].sum()) / mass_total if mass_total else 0.0,
+        "skipped_mass": float(g.mass[counted_skip].sum()) / mass_total if mass_total else 0.0,
         "per_layer_hit_rate": [round(float(h) / a, 6) if a else None for h, a in zip(layer_hit, layer_acc)],
     }
     if cfg.timeline:
-        costs = cost.group_costs(g, out, model, hw, prep.link_s, prep.compute, acc_layer,
+        costs = cost.group_costs(g, out, model, hw, prep.link_s, prep.compute, None,
                                  decode_only=not np.any(g.phase == PREFILL))
-        sched = timeline.simulate(costs)
+        sched = timeline_compiled.schedule(costs) if cfg.fast else timeline.simulate(costs)
         span = np.diff(np.r_[0.0, sched.end_s])
         counted_s = float(span[counted_g].sum())
         rec.update(
@@ -258,6 +254,33 @@ def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: 
             prefill_s=float(span[~g.calib & (g.phase == PREFILL)].sum()),
         )
     return ReplayRecord(**rec)
+
+
+@numba.njit(cache=True)
+def _tally(start, layer, counted_g, result, slot, sizes, counted, counted_low, counted_skip, layer_acc,
+           layer_hit):  # pragma: no cover - compiled
+    """One pass over the counted accesses: masks for the gate-mass sums, counts and demand bytes."""
+    hits = misses = skipped = demand = 0
+    for g in range(layer.shape[0]):
+        if not counted_g[g]:
+            continue
+        la = layer[g]
+        for a in range(start[g], start[g + 1]):
+            counted[a] = True
+            layer_acc[la] += 1
+            r = result[a]
+            if r == HIT:
+                hits += 1
+                layer_hit[la] += 1
+            elif r == LOADED:
+                misses += 1
+                demand += sizes[la, slot[a]]
+            else:
+                skipped += 1
+                counted_skip[a] = True
+            if r != SKIPPED and slot[a] > 0:
+                counted_low[a] = True
+    return hits, misses, skipped, demand
 
 
 def run(cfg: ReplayConfig) -> ReplayRecord:

@@ -24,7 +24,7 @@ GPU = "rtx3060-12gb"
 def quick_sweep(tiny_trace, tmp_path_factory) -> Path:
     """results/sweeps-like folder holding the --quick sweep of the tiny trace."""
     out = tmp_path_factory.mktemp("sweeps")
-    sweep.main([str(tiny_trace), "--name", "tiny", "--quick", "--gpu", GPU, "--out", str(out), "-q"])
+    sweep.main([str(tiny_trace), "--name", "tiny", "--quick", "--gpu", GPU, "--out", str(out), "-q", "--scheduler", "serial"])
     return out
 
 
@@ -74,7 +74,7 @@ def test_sweep_rows_equal_direct_replay(quick_sweep, tiny_trace):
 
 
 def test_sweep_deterministic(quick_sweep, tiny_trace, tmp_path):
-    sweep.main([str(tiny_trace), "--name", "tiny", "--quick", "--gpu", GPU, "--out", str(tmp_path), "-q"])
+    sweep.main([str(tiny_trace), "--name", "tiny", "--quick", "--gpu", GPU, "--out", str(tmp_path), "-q", "--scheduler", "serial"])
     for name in ("tiny.csv", "tiny.per_layer.csv", "tiny.json"):
         assert (tmp_path / name).read_bytes() == (quick_sweep / name).read_bytes(), name
 

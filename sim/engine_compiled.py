@@ -1,0 +1,646 @@
+"""The engine's compiled path: `replay_reference`'s decisions in one numba kernel, for every online policy.
+
+`replay_compiled(groups, CacheSpec, precision, ...)` returns the same `Outcome` as
+`sim.engine.replay_reference` driving the `sim.cache` classes, access for access (property tests in
+tests/test_engine_compiled.py hold them equal), for the cache policies lru, slru, lfu, s3fifo,
+static and hobbit, global or per-layer, with native, static, dynamic and combined precision, one
+shared pool or split pools, and prefetch. Belady (it compares whole future-use chains) returns None:
+the engine then runs the reference.
+
+Layout. Every cache entry (layer, expert, format slot) is a dense id `(layer * n_experts + expert) *
+len(SLOTS) + slot`, ordered like its `make_key` key (so "smaller key" tie-breaks carry over). A
+sub-cache is one pool (high, or the split low pool) of one partition (the whole cache, or one
+layer); each id belongs to exactly one, and per-sub-cache counters live in the rows of `S`/`F`.
+Lists (LRU order, SLRU segments, S3-FIFO small/main/ghost queues) are doubly linked over ids with
+three sentinels per sub-cache; LFU-DA keeps an indexed min-heap on (priority, last touch) per
+sub-cache; hobbit scans a dense list of its residents per eviction (its priority normalises over
+the candidates, so no index orders it). Group protection is a stamp: an id is protected while
+M[STAMP, id] equals the current group. The rules of each policy are those of its class in sim/cache
+(module docstrings there); comments here only name which hook a block mirrors.
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+from sim.cache.slru import DEFAULT_PROTECTED_SHARE
+from sim.precision import SLOTS
+
+LRU, SLRU, LFU, S3FIFO, STATIC, HOBBIT = range(6)
+COMPILED_POLICIES = {"lru": LRU, "slru": SLRU, "lfu": LFU, "s3fifo": S3FIFO, "static": STATIC, "hobbit": HOBBIT}
+NS = len(SLOTS)
+HIT, LOADED, SKIPPED = 0, 1, 2  # as sim.engine
+HIGH_C, LOW_C, SKIP_C = 0, 1, 2  # as sim.precision.dynamic_choice
+
+# columns of S (int64 per sub-cache)
+CAP, USED, GB, GST, TICK, PCAP, PBYTES, AGE, SBYTES, MBYTES, GHBYTES, CSEQ, CLAYER, MAXL, HN, RN, BASE = range(17)
+# rows of M (int64 per id; lists also use the 3 sentinels per sub-cache after the ids): resident,
+# bytes, group stamp, list links, segment/queue, count or frequency, LFU priority, last touch, heap
+# slots and positions, hobbit's resident list and positions, pinned, sub-cache, scratch, and (by
+# pool * n_eids + expert id) hobbit's uses and high-precision uses in the current sequence; each
+# id's layer and (layer, expert) id, precomputed (integer division is slow in hobbit's scan).
+# The last row of S holds the kernel's integer parameters, the last row of F hobbit's weights:
+# three arrays in all, because numba reference-counts every array a helper receives.
+RES, SIZE, STAMP, PRV, NXT, SEG, CNT, KK, TK, HP, HPOS, RL, RPOS, PIN, SCOF, SCR, USES, HPUSES, LAYR, EID = range(20)
+N_ROWS = 20
+# columns of F (float64 per sub-cache)
+STGT, GCAP = range(2)
+NO_SEQ = -(1 << 62)
+# columns of the parameter row S[-1]
+MOVE_THR, HOB_LAYERS, PER_LAYER, N_PARTS, N_EXPERTS, N_EIDS, N_IDS = 3, 8, 9, 10, 11, 12, 13
+
+
+# ---- linked lists ------------------------------------------------------------------------
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _unlink(M, k):  # pragma: no cover - compiled
+    p = M[PRV, k]
+    q = M[NXT, k]
+    M[NXT, p] = q
+    M[PRV, q] = p
+
+
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _append(M, head, k):  # pragma: no cover - compiled
+    t = M[PRV, head]
+    M[NXT, t] = k
+    M[PRV, k] = t
+    M[NXT, k] = head
+    M[PRV, head] = k
+
+
+# ---- LFU-DA indexed heap on (K, last touch, id) ---------------------------------------------
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _less(M, a, b):  # pragma: no cover - compiled
+    if M[KK, a] != M[KK, b]:
+        return M[KK, a] < M[KK, b]
+    if M[TK, a] != M[TK, b]:
+        return M[TK, a] < M[TK, b]
+    return a < b
+
+
+@numba.njit(cache=True, _nrt=False)
+def _sift_up(M, base, i):  # pragma: no cover - compiled
+    x = M[HP, base + i]
+    while i > 0:
+        p = (i - 1) >> 1
+        y = M[HP, base + p]
+        if not _less(M, x, y):
+            break
+        M[HP, base + i] = y
+        M[HPOS, y] = i
+        i = p
+    M[HP, base + i] = x
+    M[HPOS, x] = i
+
+
+@numba.njit(cache=True, _nrt=False)
+def _sift_down(M, base, n, i):  # pragma: no cover - compiled
+    x = M[HP, base + i]
+    while True:
+        c = 2 * i + 1
+        if c >= n:
+            break
+        if c + 1 < n and _less(M, M[HP, base + c + 1], M[HP, base + c]):
+            c += 1
+        y = M[HP, base + c]
+        if not _less(M, y, x):
+            break
+        M[HP, base + i] = y
+        M[HPOS, y] = i
+        i = c
+    M[HP, base + i] = x
+    M[HPOS, x] = i
+
+
+@numba.njit(cache=True, _nrt=False)
+def _heap_remove(M, S, sc, k):  # pragma: no cover - compiled
+    base = S[sc, BASE]
+    n = S[sc, HN] - 1
+    S[sc, HN] = n
+    i = M[HPOS, k]
+    M[HPOS, k] = -1
+    if i == n:
+        return
+    last = M[HP, base + n]
+    M[HP, base + i] = last
+    M[HPOS, last] = i
+    _sift_up(M, base, i)
+    _sift_down(M, base, n, M[HPOS, last])
+
+
+@numba.njit(cache=True, _nrt=False)
+def _heap_touch(M, S, sc, k):  # pragma: no cover - compiled
+    """Insert k, or restore its place after its (K, touch) changed (they only grow)."""
+    base = S[sc, BASE]
+    if M[HPOS, k] < 0:
+        n = S[sc, HN]
+        M[HP, base + n] = k
+        M[HPOS, k] = n
+        S[sc, HN] = n + 1
+        _sift_up(M, base, n)
+    else:
+        _sift_down(M, base, S[sc, HN], M[HPOS, k])
+
+
+# ---- the cache operations, one branch per policy -------------------------------------------
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _on_hit(M, S, F, pol, sc, k, hp_):  # pragma: no cover - compiled
+    head = S[-1, N_IDS] + 3 * sc
+    if pol == LRU:
+        _unlink(M, k)
+        _append(M, head, k)
+    elif pol == SLRU:
+        _unlink(M, k)
+        if M[SEG, k] == 1:
+            S[sc, PBYTES] += M[SIZE, k]
+            M[SEG, k] = 2
+        _append(M, head + 1, k)
+        while S[sc, PBYTES] > S[sc, PCAP]:  # demote protected LRU to probation MRU
+            v = M[NXT, head + 1]
+            _unlink(M, v)
+            S[sc, PBYTES] -= M[SIZE, v]
+            M[SEG, v] = 1
+            _append(M, head, v)
+    elif pol == LFU:
+        M[CNT, k] += 1
+        M[KK, k] = M[CNT, k] + S[sc, AGE]
+        M[TK, k] = S[sc, TICK]
+        _heap_touch(M, S, sc, k)
+    elif pol == S3FIFO:
+        M[CNT, k] = min(M[CNT, k] + 1, 3)
+    elif pol == HOBBIT:
+        M[TK, k] = S[sc, TICK]
+
+
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _insert(M, S, F, pol, sc, k, prefetch):  # pragma: no cover - compiled
+    head = S[-1, N_IDS] + 3 * sc
+    if pol == LRU or pol == SLRU:
+        _append(M, head, k)
+        M[SEG, k] = 1
+    elif pol == LFU:
+        M[CNT, k] = 0 if prefetch else 1
+        M[KK, k] = M[CNT, k] + S[sc, AGE]
+        M[TK, k] = S[sc, TICK]
+        _heap_touch(M, S, sc, k)
+    elif pol == S3FIFO:
+        M[CNT, k] = 0
+        if M[SEG, k] == 3:  # in the ghost queue: into main
+            _unlink(M, k)
+            S[sc, GHBYTES] -= M[SIZE, k]
+            _append(M, head + 1, k)
+            M[SEG, k] = 2
+            S[sc, MBYTES] += M[SIZE, k]
+        else:
+            _append(M, head, k)
+            M[SEG, k] = 1
+            S[sc, SBYTES] += M[SIZE, k]
+    elif pol == HOBBIT:
+        M[TK, k] = S[sc, TICK]
+        layer = M[LAYR, k]
+        S[sc, MAXL] = max(S[sc, MAXL], layer)
+        n = S[sc, RN]
+        M[RL, S[sc, BASE] + n] = k
+        M[RPOS, k] = n
+        S[sc, RN] = n + 1
+
+
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _forget(M, S, F, pol, sc, k, evicted):  # pragma: no cover - compiled
+    """The policy's _evict (evicted) or _remove (a driver removal) hook."""
+    head = S[-1, N_IDS] + 3 * sc
+    if pol == LRU:
+        _unlink(M, k)
+    elif pol == SLRU:
+        _unlink(M, k)
+        if M[SEG, k] == 2:
+            S[sc, PBYTES] -= M[SIZE, k]
+        M[SEG, k] = 0
+    elif pol == LFU:
+        if evicted:
+            S[sc, AGE] = M[KK, k]
+        _heap_remove(M, S, sc, k)
+    elif pol == S3FIFO:
+        _unlink(M, k)
+        if M[SEG, k] == 1:
+            S[sc, SBYTES] -= M[SIZE, k]
+            M[SEG, k] = 0
+            if evicted:  # evicted from S: remember it in the ghost queue
+                _append(M, head + 2, k)
+                M[SEG, k] = 3
+                S[sc, GHBYTES] += M[SIZE, k]
+                while S[sc, GHBYTES] > F[sc, GCAP] and M[NXT, head + 2] != head + 2:
+                    v = M[NXT, head + 2]
+                    _unlink(M, v)
+                    M[SEG, v] = 0
+                    S[sc, GHBYTES] -= M[SIZE, v]
+        else:
+            S[sc, MBYTES] -= M[SIZE, k]
+            M[SEG, k] = 0
+    elif pol == HOBBIT:
+        base = S[sc, BASE]
+        n = S[sc, RN] - 1
+        i = M[RPOS, k]
+        last = M[RL, base + n]
+        M[RL, base + i] = last
+        M[RPOS, last] = i
+        S[sc, RN] = n
+
+
+@numba.njit(cache=True, _nrt=False)
+def _first_free(M, head, g):  # pragma: no cover - compiled
+    v = M[NXT, head]
+    while v != head and M[STAMP, v] == g:
+        v = M[NXT, v]
+    return -1 if v == head else v
+
+
+@numba.njit(cache=True, _nrt=False)
+def _victim(M, S, F, pol, sc, g):  # pragma: no cover - compiled
+    head = S[-1, N_IDS] + 3 * sc
+    if pol == LRU:
+        return _first_free(M, head, g)
+    if pol == SLRU:
+        v = _first_free(M, head, g)
+        return v if v >= 0 else _first_free(M, head + 1, g)
+    if pol == LFU:
+        base = S[sc, BASE]
+        nheld = 0
+        v = -1
+        while S[sc, HN] > 0:
+            top = M[HP, base]
+            if M[STAMP, top] != g:
+                v = top
+                break
+            _heap_remove(M, S, sc, top)
+            M[SCR, nheld] = top
+            nheld += 1
+        for j in range(nheld):
+            _heap_touch(M, S, sc, M[SCR, j])
+        return v
+    if pol == S3FIFO:
+        thr = S[-1, MOVE_THR]
+        while True:
+            s_key = _first_free(M, head, g)
+            m_key = _first_free(M, head + 1, g)
+            if s_key < 0 and m_key < 0:
+                return -1
+            if s_key >= 0 and (S[sc, SBYTES] >= F[sc, STGT] or m_key < 0):
+                if M[CNT, s_key] >= thr:  # hit while in S: move to main
+                    _unlink(M, s_key)
+                    S[sc, SBYTES] -= M[SIZE, s_key]
+                    _append(M, head + 1, s_key)
+                    M[SEG, s_key] = 2
+                    S[sc, MBYTES] += M[SIZE, s_key]
+                    M[CNT, s_key] = 0
+                    continue
+                return s_key
+            if M[CNT, m_key] > 0:
+                M[CNT, m_key] -= 1
+                _unlink(M, m_key)
+                _append(M, head + 1, m_key)
+                continue
+            return m_key
+    if pol == HOBBIT:
+        return _hobbit_victim(M, S, F, sc, g)
+    return -1  # static never evicts
+
+
+@numba.njit(cache=True, _nrt=False)
+def _hobbit_victim(M, S, F, sc, g):  # pragma: no cover - compiled
+    """sim.cache.hobbit._lowest_priority over the sub-cache's unprotected residents."""
+    wr, wf, wh, wd = F[-1, 0], F[-1, 1], F[-1, 2], F[-1, 3]
+    n_eids = S[-1, N_EIDS]
+    n_layers = S[-1, HOB_LAYERS] if S[-1, HOB_LAYERS] > 0 else S[sc, MAXL] + 1
+    pool = sc // S[-1, N_PARTS]
+    cur = S[sc, CLAYER] if S[sc, CLAYER] >= 0 else 0
+    base = S[sc, BASE]
+    n = S[sc, RN]
+    lo = np.iinfo(np.int64).max
+    hi = np.iinfo(np.int64).min
+    fmax = 0
+    hmax = 0
+    for j in range(n):
+        k = M[RL, base + j]
+        if M[STAMP, k] == g:
+            continue
+        eid = pool * n_eids + M[EID, k]
+        lo = min(lo, M[TK, k])
+        hi = max(hi, M[TK, k])
+        fmax = max(fmax, M[USES, eid])
+        hmax = max(hmax, M[HPUSES, eid])
+    best = -1
+    best_p = 0.0
+    for j in range(n):
+        k = M[RL, base + j]
+        if M[STAMP, k] == g:
+            continue
+        eid = pool * n_eids + M[EID, k]
+        r = (M[TK, k] - lo) / (hi - lo) if hi > lo else 1.0
+        fv = M[USES, eid] / fmax if fmax > 0 else 0.0
+        hv = M[HPUSES, eid] / hmax if hmax > 0 else 0.0
+        layer = M[LAYR, k]
+        d = 1.0 - ((layer - cur) % n_layers) / n_layers
+        p = wr * r + wf * fv + wh * hv + wd * d
+        if best < 0 or p < best_p or (p == best_p and (M[TK, k] < M[TK, best] or (M[TK, k] == M[TK, best] and k < best))):
+            best = k
+            best_p = p
+    return best
+
+
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _make_room(M, S, F, pol, sc, k, size, prefetch, g):  # pragma: no cover - compiled
+    gbytes = S[sc, GB] if S[sc, GST] == g else 0
+    if size > S[sc, CAP] - gbytes:
+        return False
+    if pol == STATIC and (not M[PIN, k] or S[sc, USED] + size > S[sc, CAP]):
+        return False
+    while S[sc, USED] + size > S[sc, CAP]:
+        v = _victim(M, S, F, pol, sc, g)
+        _forget(M, S, F, pol, sc, v, True)
+        M[RES, v] = False
+        S[sc, USED] -= M[SIZE, v]
+    return True
+
+
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _place(M, S, F, pol, sc, k, size, prefetch, g):  # pragma: no cover - compiled
+    M[RES, k] = True
+    M[SIZE, k] = size
+    S[sc, USED] += size
+    if M[STAMP, k] == g:
+        S[sc, GB] += size
+    _insert(M, S, F, pol, sc, k, prefetch)
+
+
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _access(M, S, F, pol, k, size, hp_, g):  # pragma: no cover - compiled
+    """CachePolicy.access: True on a hit; on a miss make room and insert (or bypass)."""
+    sc = M[SCOF, k]
+    if pol == HOBBIT:  # _before_access: count the expert's uses in this sub-cache's sequence
+        eid = (sc // S[-1, N_PARTS]) * S[-1, N_EIDS] + M[EID, k]
+        M[USES, eid] += 1
+        if hp_:
+            M[HPUSES, eid] += 1
+        S[sc, MAXL] = max(S[sc, MAXL], M[LAYR, k])
+    S[sc, TICK] += 1
+    if M[RES, k]:
+        _on_hit(M, S, F, pol, sc, k, hp_)
+        return True
+    if _make_room(M, S, F, pol, sc, k, size, False, g):
+        _place(M, S, F, pol, sc, k, size, False, g)
+    return False
+
+
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _admit(M, S, F, pol, k, size, g):  # pragma: no cover - compiled
+    """CachePolicy.admit: a prefetch; True if resident afterwards."""
+    if M[RES, k]:
+        return True
+    sc = M[SCOF, k]
+    S[sc, TICK] += 1
+    if not _make_room(M, S, F, pol, sc, k, size, True, g):
+        return False
+    _place(M, S, F, pol, sc, k, size, True, g)
+    return True
+
+
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _remove(M, S, F, pol, k, g):  # pragma: no cover - compiled
+    if not M[RES, k]:
+        return
+    sc = M[SCOF, k]
+    _forget(M, S, F, pol, sc, k, False)
+    M[RES, k] = False
+    S[sc, USED] -= M[SIZE, k]
+    if M[STAMP, k] == g and S[sc, GST] == g:
+        S[sc, GB] -= M[SIZE, k]
+
+
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _stamp(M, S, F, k, g):  # pragma: no cover - compiled
+    sc = M[SCOF, k]
+    if S[sc, GST] != g:
+        S[sc, GST] = g
+        S[sc, GB] = 0
+    if M[STAMP, k] != g:
+        M[STAMP, k] = g
+        if M[RES, k]:
+            S[sc, GB] += M[SIZE, k]
+
+
+@numba.njit(cache=True, _nrt=False)
+def _kernel(M, S, F, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
+            dyn, t1, t2, dyn_slot, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
+            adm_at):  # pragma: no cover - compiled
+    """sim.engine.replay_reference over dense ids (see there for the rules); fills the output arrays.
+
+    Compiled without numba's reference counting (`_nrt=False`, as are its helpers): every array is
+    allocated by the caller, and the atomic reference counts on each helper's array arguments cost
+    more than the cache work itself on this path (measured: 0.33 s → 0.08 s on 960 k hits).
+    """
+    n_experts = hi_slots.shape[1]
+    n_parts = S[-1, N_PARTS]
+    per_layer = S[-1, PER_LAYER] > 0
+    n_eids = S[-1, N_EIDS]
+    n_pools = 2 if split else 1
+    G = glayer.shape[0]
+    for g in range(G):
+        layer = glayer[g]
+        lo = start[g]
+        hi = start[g + 1]
+        # begin_group on every pool's sub-cache of this layer
+        for p in range(n_pools):
+            sc = p * n_parts + (layer if per_layer else 0)
+            S[sc, CLAYER] = layer
+            if pol == HOBBIT and S[sc, CSEQ] != gseq[g]:
+                S[sc, CSEQ] = gseq[g]
+                e0 = layer * n_experts if per_layer else 0
+                e1 = (layer + 1) * n_experts if per_layer else n_eids
+                for x in range(p * n_eids + e0, p * n_eids + e1):
+                    M[USES, x] = 0
+                    M[HPUSES, x] = 0
+        row = layer * n_experts
+        for a in range(lo, hi):
+            e = expert[a]
+            _stamp(M, S, F, (row + e) * NS + hi_slots[layer, e], g)
+            if dyn:
+                _stamp(M, S, F, (row + e) * NS + dyn_slot, g)
+        dep = -1
+        for a in range(lo, hi):
+            e = expert[a]
+            s_hi = hi_slots[layer, e]
+            k_hi = (row + e) * NS + s_hi
+            k_lo = (row + e) * NS + dyn_slot
+            choice = HIGH_C
+            if dyn and score[a] > t1:
+                choice = LOW_C if score[a] <= t2 else SKIP_C
+            used = -1
+            if M[RES, k_hi]:
+                _access(M, S, F, pol, k_hi, sizes[layer, s_hi], s_hi == 0, g)
+                result[a] = HIT
+                slot_out[a] = s_hi
+                used = k_hi
+            elif choice != HIGH_C and M[RES, k_lo]:
+                _access(M, S, F, pol, k_lo, sizes[layer, dyn_slot], False, g)
+                result[a] = HIT
+                slot_out[a] = dyn_slot
+                used = k_lo
+            elif choice == HIGH_C:
+                _access(M, S, F, pol, k_hi, sizes[layer, s_hi], s_hi == 0, g)
+                result[a] = LOADED
+                slot_out[a] = s_hi
+                adm_at[k_hi] = -1
+                if dyn and shared and k_lo != k_hi and M[RES, k_lo]:
+                    _remove(M, S, F, pol, k_lo, g)  # the high copy supersedes the low one
+            elif choice == LOW_C:
+                _access(M, S, F, pol, k_lo, sizes[layer, dyn_slot], False, g)
+                result[a] = LOADED
+                slot_out[a] = dyn_slot
+                adm_at[k_lo] = -1
+            else:
+                result[a] = SKIPPED
+                slot_out[a] = -1
+            if used >= 0 and adm_at[used] >= 0:
+                dep = max(dep, adm_at[used])
+        wait[g] = dep
+        if predicted[g, 0] != -1:  # prefetch the next layer's predicted experts at high precision
+            nl = layer + 1
+            for j in range(predicted.shape[1]):
+                e = predicted[g, j]
+                if e == -1:
+                    continue
+                s = hi_slots[nl, e]
+                k = (nl * n_experts + e) * NS + s
+                if not M[RES, k] and _admit(M, S, F, pol, k, sizes[nl, s], g):
+                    pf_bytes[g] += sizes[nl, s]
+                    pf_loads[g] += 1
+                    pf_link[g] += link_s[nl, s]
+                    adm_at[k] = g
+
+
+def _static_pins(groups, hi_slots, sizes, caps, n_parts: int, per_layer: bool) -> np.ndarray:
+    """int64 [ids]: 1 where the static cache that holds the id pins it (StaticPinned.fit, vectorised).
+
+    Every pool's cache (and, per layer, every layer's sub-cache) is fit on the calibration window's
+    accesses at their high-precision slot: keys by count (descending), ties to the smaller key,
+    pinned greedily while they fit in that cache's capacity.
+    """
+    n_layers, n_experts = hi_slots.shape
+    n_ids = n_layers * n_experts * NS
+    calib = np.repeat(groups.calib, np.diff(groups.start))
+    layer = np.repeat(groups.layer, np.diff(groups.start))[calib].astype(np.int64)
+    expert = groups.expert[calib].astype(np.int64)
+    ids = (layer * n_experts + expert) * NS + hi_slots[layer, expert]
+    counts = np.bincount(ids, minlength=n_ids)
+    cand = np.flatnonzero(counts)
+    order = cand[np.lexsort((cand, -counts[cand]))]
+    size = sizes[order // NS // n_experts, order % NS].tolist()
+    part = (order // NS // n_experts if per_layer else np.zeros_like(order)).tolist()
+    out = np.zeros(n_ids, np.int64)
+    for p, cap in enumerate(caps):
+        left = [cap // n_parts if per_layer else cap] * n_parts
+        pinned = np.zeros(n_ids, bool)
+        for k, s, q in zip(order.tolist(), size, part):
+            if s <= left[q]:
+                pinned[k] = True
+                left[q] -= s
+        mine = (np.arange(n_ids) % NS != 0) == (p == 1) if len(caps) == 2 else np.ones(n_ids, bool)
+        out[mine & pinned] = 1
+    return out
+
+
+def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
+    """The compiled engine's Outcome, or None when the cache policy has no compiled form (belady)."""
+    from sim.engine import Outcome
+
+    pol = COMPILED_POLICIES.get(cache.policy)
+    if pol is None:
+        return None
+    params = dict(cache.params)
+    n_layers_tr, n_experts = hi_slots.shape
+    n_eids = n_layers_tr * n_experts
+    n_ids = n_eids * NS
+    per_layer = cache.partition == "per-layer"
+    if cache.partition not in ("global", "per-layer"):
+        raise ValueError(f"unknown partition {cache.partition!r}")
+    if per_layer and (cache.n_layers is None or cache.n_layers < 1):
+        raise ValueError("partition='per-layer' needs n_layers >= 1")
+    n_parts = int(cache.n_layers) if per_layer else 1
+    if per_layer and n_parts < n_layers_tr:
+        raise ValueError(f"keys of layer {n_layers_tr - 1} are outside the {n_parts} partitions")
+    share = policy.low_pool_share
+    split = share is not None
+    pool_caps = [int(cache.capacity_bytes)] if not split else [int(cache.capacity_bytes * (1 - share)), int(cache.capacity_bytes * share)]
+    n_sc = len(pool_caps) * n_parts
+    # the parameters each class takes (its constructor's defaults), checked like the class does
+    prm = np.zeros(17, np.int64)  # becomes S[-1]
+    Pf = {"protected_share": DEFAULT_PROTECTED_SHARE, "small_share": 0.1, "ghost_share": 0.9}
+    allowed = {LRU: (), SLRU: ("protected_share",), LFU: (), STATIC: (),
+               S3FIFO: ("small_share", "ghost_share", "move_to_main_threshold"),
+               HOBBIT: ("w_recency", "w_frequency", "w_high_precision", "w_layer_distance", "n_layers")}[pol]
+    extra = sorted(set(params) - set(allowed))
+    if extra:
+        raise TypeError(f"{cache.policy} got unexpected parameters {extra}")
+    if pol == SLRU:
+        Pf["protected_share"] = float(params.get("protected_share", DEFAULT_PROTECTED_SHARE))
+        if not 0.0 <= Pf["protected_share"] <= 1.0:
+            raise ValueError(f"protected_share must be in [0, 1], got {Pf['protected_share']}")
+    if pol == S3FIFO:
+        Pf["small_share"] = float(params.get("small_share", 0.1))
+        Pf["ghost_share"] = float(params.get("ghost_share", 0.9))
+        if not 0.0 <= Pf["small_share"] <= 1.0 or Pf["ghost_share"] < 0.0:
+            raise ValueError(f"bad shares: small_share={Pf['small_share']} ghost_share={Pf['ghost_share']}")
+        prm[MOVE_THR] = int(params.get("move_to_main_threshold", 1))
+    weights = (1.0, 1.0, 0.5, 1.0)
+    if pol == HOBBIT:
+        weights = tuple(float(params.get(n, d)) for n, d in zip(allowed[:4], weights))
+        hob_layers = params.get("n_layers", cache.n_layers)
+        prm[HOB_LAYERS] = int(hob_layers) if hob_layers else 0
+    prm[PER_LAYER], prm[N_PARTS], prm[N_EXPERTS], prm[N_EIDS], prm[N_IDS] = int(per_layer), n_parts, n_experts, n_eids, n_ids
+    # sub-cache of every id: pool (split: slot 0 high, others low) x partition (per-layer: its layer)
+    ids = np.arange(n_ids)
+    slot_of = ids % NS
+    layer_of = ids // NS // n_experts
+    sc_of = ((slot_of != 0) & split).astype(np.int64) * n_parts + (layer_of if per_layer else 0)
+    counts = np.bincount(sc_of, minlength=n_sc)
+    S = np.zeros((n_sc, 17), np.int64)
+    F = np.zeros((n_sc, 4), np.float64)
+    S[:, BASE] = np.r_[0, np.cumsum(counts)[:-1]]
+    for p, cap in enumerate(pool_caps):
+        sub_cap = cap // n_parts if per_layer else cap
+        rows = slice(p * n_parts, (p + 1) * n_parts)
+        S[rows, CAP] = sub_cap
+        S[rows, PCAP] = int(Pf["protected_share"] * sub_cap)
+        F[rows, STGT] = Pf["small_share"] * sub_cap
+        F[rows, GCAP] = Pf["ghost_share"] * sub_cap
+    if (S[:, CAP] < 0).any():
+        raise ValueError("capacity_bytes must be >= 0")
+    S[:, GST] = -2
+    S[:, CSEQ] = NO_SEQ
+    S[:, CLAYER] = -1
+    S[:, MAXL] = -1
+    n_sent = n_ids + 3 * n_sc
+    M = np.zeros((N_ROWS, n_sent), np.int64)
+    M[PRV] = M[NXT] = np.arange(n_sent)  # sentinels point at themselves (empty lists)
+    M[STAMP] = -2
+    M[HPOS] = -1
+    M[SCOF, :n_ids] = sc_of
+    M[LAYR, :n_ids] = layer_of
+    M[EID, :n_ids] = ids // NS
+    if pol == STATIC:
+        M[PIN, :n_ids] = _static_pins(groups, hi_slots, sizes, pool_caps, n_parts, per_layer)
+    S = np.vstack([S, prm[None]])
+    F = np.vstack([F, np.array([weights], np.float64)])
+    dyn = policy.is_dynamic
+    dyn_slot = SLOTS.index(policy.dynamic_format) if dyn else 0
+    t1 = float(policy.t1) if dyn else 0.0
+    t2 = float(policy.t2) if dyn else 0.0
+    n, n_groups = groups.expert.size, groups.n_groups
+    out = Outcome(np.zeros(n, np.int8), np.zeros(n, np.int8), np.zeros(n_groups, np.int64), np.zeros(n_groups, np.int64),
+                  np.zeros(n_groups, np.float64), np.full(n_groups, -1, np.int64))
+    _kernel(M, S, F, pol, groups.start, groups.layer, groups.seq, groups.expert, groups.score, groups.predicted,
+            hi_slots, np.ascontiguousarray(sizes, dtype=np.int64), np.ascontiguousarray(link_s, dtype=np.float64),
+            dyn, t1, t2, dyn_slot, split, not split, out.result, out.slot, out.prefetch_bytes, out.prefetch_loads,
+            out.prefetch_link_s, out.wait_group, np.full(n_ids, -1, np.int64))
+    return out
