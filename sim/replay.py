@@ -26,7 +26,7 @@ from sim.engine import (
 from sim.io import InputError, atomic_path, exit_on_input_error
 from sim.precision import parse_precision
 from sim.profiles import GIB, HardwareProfile, ModelProfile, derived_expert_budget, load_hardware, model_for_trace, parse_bytes
-from sim.timeline import GroupCosts, simulate
+from sim.timeline import GroupCosts, TimelineModel, simulate
 from sim.trace import DECODE, PREFILL, Trace, load_trace
 
 PHASES = {"decode": (DECODE,), "prefill": (PREFILL,), "all": (PREFILL, DECODE)}
@@ -168,9 +168,12 @@ def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: 
     acc_bytes = np.where(loaded, prep.sizes[acc_layer, slot], 0)
     acc_link = np.where(loaded, prep.link_s[acc_layer, slot], 0.0)
     launch_s, per_expert_s = prep.compute_s(acc_layer, slot, g.acc_tokens)
+    tl = TimelineModel.from_profile(hw.raw)
     # a group's served experts of one format share one launch: its fixed part is paid once
+    # (an engine that computes resident experts during the copies launches them apart from the missing ones)
     first_of_launch = np.zeros(slot.size, dtype=bool)
-    launch_code = group_of.astype(np.int64) * len(SLOTS) + slot
+    launch_code = (group_of.astype(np.int64) * len(SLOTS) + slot) * (2 if tl.overlap_resident else 1) \
+        + (loaded if tl.overlap_resident else 0)
     _, first_idx = np.unique(np.where(served, launch_code, -1), return_index=True)
     first_of_launch[first_idx] = True
     acc_comp = np.where(served, per_expert_s + np.where(first_of_launch, launch_s, 0.0), 0.0)
@@ -220,8 +223,10 @@ def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: 
             demand_link_s=np.bincount(group_of, weights=acc_link, minlength=g.n_groups),
             prefetch_link_s=out.prefetch_link_s,
             wait_group=out.wait_group,
+            resident_compute_s=np.bincount(group_of, weights=np.where(loaded, 0.0, acc_comp), minlength=g.n_groups)
+            if tl.overlap_resident else None,
         )
-        sched = simulate(costs)
+        sched = simulate(costs, tl)
         span = np.diff(np.r_[0.0, sched.end_s])
         counted_s = float(span[counted_g].sum())
         rec.update(
