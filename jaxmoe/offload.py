@@ -90,6 +90,9 @@ class Plan:
         return int(self.layer.size)
 
 
+_PREPARED: dict = {}
+
+
 def simulator_plan(trace, *, policy: str, precision: str, capacity_bytes: int, calib_fraction: float = 0.25,
                    seed: int = 0, gpu: str = "rtx3060-12gb") -> Plan:
     """THE adapter to the simulator: its logical replay of one configuration, as a Plan.
@@ -105,7 +108,10 @@ def simulator_plan(trace, *, policy: str, precision: str, capacity_bytes: int, c
 
     cfg = ReplayConfig(trace=trace, capacity_bytes=int(capacity_bytes), policy=policy, precision=precision, gpu=gpu,
                        calib_fraction=calib_fraction, seed=seed, timeline=False)
-    prep = prepare(cfg)
+    key = (id(trace), calib_fraction, seed, gpu)
+    if key not in _PREPARED or _PREPARED[key][0] is not trace:
+        _PREPARED[key] = (trace, prepare(cfg))  # groups and tables shared by a trace's configurations
+    prep = _PREPARED[key][1]
     pol = parse_precision(precision)
     g, model = prep.groups, prep.model
     hi_slots = static_slots(prep.calib_trace, pol, model.n_layers, model.n_experts, seed)
@@ -280,17 +286,18 @@ class Executor:
                             ptrs.append(mem.ptr)
                         srcs.append(ptrs)
                 self._pinned_src[p] = srcs
-        self._views = []
         self.raw_units = {}  # path -> per plane (dst base pointer, row bytes, src pointer per distinct expert)
         for p in self.paths:
             units = []
             arrays = [a for t in ("gate", "up", "down") for a in self.pools[p][t].values()]
             for arr, srcs in zip(arrays, self._pinned_src[p]):
                 arr.block_until_ready()
-                view = cp.from_dlpack(arr)
-                self._views.append(view)
-                units.append((int(view.data.ptr), int(np.prod(arr.shape[1:])) * arr.dtype.itemsize, srcs))
+                ptr = buffer_pointer(arr, cp.from_dlpack)
+                units.append((ptr, int(np.prod(arr.shape[1:])) * arr.dtype.itemsize, srcs))
             self.raw_units[p] = units
+        import gc
+
+        gc.collect()
 
     def _setup_jax(self):
         """pinned_host JAX arrays of each distinct expert's planes (numpy where the backend has no pinned_host)."""
@@ -443,13 +450,25 @@ class Executor:
             self._expert_fns[key] = jax.jit(fn)
         return self._expert_fns[key]
 
-    def precompile(self, max_g: int | None = None):
-        """Compile every expert launch shape (each kernel path × 1..top-k experts) and the dense layer and head."""
+    def precompile(self, shapes: set | None = None):
+        """Compile expert launch shapes (default: each kernel path × 1..top-k experts), the dense layer and head."""
         jnp = self.jnp
         x = self.embed_token(0)
-        for p in self.paths:
-            for g in range(1, (max_g or self.top_k) + 1):
-                self.run_experts(x, x, p, jnp.arange(g, dtype=jnp.int32), jnp.zeros((g,), jnp.float32))
+        shapes = sorted(shapes) if shapes is not None else [(p, g) for p in self.paths for g in range(1, self.top_k + 1)]
+
+        def one(pg):
+            p, g = pg
+            self.run_experts(x, x, p, jnp.arange(g, dtype=jnp.int32), jnp.zeros((g,), jnp.float32)).block_until_ready()
+
+        if self.on_gpu and os.environ.get("OFFLOAD_SERIAL_COMPILE") != "1":
+            from concurrent.futures import ThreadPoolExecutor
+
+            one(shapes[0])  # first trace imports and initialises the kernel modules on one thread
+            with ThreadPoolExecutor(8) as pool:  # compilation releases the GIL
+                list(pool.map(one, shapes[1:]))
+        else:
+            for pg in shapes:
+                one(pg)
         h, xn, top = self.dense(0, x, 0)
         self.head(h).block_until_ready()
 
@@ -463,6 +482,16 @@ class Executor:
         return self.embed[i % self.embed.shape[0]][None]
 
     # -- the decode loop -----------------------------------------------------------------------
+
+    def launch_shapes(self, plan: Plan) -> set:
+        """{(kernel path, experts)} of every launch the plan needs (resident and missing launches apart)."""
+        acc_layer = np.repeat(plan.layer, np.diff(plan.start))
+        group = np.repeat(np.arange(plan.n_groups), np.diff(plan.start))
+        served = plan.result != SKIPPED
+        names = np.array([path_of(self.native_names[la], s) for la, s in zip(acc_layer[served], plan.slot[served])])
+        key = np.char.add(np.char.add(names, "|"), (group[served] * 2 + (plan.result[served] == LOADED)).astype(str))
+        uniq, counts = np.unique(key, return_counts=True)
+        return {(k.split("|")[0], int(c)) for k, c in zip(uniq.tolist(), counts.tolist())}
 
     def compile_plan(self, plan: Plan) -> list:
         """Per group: (layer, pos, token_end, resident launches, (path, slots, experts) copies, missing launches)."""
@@ -539,6 +568,18 @@ class Executor:
                     head_s=0.0)
 
 
+def buffer_pointer(arr, from_dlpack) -> int:
+    """Address of a JAX array's buffer, read through a DLPack view (CuPy on the GPU) that is dropped at once.
+
+    Holding the view would pin an external reference on the buffer, and the jax copy path's donated
+    pool update then fails ("Donation requested for buffer with external reference") or copies the pool.
+    """
+    view = from_dlpack(arr)
+    ptr = int(view.data.ptr) if hasattr(view.data, "ptr") else int(view.ctypes.data)
+    del view
+    return ptr
+
+
 def _gate_up(x, gate: dict, up: dict, ids, kernel: str, interpret: bool):
     """h = SiLU(x·W_gateᵀ)·(x·W_upᵀ) of Q4_K experts → [G, M, F] float32 (launch A of the v4 kernels alone)."""
     import functools
@@ -608,14 +649,17 @@ def resolve_budget(text: str, model) -> tuple[int, str]:
     return parse_bytes(t), t
 
 
-def measure_config(ex: Executor, plan: Plan, repeats: int, warmup: int = 1) -> dict:
+def measure_config(ex: Executor, plan: Plan, repeats: int, warmup: int = 1, compiled: list | None = None) -> dict:
     """Run one plan `repeats` times, after `warmup` untimed runs."""
-    compiled = ex.compile_plan(plan)
+    compiled = compiled if compiled is not None else ex.compile_plan(plan)
     for _ in range(warmup):
         ex.run(compiled)  # launch shapes are precompiled; this settles caches and the copy path
     bd = ex.new_breakdown()
-    secs = [ex.run(compiled, bd) for _ in range(repeats)]
-    executed = dict(ex.counts)
+    secs, executed = [], dict(copies=0, computed=0, tokens=0)
+    for _ in range(repeats):
+        secs.append(ex.run(compiled, bd))
+        for k in executed:
+            executed[k] += ex.counts[k]
     tps = [plan.tokens / s for s in secs]
     mean, lo, hi = t_interval(tps)
     counts = plan_counts(plan)
@@ -759,7 +803,11 @@ def main(argv: list[str] | None = None) -> dict:
     ex = Executor(shape, native_names, top_k, copy_path=paths_cp[0], distinct=args.distinct, ctx_cap=ctx_cap,
                   kernel=args.kernel, seed=args.seed)
     t0 = time.perf_counter()
-    ex.precompile()
+    shapes = set().union(*(ex.launch_shapes(plan) for plan in plans.values()))
+    if args.calibrate:
+        g_hi = min(8, shape.n_experts)
+        shapes |= {(p, g) for p in ex.paths for g in (1, g_hi)}
+    ex.precompile(shapes)
     doc["setup_s"] = dict(precompile=time.perf_counter() - t0, total=time.perf_counter() - t_begin)
     print(f"executor ready in {doc['setup_s']['total']:.1f} s (precompile {doc['setup_s']['precompile']:.1f} s)", file=sys.stderr)
     if args.calibrate:

@@ -89,7 +89,7 @@ def _slot_paths(ex) -> list[tuple[int, str]]:
     return out
 
 
-def calibrate(ex, copy_paths: list, *, tokens: int = 4, reps: int = 3, deadline_s: float = 0.0, t_begin: float = 0.0) -> dict:
+def calibrate(ex, copy_paths: list, *, tokens: int = 3, reps: int = 3, deadline_s: float = 0.0, t_begin: float = 0.0) -> dict:
     """Micro-measurements per copy path (see the module docstring) → a JSON-able dict."""
     from jaxmoe.offload import device_info
 
@@ -97,7 +97,7 @@ def calibrate(ex, copy_paths: list, *, tokens: int = 4, reps: int = 3, deadline_
     for cpath in copy_paths:
         ex.set_copy_path(cpath)
         g_hi = min(8, ex.shape.n_experts)
-        rec = dict(grouped_experts=g_hi, copy_bytes=dict(ex.copy_bytes))
+        rec = dict(grouped_experts=g_hi, copy_bytes=dict(ex.copy_bytes), hidden=ex.shape.hidden, ffn=ex.shape.ffn)
         rec["head_s"] = head = _head_s(ex)
         plan, nl = synthetic_plan(ex, slot=0, path=None, n_hit=0, n_miss=0, tokens=tokens, pos0=0)
         rec["dense_s"] = _per_layer(ex, plan, nl, head, reps)
@@ -154,7 +154,7 @@ def raw_copy_floor(ex) -> dict:
     return dict(nbytes=sizes, seconds=curve, inflight_copies=[1, 2, 3, 4], inflight_gbps=inflight, inflight_nbytes=n)
 
 
-def device_times(ex, g_hi: int, chain: int = 8) -> dict:
+def device_times(ex, g_hi: int, chain: int = 4) -> dict:
     """GPU seconds per call of each expert launch (G = 1 and g_hi) and of the dense layer: `chain` dependent calls in one jit."""
     import jax
     import jax.numpy as jnp
@@ -206,8 +206,15 @@ def device_times(ex, g_hi: int, chain: int = 8) -> dict:
 # Profiles from the measurements (CPU)
 # ---------------------------------------------------------------------------------------------
 
-# logical (GGUF) bytes of one Qwen3-30B-A3B expert per kernel path: the sizes the simulator prices
-PATH_NBYTES = {"q2_k": 1548288, "q3_k": 2027520, "q4_k": 2654208, "q4_k+q6_k_down": 3059712}
+def path_nbytes(path: str, hidden: int = 2048, ffn: int = 768) -> int:
+    """Logical (GGUF) bytes of one expert of a kernel path: the size the simulator prices (Qwen3: Q4_K 2,654,208)."""
+    from sim.formats import FORMATS
+
+    per = hidden * ffn
+    if path == "q4_k+q6_k_down":
+        return 2 * FORMATS["q4_k"].nbytes(per) + FORMATS["q6_k"].nbytes(per)
+    return 3 * FORMATS[path].nbytes(per)
+
 VRAM = {"H100": 80 * 10**9, "H200": 141 * 10**9}
 
 
@@ -239,8 +246,9 @@ def executor_profile(calib: dict, cpath: str, head_bytes: int) -> dict:
     copyg = {p: rec["miss"][p][str(g)] - rec["hit"][p][str(g)] for p in paths}
     per_expert = {p: max(1e-7, (copyg[p] - copy1[p]) / (g - 1)) for p in paths}
     job = float(np.median([max(0.0, copy1[p] - per_expert[p]) for p in paths]))
-    order = sorted(paths, key=lambda p: PATH_NBYTES[p])
-    nbytes = [PATH_NBYTES[p] for p in order]
+    size = {p: path_nbytes(p, rec.get("hidden", 2048), rec.get("ffn", 768)) for p in paths}
+    order = sorted(paths, key=lambda p: size[p])
+    nbytes = [size[p] for p in order]
     secs = [per_expert[p] for p in order]
     fixed, gbps = _fit_linear(nbytes, secs)
     card = card_name(calib)
@@ -255,7 +263,7 @@ def executor_profile(calib: dict, cpath: str, head_bytes: int) -> dict:
         "runtime_reserve_bytes": 1 << 30,
         "transfer": {"copy_engines": 1, "fixed_s": fixed, "gbps": gbps,
                      "curve": {"nbytes": nbytes, "seconds": secs}},
-        "expert_compute": {"shape": {"hidden": 2048, "ffn": 768}, "tokens": [1],
+        "expert_compute": {"shape": {"hidden": rec.get("hidden", 2048), "ffn": rec.get("ffn", 768)}, "tokens": [1],
                            "seconds": {p: [single[p]] for p in paths},
                            "grouped_seconds": {p: [grouped[p]] for p in paths}, "grouped_experts": g,
                            "note": "per layer, host-timed in the executor's loop: (layer with G resident experts) − "
@@ -295,7 +303,7 @@ def native_profile(calib: dict, head_bytes: int) -> dict:
                      "curve": {"nbytes": floor["nbytes"], "seconds": floor["seconds"]},
                      "inflight": {"copies": floor["inflight_copies"], "aggregate_gbps": floor["inflight_gbps"],
                                   "nbytes": floor["inflight_nbytes"]}},
-        "expert_compute": {"shape": {"hidden": 2048, "ffn": 768}, "tokens": [1],
+        "expert_compute": {"shape": {"hidden": raw.get("hidden", 2048), "ffn": raw.get("ffn", 768)}, "tokens": [1],
                            "seconds": {p: [dev["expert"][p]["1"]] for p in paths},
                            "grouped_seconds": {p: [dev["expert"][p][str(g)]] for p in paths}, "grouped_experts": g},
         "dense_compute": {"tokens": [1], "seconds": [dev.get("dense_s", raw["dense_s"])], "context": 0,

@@ -131,3 +131,45 @@ def test_t_interval():
     m, lo, hi = offload.t_interval([10.0, 12.0, 11.0])
     assert m == 11.0 and lo < m < hi
     assert hi - m == pytest.approx(4.303 * 1.0 / np.sqrt(3))
+
+
+def test_pointer_read_leaves_pool_donatable():
+    """The raw path reads pool addresses through DLPack; the jax path's donated update must stay in place after."""
+    from sim.trace import load_trace  # noqa: F401  (import order: sim before jax-heavy modules is irrelevant)
+
+    shape = offload.Shape(n_layers=2, n_experts=4, hidden=256, ffn=256, n_heads=2, n_kv=1, head_dim=64, vocab=64)
+    ex = offload.Executor(shape, ("q4_k", "q4_k"), 2, copy_path="jax", kernel="reference", ctx_cap=64, paths=("q2_k",))
+    qs = lambda: ex.pools["q2_k"]["gate"]["qs"]  # noqa: E731
+    before = offload.buffer_pointer(qs(), np.from_dlpack)
+    ex.issue_copies("q2_k", [ex.slot_of("q2_k", 1, 3)], [3])
+    assert offload.buffer_pointer(qs(), np.from_dlpack) == before  # updated in place: the raw path's pointer holds
+    held = np.from_dlpack(qs())  # a view kept alive (what the first GPU run did) …
+    ex.issue_copies("q2_k", [ex.slot_of("q2_k", 0, 2)], [2])
+    assert offload.buffer_pointer(qs(), np.from_dlpack) != held.ctypes.data  # … forces a copy of the pool (GPU: an error)
+    # the copied slot holds its distinct expert's planes
+    np.testing.assert_array_equal(np.asarray(qs()[ex.slot_of("q2_k", 0, 2)]), ex.host["q2_k"][2 % ex.distinct]["gate"]["qs"])
+
+
+def test_profiles_and_validation_pipeline(tiny, tmp_path):
+    """calibrate (CPU, jax path) → profiles → the simulator predicts each configuration of a measured grid."""
+    from jaxmoe import offload_calib
+
+    grid, calib = tmp_path / "grid.json", tmp_path / "calib.json"
+    offload.main([str(tiny), "--shape", "tiny", "--copy-path", "jax", "--kernel", "reference", "--budget", "30%",
+                  "--policy", "lru", "--precision", "native", "--repeats", "2", "--warmup", "0",
+                  "--calibrate", str(calib), "--out", str(grid), "-q"])
+    docs = offload_calib.main(["profiles", str(calib), "--out-dir", str(tmp_path)])
+    prof = docs[0]
+    assert prof["name"] == "gpu-offload-jax" and prof["timeline"]["overlap_resident"] is True
+    assert prof["transfer"]["curve"]["nbytes"] == sorted(offload_calib.path_nbytes(p, 256, 256)
+                                                          for p in ("q4_k", "q4_k+q6_k_down", "q2_k", "q3_k"))
+    rows = offload_calib.main(["validate", str(grid), "--trace-dir", str(tiny.parent), "--profile-dir", str(tmp_path)])
+    assert len(rows) == 1 and rows[0]["hit_rate"] == rows[0]["sim_hit_rate"]
+    assert rows[0]["predicted"] > 0 and np.isfinite(rows[0]["error"])
+
+
+def test_path_nbytes_matches_architecture_table():
+    from jaxmoe import offload_calib
+
+    assert offload_calib.path_nbytes("q4_k") == 2_654_208 and offload_calib.path_nbytes("q2_k") == 1_548_288
+    assert offload_calib.path_nbytes("q3_k") == 2_027_520 and offload_calib.path_nbytes("q4_k+q6_k_down") == 3_059_712
