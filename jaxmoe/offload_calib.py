@@ -352,6 +352,33 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def tiny_trace(path: str, *, layers: int = 4, experts: int = 8, top_k: int = 2, seqs: int = 3, steps: int = 8,
+               seed: int = 0) -> None:
+    """A small decode-only trace for the executor's tiny shape (hidden = FFN = 256; Q6_K down in odd layers).
+
+    Popularity is Zipf-like per layer, so caches of a fraction of the experts hit often.
+    """
+    from sim.trace import Trace, TraceMeta, save_trace
+
+    w = 3 * 256 * 256
+    fmt = tuple("q4_k+q6_k_down" if la % 2 else "q4_k" for la in range(layers))
+    nbytes = tuple(path_nbytes(f, 256, 256) for f in fmt)
+    meta = TraceMeta(model="tiny-moe", n_layers=layers, n_experts=experts, top_k=top_k, expert_weights=w,
+                     expert_bytes=nbytes, expert_format=fmt, provenance=f"jaxmoe.offload_calib tiny-trace seed {seed}")
+    rng = np.random.default_rng(seed)
+    pop = 1.0 / np.arange(1, experts + 1) ** 1.2
+    t = seqs * steps
+    ids = np.zeros((t, layers, top_k), np.int16)
+    wt = np.zeros((t, layers, top_k), np.float32)
+    perm = [rng.permutation(experts) for _ in range(layers)]
+    for i in range(t):
+        for la in range(layers):
+            ids[i, la] = perm[la][rng.choice(experts, top_k, replace=False, p=pop / pop.sum())]
+            wt[i, la] = np.sort(rng.dirichlet(np.ones(top_k)))[::-1]
+    seq = np.repeat(np.arange(seqs), steps).astype(np.int32)
+    save_trace(Trace.from_arrays(ids, wt, np.ones(t, np.uint8), seq, meta), path)
+
+
 @exit_on_input_error
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m jaxmoe.offload_calib", description=__doc__.split("\n\n")[0],
@@ -366,7 +393,15 @@ def main(argv=None):
     b.add_argument("--trace-dir", required=True, help="folder holding the grid's traces (by file name)")
     b.add_argument("--profile-dir", default="sim/profiles", help="folder of the <card>-offload-<path>.json profiles")
     b.add_argument("--json", help="also write the rows as JSON")
+    c = sub.add_parser("tiny-trace", help="write a small decode-only trace for the executor's tiny shape (CPU runs)")
+    c.add_argument("out")
+    for name, default in (("layers", 4), ("experts", 8), ("top-k", 2), ("seqs", 3), ("steps", 8), ("seed", 0)):
+        c.add_argument(f"--{name}", type=int, default=default)
     args = ap.parse_args(argv)
+    if args.cmd == "tiny-trace":
+        tiny_trace(args.out, layers=args.layers, experts=args.experts, top_k=args.top_k, seqs=args.seqs,
+                   steps=args.steps, seed=args.seed)
+        return args.out
     if args.cmd == "profiles":
         try:
             calib = json.loads(Path(args.calib).read_text())
