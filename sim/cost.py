@@ -25,7 +25,7 @@ from sim.engine import LOADED, SKIPPED, AccessGroups, Outcome
 from sim.formats import FORMATS
 from sim.precision import LOW_FORMATS, SLOTS
 from sim.profiles import HardwareProfile, ModelProfile
-from sim.timeline import GroupCosts
+from sim.timeline import GroupCosts, TimelineModel
 
 GB = 1e9  # bandwidths are in GB/s = 1e9 bytes/s
 N_SLOTS = len(SLOTS)
@@ -151,10 +151,13 @@ def _mark_codes(start, layer, result, slot, acc_tokens, tok_index, n_tok, used):
 
 
 @numba.njit(cache=True)
-def _price_groups(start, layer, result, slot, acc_tokens, tok_index, n_tok, table, link_s,
-                  compute, link):  # pragma: no cover - compiled
-    """Per group, in access order: summed compute (launch part once per slot) and demand link seconds."""
-    seen = np.full(N_SLOTS, -1, np.int64)
+def _price_groups(start, layer, result, slot, acc_tokens, tok_index, n_tok, table, link_s, split,
+                  compute, link, resident):  # pragma: no cover - compiled
+    """Per group, in access order: summed compute (launch part once per slot) and demand link seconds.
+
+    `split`: resident and missing experts of one slot are separate launches (an engine that computes
+    its hits while the misses copy), and `resident` gets the hits' part of the compute."""
+    seen = np.full(2 * N_SLOTS, -1, np.int64)
     for g in range(layer.shape[0]):
         la = layer[g]
         for a in range(start[g], start[g + 1]):
@@ -162,15 +165,20 @@ def _price_groups(start, layer, result, slot, acc_tokens, tok_index, n_tok, tabl
             if r == SKIPPED:
                 continue
             s = slot[a]
+            launch = 2 * s + (1 if split and r == LOADED else 0)
             c = (la * N_SLOTS + s) * n_tok + tok_index[acc_tokens[a]]
-            compute[g] += table[c, 1] + (table[c, 0] if seen[s] != g else 0.0)
-            seen[s] = g
+            part = table[c, 1] + (table[c, 0] if seen[launch] != g else 0.0)
+            compute[g] += part
+            seen[launch] = g
             if r == LOADED:
                 link[g] += link_s[la, s]
+            elif split:
+                resident[g] += part
 
 
 def group_costs(groups: AccessGroups, outcome: Outcome, model: ModelProfile, hw: HardwareProfile,
-                link_s: np.ndarray, compute: ComputeTable, acc_layer: np.ndarray, decode_only: bool) -> GroupCosts:
+                link_s: np.ndarray, compute: ComputeTable, acc_layer: np.ndarray, decode_only: bool,
+                tl: TimelineModel | None = None) -> GroupCosts:
     """The per-group costs (sim.timeline.GroupCosts) of an engine outcome.
 
     Demand copies are the loaded accesses' link times; compute is each served access's per-expert
@@ -178,7 +186,8 @@ def group_costs(groups: AccessGroups, outcome: Outcome, model: ModelProfile, hw:
     format share one launch); the output head runs after a token's last layer; dense time per
     layer and group (`decode_only`: every group has one token, priced once per layer). One
     compiled pass over the accesses (linear, no sort); each distinct (layer, slot, tokens) is
-    priced once. `acc_layer` is unused (kept for callers).
+    priced once. `acc_layer` is unused (kept for callers). With `tl.overlap_resident` a group's
+    resident and missing experts are separate launches and `resident_compute_s` holds the former.
     """
     g = groups
     tokens = g.acc_tokens
@@ -193,8 +202,10 @@ def group_costs(groups: AccessGroups, outcome: Outcome, model: ModelProfile, hw:
     table[codes] = compute.price(codes, tok_vals)
     comp = np.zeros(g.n_groups)
     link = np.zeros(g.n_groups)
+    split = bool(tl is not None and tl.overlap_resident)
+    resident = np.zeros(g.n_groups)
     _price_groups(g.start, g.layer, outcome.result, outcome.slot, tokens, tok_index, tok_vals.size, table,
-                  np.ascontiguousarray(link_s, dtype=np.float64), comp, link)
+                  np.ascontiguousarray(link_s, dtype=np.float64), split, comp, link, resident)
     head = head_s(hw, model.head_bytes)
     if decode_only:
         per_layer = np.array([dense_s(hw, 1, int(b)) for b in model.dense_bytes])
@@ -207,4 +218,5 @@ def group_costs(groups: AccessGroups, outcome: Outcome, model: ModelProfile, hw:
         demand_link_s=link,
         prefetch_link_s=outcome.prefetch_link_s,
         wait_group=outcome.wait_group,
+        resident_compute_s=resident if split else None,
     )

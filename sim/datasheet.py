@@ -51,11 +51,36 @@ def _kernel_s(nbytes: float, flops: float, gpu: dict, bw_gbps: float) -> float:
     return max(mem, math) + gpu["launch_s"]
 
 
+KERNEL_PROFILE = "h200"  # the measured profile whose kernel times set the low-bit formats' cost relative to Q4_K
+LOW_BIT = ("q2_k", "q3_k")
+
+
+def measured_low_bit_ratio(fmt: str, tokens: int) -> float:
+    """Measured time of a `fmt` expert over a Q4_K one at `tokens` (the kernels of KERNEL_PROFILE); 1.0 where unmeasured.
+
+    The decode kernels are not bandwidth-bound: on the H200 a Q2_K expert takes 7.84 µs and a Q4_K one
+    7.92 µs at one token, so pricing a low-bit expert by its bytes (0.58× for Q2_K) overstates its gain.
+    """
+    doc = json.loads((PROFILE_DIR / f"{KERNEL_PROFILE}.json").read_text())["expert_compute"]
+    measured = [int(t) for t in doc["tokens"]]
+    if tokens not in measured or fmt not in doc["seconds"] or "q4_k" not in doc["seconds"]:
+        return 1.0
+    i = measured.index(tokens)
+    return float(doc["seconds"][fmt][i]) / float(doc["seconds"]["q4_k"][i])
+
+
 def _expert_table(gpu: dict, bw_gbps: float) -> dict[str, list[float]]:
-    """Seconds of one Qwen3-30B-A3B expert per format at each of TOKENS, priced by `_kernel_s`."""
+    """Seconds of one Qwen3-30B-A3B expert per format at each of TOKENS, priced by `_kernel_s`.
+
+    Q2_K and Q3_K are not priced by their bytes: they cost the Q4_K estimate times the measured kernel
+    ratio (`measured_low_bit_ratio`; equal cost where unmeasured).
+    """
     weights = 3 * HIDDEN * FFN
-    return {fmt: [_kernel_s(FORMATS[fmt].nbytes(weights), 2 * weights * t, gpu, bw_gbps) for t in TOKENS]
-            for fmt in ("q2_k", "q3_k", "q4_k", "q6_k", "q8_0", "bf16")}
+    table = {fmt: [_kernel_s(FORMATS[fmt].nbytes(weights), 2 * weights * t, gpu, bw_gbps) for t in TOKENS]
+             for fmt in ("q4_k", "q6_k", "q8_0", "bf16")}
+    for fmt in LOW_BIT:
+        table[fmt] = [q4 * measured_low_bit_ratio(fmt, t) for q4, t in zip(table["q4_k"], TOKENS)]
+    return {fmt: table[fmt] for fmt in ("q2_k", "q3_k", "q4_k", "q6_k", "q8_0", "bf16")}
 
 
 def datasheet_profile(name: str) -> dict:
@@ -73,7 +98,8 @@ def datasheet_profile(name: str) -> dict:
         "source": (
             "datasheet-scaled estimate (python -m sim.datasheet): memory-bound at "
             f"{BW_EFFICIENCY:.0%} of datasheet VRAM bandwidth, {FLOP_EFFICIENCY:.0%} of datasheet fp16 tensor rate, "
-            "PCIe 4.0 x16 pinned at 25 GB/s; NOT measured"
+            f"Q2_K/Q3_K experts at the Q4_K estimate × the measured {KERNEL_PROFILE} kernel ratio (equal where "
+            "unmeasured), PCIe 4.0 x16 pinned at 25 GB/s; NOT measured"
         ),
         "vram_bytes": gpu["vram_bytes"],
         "vram_gbps": BW_EFFICIENCY * gpu["vram_gbps"],

@@ -242,9 +242,10 @@ def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: 
         "per_layer_hit_rate": [round(float(h) / a, 6) if a else None for h, a in zip(layer_hit, layer_acc)],
     }
     if cfg.timeline:
+        tl = timeline.TimelineModel.from_profile(hw.raw)
         costs = cost.group_costs(g, out, model, hw, prep.link_s, prep.compute, None,
-                                 decode_only=not np.any(g.phase == PREFILL))
-        sched = timeline_compiled.schedule(costs) if cfg.fast else timeline.simulate(costs)
+                                 decode_only=not np.any(g.phase == PREFILL), tl=tl)
+        sched = timeline_compiled.schedule(costs, tl) if cfg.fast else timeline.simulate(costs, tl)
         span = np.diff(np.r_[0.0, sched.end_s])
         counted_s = float(span[counted_g].sum())
         rec.update(

@@ -10,6 +10,13 @@ several copy engines share one PCIe link's bandwidth, so they are modelled as on
 per-copy fixed cost is divided among the engines (see `sim.engine.slot_tables`). Runs of groups
 that neither copy nor wait are merged into one timeout: the same schedule with fewer events.
 
+Engine behaviours (a `TimelineModel`, read from a hardware profile's optional "timeline" object):
+- `overlap_resident`: the group's resident (hit) experts compute while its missing ones copy; only
+  the missing experts wait for the copy job (an engine that launches its hits first, as
+  jaxmoe.offload does). Off: the whole group waits for its copies (the original model).
+- `copy_job_fixed_s`: a fixed cost added to each group's demand copy job (per-layer copy batching:
+  issue and stream synchronisation paid once per layer, on top of each expert's link time).
+
 `reference_schedule` computes the same schedule as a plain recurrence; tests hold the two equal.
 """
 from __future__ import annotations
@@ -29,6 +36,22 @@ class GroupCosts:
     demand_link_s: np.ndarray  # float64 [G] copy-engine time of the group's demand misses (0: none)
     prefetch_link_s: np.ndarray  # float64 [G] copy-engine time of the prefetch issued with this group
     wait_group: np.ndarray  # int64 [G] group whose prefetch job must land before this one computes; -1 none
+    resident_compute_s: np.ndarray | None = None  # float64 [G] the part of compute_s whose experts were resident
+
+
+@dataclass(frozen=True)
+class TimelineModel:
+    """Engine behaviours the timeline can model (defaults: the original model)."""
+
+    overlap_resident: bool = False
+    copy_job_fixed_s: float = 0.0
+
+    @classmethod
+    def from_profile(cls, raw: dict) -> "TimelineModel":
+        """The "timeline" object of a hardware profile JSON (absent: defaults)."""
+        t = (raw or {}).get("timeline") or {}
+        return cls(overlap_resident=bool(t.get("overlap_resident", False)),
+                   copy_job_fixed_s=float(t.get("copy_job_fixed_s", 0.0)))
 
 
 @dataclass(frozen=True)
@@ -58,8 +81,16 @@ class PcieLink:
         return self.env.timeout(self.free_at_s - self.env.now)
 
 
-def _compute_stream(env: simpy.Environment, link: PcieLink, c: GroupCosts, end_s: np.ndarray, stall_s: np.ndarray):
+def resident_part(c: GroupCosts, m: TimelineModel) -> list:
+    if m.overlap_resident and c.resident_compute_s is not None:
+        return np.minimum(c.resident_compute_s, c.compute_s).tolist()
+    return [0.0] * c.dense_s.size
+
+
+def _compute_stream(env: simpy.Environment, link: PcieLink, c: GroupCosts, end_s: np.ndarray, stall_s: np.ndarray,
+                    m: TimelineModel):
     dense, compute = c.dense_s.tolist(), c.compute_s.tolist()
+    resident = resident_part(c, m)
     demand, prefetch, wait_group = c.demand_link_s.tolist(), c.prefetch_link_s.tolist(), c.wait_group.tolist()
     prefetch_done: dict[int, simpy.Event] = {}
     n = len(dense)
@@ -78,46 +109,51 @@ def _compute_stream(env: simpy.Environment, link: PcieLink, c: GroupCosts, end_s
             if g == n:
                 break
         yield env.timeout(dense[g])
-        ready = link.submit(demand[g]) if demand[g] > 0 else None
+        ready = link.submit(demand[g] + m.copy_job_fixed_s) if demand[g] > 0 else None
         if prefetch[g] > 0:
             prefetch_done[g] = link.submit(prefetch[g])
         if ready is None and wait_group[g] >= 0:
             ready = prefetch_done.get(wait_group[g])
+        if resident[g] > 0 and ready is not None:
+            yield env.timeout(resident[g])  # resident experts compute while the copies land
         if ready is not None and not ready.processed:
             t0 = env.now
             yield ready
             stall_s[g] = env.now - t0
-        yield env.timeout(compute[g])
+        yield env.timeout(compute[g] - (resident[g] if ready is not None else 0.0))
         end_s[g] = env.now
         for old in [k for k in prefetch_done if k < g - 1 and prefetch_done[k].processed]:
             del prefetch_done[old]  # landed: later groups never wait on it
         g += 1
 
 
-def simulate(costs: GroupCosts) -> Schedule:
+def simulate(costs: GroupCosts, model: TimelineModel | None = None) -> Schedule:
     """Run the simpy model over all groups."""
     env = simpy.Environment()
     link = PcieLink(env)
     n = costs.dense_s.size
     end_s = np.zeros(n)
     stall_s = np.zeros(n)
-    env.process(_compute_stream(env, link, costs, end_s, stall_s))
+    env.process(_compute_stream(env, link, costs, end_s, stall_s, model or TimelineModel()))
     env.run()
     return Schedule(end_s=end_s, stall_s=stall_s, link_busy_s=link.busy_s)
 
 
-def reference_schedule(costs: GroupCosts) -> Schedule:
+def reference_schedule(costs: GroupCosts, model: TimelineModel | None = None) -> Schedule:
     """The same schedule as a plain recurrence (the independent reference for `simulate`)."""
+    m = model or TimelineModel()
     t = link_free = busy = 0.0
     n = costs.dense_s.size
     end_s, stall_s = np.zeros(n), np.zeros(n)
     pf_done: dict[int, float] = {}
+    overlap = m.overlap_resident and costs.resident_compute_s is not None
     for g in range(n):
         t += costs.dense_s[g]
         ready = None
         if costs.demand_link_s[g] > 0:
-            link_free = max(link_free, t) + costs.demand_link_s[g]
-            busy += costs.demand_link_s[g]
+            job = costs.demand_link_s[g] + m.copy_job_fixed_s
+            link_free = max(link_free, t) + job
+            busy += job
             ready = link_free
         if costs.prefetch_link_s[g] > 0:
             link_free = max(link_free, t) + costs.prefetch_link_s[g]
@@ -125,9 +161,11 @@ def reference_schedule(costs: GroupCosts) -> Schedule:
             pf_done[g] = link_free
         if ready is None and costs.wait_group[g] >= 0:
             ready = pf_done.get(int(costs.wait_group[g]))
+        res = min(costs.resident_compute_s[g], costs.compute_s[g]) if overlap and ready is not None else 0.0
+        t += res
         if ready is not None and ready > t:
             stall_s[g] = ready - t
             t = ready
-        t += costs.compute_s[g]
+        t += costs.compute_s[g] - res
         end_s[g] = t
     return Schedule(end_s=end_s, stall_s=stall_s, link_busy_s=busy)

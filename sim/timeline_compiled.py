@@ -12,11 +12,11 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from sim.timeline import GroupCosts, Schedule
+from sim.timeline import GroupCosts, Schedule, TimelineModel, resident_part
 
 
 @numba.njit(cache=True)
-def _schedule(dense, compute, demand, prefetch, wait_group):  # pragma: no cover - compiled
+def _schedule(dense, compute, resident, demand, prefetch, wait_group, job_fixed):  # pragma: no cover - compiled
     n = dense.shape[0]
     end_s = np.zeros(n)
     stall_s = np.zeros(n)
@@ -46,8 +46,9 @@ def _schedule(dense, compute, demand, prefetch, wait_group):  # pragma: no cover
         ready = -1.0
         has_ready = False
         if demand[g] > 0:
-            free_at = max(free_at, now) + demand[g]
-            busy += demand[g]
+            job = demand[g] + job_fixed
+            free_at = max(free_at, now) + job
+            busy += job
             ready = now + (free_at - now)
             has_ready = True
         if prefetch[g] > 0:
@@ -62,10 +63,13 @@ def _schedule(dense, compute, demand, prefetch, wait_group):  # pragma: no cover
         if not has_ready and w >= 0 and live[w]:
             ready = pf_time[w]
             has_ready = True
+        res = resident[g] if has_ready else 0.0
+        if res > 0:
+            now = now + res  # resident experts compute while the copies land
         if has_ready and ready > now:
             stall_s[g] = ready - now
             now = ready
-        now = now + compute[g]
+        now = now + (compute[g] - res)
         end_s[g] = now
         m = 0
         for j in range(n_keys):  # forget landed jobs older than the previous group
@@ -80,10 +84,13 @@ def _schedule(dense, compute, demand, prefetch, wait_group):  # pragma: no cover
     return end_s, stall_s, busy
 
 
-def schedule(costs: GroupCosts) -> Schedule:
+def schedule(costs: GroupCosts, model: TimelineModel | None = None) -> Schedule:
     """The simpy model's schedule (`sim.timeline.simulate`), computed by the compiled loop."""
     f = np.ascontiguousarray
+    m = model or TimelineModel()
+    resident = resident_part(costs, m)
     end_s, stall_s, busy = _schedule(f(costs.dense_s, np.float64), f(costs.compute_s, np.float64),
+                                     f(resident, np.float64),
                                      f(costs.demand_link_s, np.float64), f(costs.prefetch_link_s, np.float64),
-                                     f(costs.wait_group, np.int64))
+                                     f(costs.wait_group, np.int64), float(m.copy_job_fixed_s))
     return Schedule(end_s=end_s, stall_s=stall_s, link_busy_s=float(busy))

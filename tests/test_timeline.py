@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.timeline import GroupCosts, reference_schedule, simulate
+from sim.timeline import GroupCosts, TimelineModel, reference_schedule, simulate
 
 
 def costs(dense, compute, demand, prefetch, wait):
@@ -48,4 +48,44 @@ def test_simpy_equals_recurrence(groups):
     np.testing.assert_allclose(a.stall_s, b.stall_s, rtol=1e-12, atol=1e-9)
     assert a.link_busy_s == pytest.approx(b.link_busy_s)
     # the compute stream never finishes before its own work is done
+    assert a.end_s[-1] >= sum(dense) + sum(compute) - 1e-9
+
+
+def test_hand_schedule_overlap_resident_and_job_fixed_cost():
+    # g0: dense 1; copy job 3 + fixed 0.5 lands at 4.5; resident experts (1 of compute 2) run 1→2, stall 2.5,
+    #     missing part 1 → ends 5.5.  g1: no copies: dense 1, compute 1 → 7.5 (resident split unused).
+    c = GroupCosts(np.array([1.0, 1.0]), np.array([2.0, 1.0]), np.array([3.0, 0.0]), np.array([0.0, 0.0]),
+                   np.array([-1, -1]), resident_compute_s=np.array([1.0, 1.0]))
+    m = TimelineModel(overlap_resident=True, copy_job_fixed_s=0.5)
+    for sched in (simulate(c, m), reference_schedule(c, m)):
+        assert sched.end_s.tolist() == [5.5, 7.5]
+        assert sched.stall_s.tolist() == [2.5, 0.0]
+        assert sched.link_busy_s == 3.5
+    # without the settings the same costs give the original schedule: wait for all copies, then compute 2
+    assert simulate(c).end_s.tolist() == [6.0, 8.0]
+
+
+def test_timeline_model_from_profile():
+    assert TimelineModel.from_profile({}) == TimelineModel()
+    m = TimelineModel.from_profile({"timeline": {"overlap_resident": True, "copy_job_fixed_s": 2e-5}})
+    assert m.overlap_resident and m.copy_job_fixed_s == 2e-5
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(group, st.floats(0, 5)), min_size=1, max_size=40), st.booleans(), st.floats(0, 2))
+def test_simpy_equals_recurrence_with_engine_settings(groups, overlap, job_fixed):
+    rows, resident = zip(*groups)
+    dense, compute, demand, prefetch, back = zip(*rows)
+    wait = [g - b if b >= 0 and g - b >= 0 and b > 0 else -1 for g, b in enumerate(back)]
+    c = costs(dense, compute, demand, prefetch, wait)
+    c = GroupCosts(c.dense_s, c.compute_s, c.demand_link_s, c.prefetch_link_s, c.wait_group,
+                   resident_compute_s=np.array(resident, float))
+    m = TimelineModel(overlap_resident=overlap, copy_job_fixed_s=job_fixed)
+    a, b = simulate(c, m), reference_schedule(c, m)
+    np.testing.assert_allclose(a.end_s, b.end_s, rtol=1e-12, atol=1e-9)
+    np.testing.assert_allclose(a.stall_s, b.stall_s, rtol=1e-12, atol=1e-9)
+    assert a.link_busy_s == pytest.approx(b.link_busy_s)
+    # overlapping can only help: never later than the original model with the same job cost
+    base = reference_schedule(c, TimelineModel(copy_job_fixed_s=job_fixed))
+    assert b.end_s[-1] <= base.end_s[-1] + 1e-9
     assert a.end_s[-1] >= sum(dense) + sum(compute) - 1e-9

@@ -3,7 +3,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sim.timeline import GroupCosts, simulate
+from sim.timeline import GroupCosts, TimelineModel, reference_schedule, simulate
 from sim.timeline_compiled import schedule
 
 # durations from a small grid as well as arbitrary floats: equal landing and clock times are the
@@ -24,6 +24,24 @@ def test_compiled_schedule_equals_simpy_exactly(groups):
     assert a.end_s.tolist() == b.end_s.tolist()
     assert a.stall_s.tolist() == b.stall_s.tolist()
     assert a.link_busy_s == b.link_busy_s
+
+
+@settings(deadline=None)
+@given(st.lists(st.tuples(group, duration), min_size=1, max_size=60), st.sampled_from([0.0, 0.25, 1.0]))
+def test_compiled_schedule_equals_simpy_with_engine_settings(groups, job_fixed):
+    """overlap_resident and copy_job_fixed_s (the executor's engine behaviours): same floats on both paths."""
+    rows, resident = zip(*groups)
+    dense, compute, demand, prefetch, back = zip(*rows)
+    wait = [g - b if b > 0 and g - b >= 0 else -1 for g, b in enumerate(back)]
+    c = GroupCosts(np.array(dense, float), np.array(compute, float), np.array(demand, float),
+                   np.array(prefetch, float), np.array(wait, np.int64), resident_compute_s=np.array(resident, float))
+    m = TimelineModel(overlap_resident=True, copy_job_fixed_s=job_fixed)
+    a, b = simulate(c, m), schedule(c, m)
+    assert a.end_s.tolist() == b.end_s.tolist()
+    assert a.stall_s.tolist() == b.stall_s.tolist()
+    assert a.link_busy_s == b.link_busy_s
+    r = reference_schedule(c, m)  # the plain recurrence: equal up to float association
+    np.testing.assert_allclose(b.end_s, r.end_s, rtol=1e-9, atol=1e-9)
 
 
 def test_compiled_schedule_on_a_replay_with_prefetch():
