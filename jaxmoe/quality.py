@@ -81,11 +81,11 @@ from jaxmoe.record import (
     tile_rows,
 )
 from sim.io import InputError, atomic_path, exit_on_input_error
-from sim.precision import SIGNALS, PrecisionPolicy, demoted_experts, hobbit_scores, importance
+from sim.precision import LOW_FORMATS, SIGNALS, PrecisionPolicy, demoted_experts, hobbit_scores, importance
 from sim.trace import PREFILL, Trace, TraceMeta
 
 F32 = jnp.float32
-LOW_FORMATS = ("q3_k", "q2_k")
+REPORT_ORDER = ("q3_k", "q2_k")  # the order low formats are run and reported in (each in sim.precision.LOW_FORMATS)
 DEFAULT_FRACTIONS = tuple(round(0.1 * i, 1) for i in range(11))
 DEFAULT_T1 = (0.4, 0.6, 0.8, 1.0)
 DEFAULT_T2 = (0.8, 0.9, 1.0)
@@ -111,7 +111,7 @@ class Settings:
     batch: int = DEFAULT_BATCH
     fractions: tuple[float, ...] = DEFAULT_FRACTIONS
     signals: tuple[str, ...] = SIGNALS
-    formats: tuple[str, ...] = LOW_FORMATS
+    formats: tuple[str, ...] = REPORT_ORDER
     t1: tuple[float, ...] = DEFAULT_T1
     t2: tuple[float, ...] = DEFAULT_T2
     dynamic_format: str = "q2_k"
@@ -563,7 +563,7 @@ def run_quality(gguf: gguf_io.GGUFModel, eval_tokens: np.ndarray, calib_tokens: 
 
     t0 = time.perf_counter()
     base_experts = model_experts(gguf.weights)
-    low_formats = sorted(set(st.formats) | {st.dynamic_format}, key=LOW_FORMATS.index)
+    low_formats = sorted(set(st.formats) | {st.dynamic_format}, key=REPORT_ORDER.index)
     low = {f: requantized_experts(gguf, f) for f in low_formats}
     float_low = {}
     if st.compound_fractions:
