@@ -78,7 +78,7 @@ PROTECTED_SHARES = (0.0, 0.2, 0.5, DEFAULT_PROTECTED_SHARE)
 # measurements) right after `precision`, then SLRU's protected share (last, so that adding it left
 # the earlier columns of every row as they were).
 BOOKKEEPING_COLUMNS = ("config_id", "trace", "budget", "budget_kind")
-PRECISION_COLUMNS = tuple(f.name for f in fields(PrecisionPolicy) if f.name != "low_pool_share")
+PRECISION_COLUMNS = tuple(f.name for f in fields(PrecisionPolicy) if f.name not in ("low_pool_share", "low_copy"))
 _RECORD = tuple(n for n in RECORD_FIELDS if n != "per_layer_hit_rate")
 _AFTER = _RECORD.index("precision") + 1
 SWEEP_COLUMNS = BOOKKEEPING_COLUMNS + _RECORD[:_AFTER] + PRECISION_COLUMNS + _RECORD[_AFTER:] + ("protected_share",)

@@ -301,7 +301,7 @@ def replay_reference(
                 c_hi.access(k_hi, int(sizes[layer, s_hi]), high_precision=s_hi == 0)
                 result[a], slot_out[a] = HIT, s_hi
                 key_used = k_hi
-            elif choice != HIGH and lo_cache.contains(keys_lo[i]):
+            elif dyn and policy.low_copy_serves(choice) and lo_cache.contains(keys_lo[i]):
                 lo_cache.access(keys_lo[i], int(sizes[layer, dyn_slot]), high_precision=False)
                 result[a], slot_out[a] = HIT, dyn_slot
                 key_used = keys_lo[i]
@@ -358,6 +358,8 @@ def _replay_compiled(
 
     policy_name, partition, capacity_bytes = cache.policy, cache.partition, cache.capacity_bytes
     policy_params, n_layers = dict(cache.params), cache.n_layers
+    # (a compiled engine that learns the dynamic rule must also honour policy.low_copy == "serve",
+    # or return None for it so that the reference path runs)
     if (policy_name not in FAST_POLICIES or policy.is_dynamic or policy.low_pool_share is not None
             or np.any(groups.predicted != ABSENT)):
         return None
