@@ -79,7 +79,7 @@ PROTECTED_SHARES = (0.0, 0.2, 0.5, DEFAULT_PROTECTED_SHARE)
 # the earlier columns of every row as they were).
 BOOKKEEPING_COLUMNS = ("config_id", "trace", "budget", "budget_kind")
 PRECISION_COLUMNS = tuple(f.name for f in fields(PrecisionPolicy) if f.name not in ("low_pool_share", "low_copy"))
-_RECORD = tuple(n for n in RECORD_FIELDS if n != "per_layer_hit_rate")
+_RECORD = tuple(n for n in RECORD_FIELDS if n not in ("per_layer_hit_rate", "units"))
 _AFTER = _RECORD.index("precision") + 1
 SWEEP_COLUMNS = BOOKKEEPING_COLUMNS + _RECORD[:_AFTER] + PRECISION_COLUMNS + _RECORD[_AFTER:] + ("protected_share",)
 PER_LAYER_COLUMNS = ("config_id", "layer", "hit_rate")
@@ -238,6 +238,7 @@ def run_sweep(trace_path: str | Path, *, gpus: tuple[str, ...] = DEFAULT_GPUS, g
             rec = run_prepared(prep, cfg).as_dict()
             cid = len(rows)
             per_layer = rec.pop("per_layer_hit_rate")
+            rec.pop("units", None)
             row = dict(config_id=cid, trace=label, budget=sc.budget,
                        budget_kind=parse_budget(sc.budget, option="budget label").kind,
                        **precision_columns(sc.precision), **rec,
