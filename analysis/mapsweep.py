@@ -66,7 +66,7 @@ T1S, T2S = (0.3, 0.45, 0.6, 0.75), (0.8, 0.9, 0.95)
 # the synthesized workload: SEQS sequences of PREFILL + DECODE tokens, the first CALIB_SEQS calibrate
 SEQS, CALIB_SEQS, PREFILL, DECODE, SEED, PREDICT_ACCURACY = 8, 2, 16, 160, 0, 0.8
 REAL_BLOCK = 16  # tokens per resampling block of the one-sequence phone recording
-OUT_DIR = Path("results/sweeps")
+OUT_DIR = Path("results/sweeps/map")  # a folder of its own: analysis.report reads results/sweeps/*.csv as analysis.sweep output
 
 
 @dataclass(frozen=True)

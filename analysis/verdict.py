@@ -185,12 +185,19 @@ def _policy(r) -> str:
     return parts[0] + (f" ({', '.join(extra)})" if extra else "")
 
 
+def _kld(x: float) -> str:
+    """A KLD for the text: 4 decimals, or 2 significant digits below 0.001 (the 48-layer model's are ~1e-5)."""
+    return f"{x:.4f}" if not np.isfinite(x) or abs(x) >= 1e-3 or x == 0 else f"{x:.1e}"
+
+
 def _numbers(r) -> str:
     base = r.get("baseline", "") or "native"
     base = base if isinstance(base, str) and base else "native"
-    kld = f"KLD {r['kld']:.4f}"
+    kld = f"KLD {_kld(r['kld'])}"
     if np.isfinite(r["kld_lo"]) and np.isfinite(r["kld_hi"]):
-        kld += f" [{r['kld_lo']:.4f}, {r['kld_hi']:.4f}]"
+        kld += f" [{_kld(r['kld_lo'])}, {_kld(r['kld_hi'])}]"
+    elif not np.isfinite(r["kld"]):
+        kld = "an unmeasured KLD"
     return (f"Δ tok/s {_pct(r['delta'])} [95 % interval {_pct(r['delta_lo'])}, {_pct(r['delta_hi'])}] at {kld} "
             f"against the {base} model")
 
