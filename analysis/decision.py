@@ -150,7 +150,7 @@ def verdict_input(speed: pd.DataFrame, quality: pd.DataFrame | None) -> pd.DataF
     fields = pd.DataFrame([_policy_fields(p) for p in s["precision"]], index=s.index)
     out = pd.DataFrame({
         "model": s["model"] + " " + s["native"].str.upper().str.replace("_K_M", "_K_M"),
-        "gpu": "derived from rtx3060-12gb",
+        "gpu": "an RTX 3060-class GPU",
         "vram_gb": s["vram_gb"], "pcie": s["pcie"],
         "policy": fields["policy"], "signal": fields["signal"], "threshold": fields["threshold"],
         "low_format": fields["low_format"], "precision": s["precision"],
@@ -383,7 +383,9 @@ def quality_pairs_table(qfacts: dict) -> pd.DataFrame:
     """The quality file's paired KLD differences (vs the Q4_K model) with intervals."""
     rows = []
     for p in qfacts.get("pairs", []):
-        a, b = quality_spec(p["a"]) or p["a"], quality_spec(p["b"]) or p["b"]
+        a, b = quality_spec(p["a"]), quality_spec(p["b"])
+        if a is None or b is None:  # rows of formats the simulator does not price (e.g. q2_k+q4_k_down)
+            continue
         lo, hi = (p.get("ci") or [np.nan, np.nan])[:2]
         rows.append({"a": a, "b": b, "KLD a − b": f"{p['diff']:+.2e}", "95 % CI": f"[{lo:+.2e}, {hi:+.2e}]",
                      "verdict": p.get("verdict", "")})
