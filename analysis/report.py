@@ -950,15 +950,18 @@ def save_png(chart, path: Path, scale: float = 1.5) -> None:
 
 
 def generate(sweep_dir=SWEEP_DIR, quality_glob=QUALITY_GLOB, doc=DOC, fig_dir=FIG_DIR, *,
-             png: bool = True, map_dir=MAP_DIR, quality48_glob=QUALITY48_GLOB,
+             png: bool = True, map_dir=None, quality48_glob=QUALITY48_GLOB,
              offload_glob=OFFLOAD_GLOB) -> tuple[str, list[Path]]:
-    """Load the results, write the figures and the document; returns (markdown, figure paths)."""
+    """Load the results, write the figures and the document; returns (markdown, figure paths).
+
+    `map_dir`: the map sweeps of the Decision section (the CLI passes results/sweeps/map); None: no
+    decision section data (the section says so)."""
     from analysis import decision as D
 
     inp = load_inputs(sweep_dir, quality_glob)
     figs = figures(inp)
-    dec = D.decision(map_dir, quality48_glob)
-    facts = decision_facts(dec, D.load_offload(offload_glob))
+    dec = D.decision(map_dir, quality48_glob) if map_dir is not None else None
+    facts = decision_facts(dec, D.load_offload(offload_glob)) if dec is not None else None
     doc, fig_dir = Path(doc), Path(fig_dir)
     rel = _relpath(fig_dir, doc.parent)
     paths = []
