@@ -146,8 +146,8 @@ def configs(panels) -> list[MapConfig]:
 
 def synth_args(family: str, seqs: int = SEQS, decode: int = DECODE, prefill: int = PREFILL) -> dict:
     """The sim.synth preset overrides of the map's trace for a model family."""
-    return dict(n_seqs=seqs, prefill_tokens=prefill, decode_tokens=decode, seed=SEED,
-                predict_accuracy=PREDICT_ACCURACY)
+    return {"n_seqs": seqs, "prefill_tokens": prefill, "decode_tokens": decode, "seed": SEED,
+                "predict_accuracy": PREDICT_ACCURACY}
 
 
 def synth_command(family: str, **kw) -> str:
@@ -325,12 +325,11 @@ def main(argv=None) -> pd.DataFrame:
         prov_traces[f] = {"command": synth_command(f), "steps": int(tr.n_steps), "sequences": SEQS,
                           "calib_seqs": CALIB_SEQS, "decode_per_seq": DECODE, "prefill_per_seq": PREFILL,
                           "sha256": hashlib.sha256(tr.experts.tobytes() + tr.weights.tobytes()).hexdigest()[:16]}
-    if any(p.trace == "real" for p in panels):
-        if a.real and Path(a.real).exists():
-            traces["real"] = load_trace(a.real)
-            prov_traces["real"] = {"command": a.real_cmd, "file": Path(a.real).name,
-                                   "steps": int(traces["real"].n_steps), "block_tokens": REAL_BLOCK,
-                                   "sha256": hashlib.sha256(Path(a.real).read_bytes()).hexdigest()[:16]}
+    if any(p.trace == "real" for p in panels) and a.real and Path(a.real).exists():
+        traces["real"] = load_trace(a.real)
+        prov_traces["real"] = {"command": a.real_cmd, "file": Path(a.real).name,
+                               "steps": int(traces["real"].n_steps), "block_tokens": REAL_BLOCK,
+                               "sha256": hashlib.sha256(Path(a.real).read_bytes()).hexdigest()[:16]}
     rows, units, facts = run_map(panels, traces, quiet=a.quiet)
     prov = {
         "command": "python -m analysis.mapsweep " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -887,7 +887,7 @@ def decision_facts(dec: dict | None, offload: list[dict] | None = None) -> dict 
     for p in provs:
         pressure.update({k: v_ for k, v_ in p.get("pressure", {}).items() if k.startswith("base:")})
     fits = sorted({f for p in provs for f in p.get("fits", []) if f.startswith("base:")})
-    n_units = sorted(set(int(x) for x in speed.loc[speed["panel"] == "map", "n_units"])) if not speed.empty else []
+    n_units = sorted({int(x) for x in speed.loc[speed["panel"] == "map", "n_units"]}) if not speed.empty else []
     real = speed[speed["panel"] == "real"] if not speed.empty else speed
     q = dec["quality"]
     qf = dec["quality_facts"]
@@ -967,10 +967,10 @@ def generate(sweep_dir=SWEEP_DIR, quality_glob=QUALITY_GLOB, doc=DOC, fig_dir=FI
     paths = []
     if facts is not None:
         figs = [(MAP_FIG, D.map_chart(dec["verdict_input"], dec["verdict"]),
-                 "The decision map: for each setting (model and native format; VRAM; PCIe link) the best policy's "
+                 ("The decision map: for each setting (model and native format; VRAM; PCIe link) the best policy's "
                  "lower 95 % bound of Δ tok/s against native, ✓ where the rule recommends a policy (source: "
                  f"`{map_dir}/*.csv`; interactive version with every policy and interval: "
-                 f"[{MAP_FIG}.html]({rel}/{MAP_FIG}.html))")] + figs
+                 f"[{MAP_FIG}.html]({rel}/{MAP_FIG}.html))"))] + figs
         if png:
             D.write_html(D.interactive_chart(dec["verdict_input"]), fig_dir / f"{MAP_FIG}.html")
             paths.append(fig_dir / f"{MAP_FIG}.html")

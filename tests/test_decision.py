@@ -91,15 +91,15 @@ def _write_map(folder, gain_static: float, gain_dyn: float):
     rows, units = [], []
     for cid, (prec, gain) in enumerate((("native", 0.0), ("static:mass:50%:q2_k", gain_static),
                                         ("dynamic:0.6:0.9:q2_k:serve", gain_dyn))):
-        rows.append(dict(config_id=cid, panel="map", scenario="base", trace="qwen3-30b-a3b", model="qwen3-30b-a3b",
-                         native="q4_k_m", vram_gb=12, pcie="gen4x16", policy="slru", protected_share=None,
-                         prefetch="none", precision=prec, low_copy="", capacity_bytes=1, capacity_fraction=0.5,
-                         hit_rate=0.9, tokens_per_s=100 * (1 + gain), stall_fraction=0.1, bytes_per_token=1.0,
-                         low_precision_mass=0.1, skipped_mass=0.0, tokens=800, accesses=8000))
+        rows.append({"config_id": cid, "panel": "map", "scenario": "base", "trace": "qwen3-30b-a3b", "model": "qwen3-30b-a3b",
+                         "native": "q4_k_m", "vram_gb": 12, "pcie": "gen4x16", "policy": "slru", "protected_share": None,
+                         "prefetch": "none", "precision": prec, "low_copy": "", "capacity_bytes": 1, "capacity_fraction": 0.5,
+                         "hit_rate": 0.9, "tokens_per_s": 100 * (1 + gain), "stall_fraction": 0.1, "bytes_per_token": 1.0,
+                         "low_precision_mass": 0.1, "skipped_mass": 0.0, "tokens": 800, "accesses": 8000})
         for u in range(8):
             jitter = 1 + 0.01 * (u % 3)  # sequences differ in length of time, alike across policies
-            units.append(dict(config_id=cid, unit=u, tokens=100, time_s=jitter / (1 + gain), hits=900,
-                              accesses=1000))
+            units.append({"config_id": cid, "unit": u, "tokens": 100, "time_s": jitter / (1 + gain), "hits": 900,
+                              "accesses": 1000})
     pd.DataFrame(rows).to_csv(folder / "map-test.csv", index=False)
     pd.DataFrame(units).to_csv(folder / "map-test.units.csv", index=False)
     (folder / "map-test.json").write_text(json.dumps({"command": "constructed", "wall_s": 1.0, "traces": {},
