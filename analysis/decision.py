@@ -33,7 +33,7 @@ from sim.precision import parse_precision
 MAP_GLOB = "map*.csv"
 QUALITY48_GLOB = "results/quality-48*.json"
 OFFLOAD_GLOB = "results/offload/*.json"
-GROUP_KEYS = ("scenario", "trace", "model", "native", "vram_gb", "pcie", "policy", "protected_share", "prefetch")
+GROUP_KEYS = ("panel", "scenario", "trace", "model", "native", "vram_gb", "pcie", "policy", "protected_share", "prefetch")
 VERDICT_POLICY = "slru"  # the cache policy the verdict is computed for (the engine's)
 QUALITY_REFERENCE = "q4_k"  # KLD against the model's own Q4_K weights = against the native model
 
