@@ -421,6 +421,8 @@ def interactive_chart(vin: pd.DataFrame):
     d["interval"] = [f"{_p(a)} … {_p(b)}" for a, b in zip(d["delta_lo"], d["delta_hi"])]
     d["KLD"] = [ci_kld(r) for _, r in d.iterrows()]
     d["hit"] = d["hit_rate"].round(3)
+    d = d[["model", "pcie", "vram_gb", "precision", "delta", "delta_lo", "delta_hi", "interval", "KLD", "hit"]]
+    d[["delta", "delta_lo", "delta_hi"]] = d[["delta", "delta_lo", "delta_hi"]].round(4)
     models = sorted(set(d["model"]))
     links = [lk for lk in ("gen3x16", "gen4x8", "gen4x16", "gen5x16") if lk in set(d["pcie"])]
     pm = alt.param(name="model_sel", value=models[0], bind=alt.binding_select(options=models, name="model "))

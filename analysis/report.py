@@ -968,7 +968,8 @@ def generate(sweep_dir=SWEEP_DIR, quality_glob=QUALITY_GLOB, doc=DOC, fig_dir=FI
     if facts is not None:
         figs = [(MAP_FIG, D.map_chart(dec["verdict_input"], dec["verdict"]),
                  ("The decision map: for each setting (model and native format; VRAM; PCIe link) the best policy's "
-                 "lower 95 % bound of Δ tok/s against native, ✓ where the rule recommends a policy (source: "
+                 "lower 95 % bound of Δ tok/s against native, ✓ where the rule recommends a policy, blank where the "
+                 "VRAM holds every expert (source: "
                  f"`{map_dir}/*.csv`; interactive version with every policy and interval: "
                  f"[{MAP_FIG}.html]({rel}/{MAP_FIG}.html))"))] + figs
         if png:
