@@ -899,6 +899,8 @@ def decision_facts(dec: dict | None, offload: list[dict] | None = None) -> dict 
     measured = D.measured_table(offload or [])
     return {
         "rule": v.rule, "rule_text": v.rule.describe(), "text": v.text,
+        "quality_fails": sorted(set(v.rows.loc[v.rows["status"].str.contains("quality_fails"), "precision"])),
+        "kld_max": float(v.rows["kld_hi"].max()) if v.rows["kld_hi"].notna().any() else None,
         "n_settings": len(v.settings), "n_recommended": int(v.settings["recommended"].sum()),
         "map_table": D.map_table(v), "setting_table": D.setting_table(vin, 12, "gen4x16"),
         "sensitivity_table": D.sensitivity_table(v), "n_flips": len(v.flips), "link_flips": D.link_flips(v),
