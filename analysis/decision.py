@@ -214,10 +214,14 @@ def measured_table(records: list[dict]) -> pd.DataFrame:
                 continue
             meas = r["measured"] / b["measured"] - 1
             sim = (r["simulated"] / b["simulated"] - 1) if r["simulated"] is not None and b["simulated"] else np.nan
+            def tps(x):
+                ci = x["measured_ci"]
+                return f"{x['measured']:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci and len(ci) == 2 else "")
             out.append({"file": key[0], "device": f"{r['platform']}:{r['device']}", "trace": key[1],
                         "budget": key[2], "cache": key[3], "precision": r["precision"],
-                        "measured Δ tok/s": meas, "simulated Δ tok/s": sim,
-                        "error (sim − measured)": sim - meas if np.isfinite(sim) else np.nan})
+                        "native tok/s [95 % CI over repeats]": tps(b), "policy tok/s [95 % CI]": tps(r),
+                        "measured Δ tok/s": _p(meas), "simulated Δ tok/s": _p(sim),
+                        "error (sim − measured)": _p(sim - meas) if np.isfinite(sim) else "–"})
     return pd.DataFrame(out)
 
 

@@ -152,3 +152,17 @@ def test_report_says_so_without_quality(tmp_path, quick_sweep):
 def test_report_without_map_has_no_verdict(tmp_path, quick_sweep):
     md, _ = report.generate(quick_sweep, str(tmp_path / "none*.json"), tmp_path / "d.md", tmp_path / "f", png=False)
     assert "**No verdict yet.**" in md
+
+
+def test_measured_beside_simulated(tmp_path):
+    res = [{"trace": "t.npz", "budget": "30%", "policy": "slru", "precision": p, "tokens_per_s_mean": m,
+            "tokens_per_s_ci95": [m - 1, m + 1], "sim_tokens_per_s": s}
+           for p, m, s in (("native", 50.0, 60.0), ("static:mass:30%:q2_k", 55.0, 69.0))]
+    (tmp_path / "gpu-grid.json").write_text(json.dumps({"command": "c", "device": {"platform": "gpu",
+                                                         "device_kind": "H100"}, "results": res}))
+    t = D.measured_table(D.load_offload(str(tmp_path / "*.json")))
+    assert len(t) == 1
+    r = t.iloc[0]
+    assert (r["measured Δ tok/s"], r["simulated Δ tok/s"], r["error (sim − measured)"]) == ("+10.0 %", "+15.0 %",
+                                                                                            "+5.0 %")
+    assert r["policy tok/s [95 % CI]"] == "55.0 [54.0, 56.0]"
