@@ -37,6 +37,10 @@ from sim.precision import parse_precision
 from sim.profiles import GIB, PROFILE_DIR, get_model
 
 SWEEP_DIR = Path("results/sweeps")
+MAP_DIR = Path("results/sweeps/map")  # python -m analysis.mapsweep: the decision map (analysis.decision)
+QUALITY48_GLOB = "results/quality-48*.json"  # the 48-layer model's quality (python -m jaxmoe.scale)
+OFFLOAD_GLOB = "results/offload/*.json"  # measured executor runs (python -m jaxmoe.offload)
+MAP_FIG = "decision-map"
 QUALITY_GLOB = "results/quality*.json"
 DOC = Path("docs/decision.md")
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
@@ -867,18 +871,61 @@ def _share_facts(inp: Inputs) -> dict | None:
             "commands": [inp.provenance[t]["command"] for t in traces if inp.provenance.get(t, {}).get("command")]}
 
 
-def render(inp: Inputs, figs: list[tuple[str, object, str]], fig_rel: str = "figures") -> str:
+def decision_facts(dec: dict | None, offload: list[dict] | None = None) -> dict | None:
+    """The Decision section's values and tables (analysis.decision), or None without map sweeps."""
+    from analysis import decision as D
+
+    if dec is None or dec.get("verdict") is None:
+        return None
+    v, speed, vin = dec["verdict"], dec["speed"], dec["verdict_input"]
+    provs = dec["provs"]
+    wall = sum(float(p.get("wall_s", 0)) for p in provs)
+    traces = {}
+    for p in provs:
+        traces.update(p.get("traces", {}))
+    pressure = {}
+    for p in provs:
+        pressure.update({k: v_ for k, v_ in p.get("pressure", {}).items() if k.startswith("base:")})
+    fits = sorted({f for p in provs for f in p.get("fits", []) if f.startswith("base:")})
+    n_units = sorted({int(x) for x in speed.loc[speed["panel"] == "map", "n_units"]}) if not speed.empty else []
+    real = speed[speed["panel"] == "real"] if not speed.empty else speed
+    q = dec["quality"]
+    qf = dec["quality_facts"]
+    pairs = [(D.DYN if hasattr(D, "DYN") else "dynamic:0.6:0.9:q2_k", "dynamic:0.6:0.9:q2_k:serve"),
+             ("static:mass:50%:q3_k", "static:mass:50%:q2_k"), ("static:mass:25%:q2_k", "static:mass:50%:q2_k")]
+    diffs = D.paired_policy_diffs(dec["rows"], dec["units"], pairs)
+    if not diffs.empty:
+        diffs = diffs[(diffs["PCIe"] == "gen4x16")]
+    measured = D.measured_table(offload or [])
+    return {
+        "rule": v.rule, "rule_text": v.rule.describe(), "text": v.text,
+        "quality_fails": sorted(set(v.rows.loc[v.rows["status"].str.contains("quality_fails"), "precision"])),
+        "kld_max": float(v.rows["kld_hi"].max()) if v.rows["kld_hi"].notna().any() else None,
+        "n_settings": len(v.settings), "n_recommended": int(v.settings["recommended"].sum()),
+        "map_table": D.map_table(v), "setting_table": D.setting_table(vin, 12, "gen4x16"),
+        "sensitivity_table": D.sensitivity_table(v), "n_flips": len(v.flips), "link_flips": D.link_flips(v),
+        "hobbit_table": D.panel_table(speed, "hobbit"), "t1t2_table": D.panel_table(speed, "t1t2"),
+        "real_table": D.panel_table(speed, "real"), "real_units": int(real["n_units"].max()) if len(real) else 0,
+        "diff_table": diffs, "quality_pairs": D.quality_pairs_table(qf) if qf else None,
+        "quality": None if q is None else qf, "n_units": n_units, "min_units": dec["min_units"],
+        "commands": [p.get("command", "") for p in provs], "wall_s": wall, "traces": traces,
+        "pressure": pressure, "fits": fits, "measured": measured, "offload_files": sorted({r["file"] for r in offload or []}),
+        "offload_platforms": sorted({r["platform"] for r in offload or []}),
+    }
+
+
+def render(inp: Inputs, figs: list[tuple[str, object, str]], fig_rel: str = "figures", dec: dict | None = None) -> str:
     """The whole decision document as markdown (pure: inputs → text through the template)."""
     model_top_k = get_model("qwen3-30b-a3b:q4_k_m").top_k
     fracs = sorted({p.get("calib_fraction") for p in inp.provenance.values() if p.get("calib_fraction") is not None})
     text = _template().render(
-        repro=REPRO, policy=POLICY, share_fig=SHARE_FIG, fig_rel=fig_rel, model_top_k=model_top_k,
+        repro=REPRO, policy=POLICY, share_fig=SHARE_FIG, map_fig=MAP_FIG, fig_rel=fig_rel, model_top_k=model_top_k,
         answer=answer_facts(inp),
         calib=" / ".join(f_pct(x, digits=0) for x in fracs) if fracs else "part",
         format_table=_format_rows(), trace_table=_trace_rows(inp), profile_table=_profile_rows(inp),
         traces=[_trace_facts(inp, t, model_top_k) for t in sorted(set(inp.sweeps["trace"]))],
         figures=[{"stem": stem, "caption": caption} for stem, _, caption in figs],
-        quality=_quality_facts(inp), share=_share_facts(inp))
+        quality=_quality_facts(inp), share=_share_facts(inp), decision=dec)
     return text.rstrip("\n") + "\n"  # one newline at the end, however the last section ends
 
 
@@ -905,19 +952,37 @@ def save_png(chart, path: Path, scale: float = 1.5) -> None:
 
 
 def generate(sweep_dir=SWEEP_DIR, quality_glob=QUALITY_GLOB, doc=DOC, fig_dir=FIG_DIR, *,
-             png: bool = True) -> tuple[str, list[Path]]:
-    """Load the results, write the figures and the document; returns (markdown, figure paths)."""
+             png: bool = True, map_dir=None, quality48_glob=QUALITY48_GLOB,
+             offload_glob=OFFLOAD_GLOB) -> tuple[str, list[Path]]:
+    """Load the results, write the figures and the document; returns (markdown, figure paths).
+
+    `map_dir`: the map sweeps of the Decision section (the CLI passes results/sweeps/map); None: no
+    decision section data (the section says so)."""
+    from analysis import decision as D
+
     inp = load_inputs(sweep_dir, quality_glob)
     figs = figures(inp)
+    dec = D.decision(map_dir, quality48_glob) if map_dir is not None else None
+    facts = decision_facts(dec, D.load_offload(offload_glob)) if dec is not None else None
     doc, fig_dir = Path(doc), Path(fig_dir)
     rel = _relpath(fig_dir, doc.parent)
     paths = []
+    if facts is not None:
+        figs = [(MAP_FIG, D.map_chart(dec["verdict_input"], dec["verdict"]),
+                 ("The decision map: for each setting (model and native format; VRAM; PCIe link) the best policy's "
+                 "lower 95 % bound of Δ tok/s against native, ✓ where the rule recommends a policy, blank where the "
+                 "VRAM holds every expert (source: "
+                 f"`{map_dir}/*.csv`; interactive version with every policy and interval: "
+                 f"[{MAP_FIG}.html]({rel}/{MAP_FIG}.html))"))] + figs
+        if png:
+            D.write_html(D.interactive_chart(dec["verdict_input"]), fig_dir / f"{MAP_FIG}.html")
+            paths.append(fig_dir / f"{MAP_FIG}.html")
     if png:
         for stem, chart, _ in figs:
             p = fig_dir / f"{stem}.png"
             save_png(chart, p)
             paths.append(p)
-    md = render(inp, figs, rel)
+    md = render(inp, figs, rel, facts)
     with atomic_path(doc) as tmp:
         tmp.write_text(md)
         tmp.chmod(0o644)
@@ -946,7 +1011,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--quality", default=QUALITY_GLOB, help="glob of quality JSON files (default: %(default)s)")
     ap.add_argument("--doc", default=str(DOC), help="output markdown (default: %(default)s)")
     ap.add_argument("--figures", default=str(FIG_DIR), help="output folder for PNGs (default: %(default)s)")
-    ap.add_argument("--no-png", action="store_true", help="skip rendering PNGs")
+    ap.add_argument("--no-png", action="store_true", help="skip rendering PNGs (and the HTML map)")
+    ap.add_argument("--map", default=str(MAP_DIR), help="folder of map sweeps (python -m analysis.mapsweep; "
+                    "default: %(default)s)")
+    ap.add_argument("--quality48", default=QUALITY48_GLOB, help="glob of the 48-layer model's quality file "
+                    "(default: %(default)s)")
+    ap.add_argument("--offload", default=OFFLOAD_GLOB, help="glob of measured executor results "
+                    "(default: %(default)s)")
     return ap
 
 
@@ -954,7 +1025,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> str:
     """CLI entry point."""
     args = build_parser().parse_args(argv)
-    md, paths = generate(args.sweeps, args.quality, args.doc, args.figures, png=not args.no_png)
+    md, paths = generate(args.sweeps, args.quality, args.doc, args.figures, png=not args.no_png, map_dir=args.map,
+                         quality48_glob=args.quality48, offload_glob=args.offload)
     print(f"wrote {args.doc} and {len(paths)} figure(s) in {args.figures}", file=sys.stderr)
     return md
 

@@ -84,8 +84,8 @@ PROTECTED_SHARES = (0.0, 0.2, 0.5, DEFAULT_PROTECTED_SHARE)
 # measurements) right after `precision`, then SLRU's protected share (last, so that adding it left
 # the earlier columns of every row as they were).
 BOOKKEEPING_COLUMNS = ("config_id", "trace", "budget", "budget_kind")
-PRECISION_COLUMNS = tuple(f.name for f in fields(PrecisionPolicy) if f.name != "low_pool_share")
-_RECORD = tuple(n for n in RECORD_FIELDS if n != "per_layer_hit_rate")
+PRECISION_COLUMNS = tuple(f.name for f in fields(PrecisionPolicy) if f.name not in ("low_pool_share", "low_copy"))
+_RECORD = tuple(n for n in RECORD_FIELDS if n not in ("per_layer_hit_rate", "units"))
 _AFTER = _RECORD.index("precision") + 1
 SWEEP_COLUMNS = BOOKKEEPING_COLUMNS + _RECORD[:_AFTER] + PRECISION_COLUMNS + _RECORD[_AFTER:] + ("protected_share",)
 PER_LAYER_COLUMNS = ("config_id", "layer", "hit_rate")
@@ -248,6 +248,7 @@ def _run_config(trace: Trace, token: str, sc: SweepConfig, cap: int) -> dict:
 def _rows(sc: SweepConfig, cid: int, label: str, rec: dict) -> tuple[dict, list[dict]]:
     """The CSV row and the per-layer rows of one configuration's record."""
     per_layer = rec.pop("per_layer_hit_rate")
+    rec.pop("units", None)  # per-sequence units are not a CSV column
     row = dict(config_id=cid, trace=label, budget=sc.budget,
                budget_kind=parse_budget(sc.budget, option="budget label").kind,
                **precision_columns(parse_precision(sc.precision)), **rec,

@@ -185,12 +185,31 @@ def _policy(r) -> str:
     return parts[0] + (f" ({', '.join(extra)})" if extra else "")
 
 
+def _kld(x: float) -> str:
+    """A KLD for the text: 4 decimals, or 2 significant digits below 0.001 (the 48-layer model's are ~1e-5)."""
+    return f"{x:.4f}" if not np.isfinite(x) or abs(x) >= 1e-3 or x == 0 else f"{x:.1e}"
+
+
+def _where(g: pd.DataFrame) -> str:
+    """Settings compactly: per model and GPU, each VRAM size with its links ("on every link" when all)."""
+    parts = []
+    for (model, gpu), m in g.groupby(["model", "gpu"], sort=True):
+        by_vram = []
+        for vram, v in m.groupby("vram_gb", sort=True):
+            links = sorted(set(v["pcie"]))
+            by_vram.append(f"{float(vram):g} GB ({', '.join(links)})")
+        parts.append(f"{model} on {gpu} at " + ", ".join(by_vram))
+    return "[" + "; ".join(parts) + "]"
+
+
 def _numbers(r) -> str:
     base = r.get("baseline", "") or "native"
     base = base if isinstance(base, str) and base else "native"
-    kld = f"KLD {r['kld']:.4f}"
+    kld = f"KLD {_kld(r['kld'])}"
     if np.isfinite(r["kld_lo"]) and np.isfinite(r["kld_hi"]):
-        kld += f" [{r['kld_lo']:.4f}, {r['kld_hi']:.4f}]"
+        kld += f" [{_kld(r['kld_lo'])}, {_kld(r['kld_hi'])}]"
+    elif not np.isfinite(r["kld"]):
+        kld = "an unmeasured KLD"
     return (f"Δ tok/s {_pct(r['delta'])} [95 % interval {_pct(r['delta_lo'])}, {_pct(r['delta_hi'])}] at {kld} "
             f"against the {base} model")
 
@@ -222,8 +241,7 @@ def paragraph(decisions: pd.DataFrame, flips: pd.DataFrame, rule: Rule = RULE, n
         best = _rank(head).iloc[0]
         text = f"Implement {_policy(best)} for {_setting(best)}: {_numbers(best)}. "
         if len(rec) > 1:
-            where = "; ".join(f"{_policy(g.iloc[0])} for " + ", ".join(_setting(r) for _, r in g.iterrows())
-                              for _, g in ranked)
+            where = "; ".join(f"{_policy(g.iloc[0])} for " + _where(g) for _, g in ranked)
             text += f"The rule is met in {len(rec)} of {n} settings ({where})"
         else:
             text += f"The rule is met in this 1 of {n} settings"

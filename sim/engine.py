@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sim.cache.base import EXPERT_SHIFT, LAYER_SHIFT, make_key
-from sim.precision import HIGH, LOW, SLOTS, PrecisionPolicy, dynamic_choice, hobbit_scores
+from sim.precision import HIGH, LOW, RELOAD, SLOTS, PrecisionPolicy, dynamic_choice, hobbit_scores
 from sim.trace import ABSENT, DECODE, PREFILL, Trace
 
 HIT, LOADED, SKIPPED = 0, 1, 2
@@ -236,7 +236,8 @@ def replay(
     """The engine's one entry point: the compiled path where it applies (and `fast`), else the reference."""
     from sim.engine_compiled import COMPILED_POLICIES, replay_compiled
 
-    if fast and cache.policy in COMPILED_POLICIES:
+    # the compiled engine knows HOBBIT's `reload` low-copy rule only; `serve` runs on the reference
+    if fast and cache.policy in COMPILED_POLICIES and not (policy.is_dynamic and policy.low_copy != RELOAD):
         return replay_compiled(groups, cache, policy, hi_slots, sizes, link_s)
     share = policy.low_pool_share
     if share is None:
@@ -302,7 +303,7 @@ def replay_reference(
                 c_hi.access(k_hi, int(sizes[layer, s_hi]), high_precision=s_hi == 0)
                 result[a], slot_out[a] = HIT, s_hi
                 key_used = k_hi
-            elif choice != HIGH and lo_cache.contains(keys_lo[i]):
+            elif dyn and policy.low_copy_serves(choice) and lo_cache.contains(keys_lo[i]):
                 lo_cache.access(keys_lo[i], int(sizes[layer, dyn_slot]), high_precision=False)
                 result[a], slot_out[a] = HIT, dyn_slot
                 key_used = keys_lo[i]

@@ -9,11 +9,18 @@ mean weight = summed gate weight), `random` (a seeded control). Unselected exper
 ties break by expert id. Ranking is per layer, so every layer demotes the same number of experts
 (early layers route almost uniformly, so one global ranking would demote whole layers).
 
-`dynamic:T1:T2[:FMT]`: HOBBIT's token-level rule (Tang et al., arXiv 2411.01433, §4.2): rank the
-step's experts by gate weight; an expert's score is the summed weight of the experts ranked above
-it (the top expert scores 0). On a miss, score ≤ T1 loads the expert at its high precision,
-T1 < score ≤ T2 loads it in FMT (default q2_k), score > T2 skips it. A resident copy is always used:
-the high one first, the low one when score > T1. HOBBIT used T1 = 0.6, T2 = 0.9 on Mixtral.
+`dynamic:T1:T2[:FMT][:LOWCOPY]`: HOBBIT's token-level rule (Tang et al., arXiv 2411.01433, §3.2):
+rank the step's experts by gate weight; an expert's score is the summed weight of the experts ranked
+above it (the top expert scores 0). On a miss, score ≤ T1 loads the expert at its high precision,
+T1 < score ≤ T2 loads it in FMT (default q2_k), score > T2 skips it. A resident high copy is always
+used. What a resident LOW copy may serve is the `LOWCOPY` setting (`LOW_COPY_RULES`):
+- `reload` (default): only uses ranked below T1 (score > T1); a high-ranked use loads the expert
+  again at high precision (which then supersedes the low copy), so it can cross PCIe twice.
+  Quality first; not described in HOBBIT's paper as far as could be established.
+- `serve`: a resident low copy serves any use, also one ranked ≤ T1 (a hit is a hit; precision is
+  decided on misses only, which is how HOBBIT's abstract states the rule). Cheaper in bytes, but a
+  high-ranked use may then compute from the low copy: a quality cost the `reload` rule does not have.
+HOBBIT used T1 = 0.6, T2 = 0.9 on Mixtral (top-2).
 
 Combinations join with `+`: `static:mass:20%:q3_k+dynamic:0.6:0.9`. `+pools:split:S` keeps
 low-precision copies in a pool of share S of the capacity (HOBBIT's separate caches) instead of
@@ -37,6 +44,8 @@ NATIVE = "native"
 LOW_FORMATS = ("q2_k", "q3_k")  # the formats a precision policy may demote an expert to
 SLOTS = (NATIVE,) + LOW_FORMATS  # format slot of a cache entry: 0 = native, then the low formats
 HIGH, LOW, SKIP = 0, 1, 2  # what the dynamic rule does with a missed expert (see dynamic_choice)
+RELOAD, SERVE = "reload", "serve"
+LOW_COPY_RULES = (RELOAD, SERVE)  # what a resident low copy may serve (module docstring)
 
 
 @dataclass(frozen=True)
@@ -50,6 +59,7 @@ class PrecisionPolicy:
     t2: float | None = None
     dynamic_format: str = "q2_k"
     low_pool_share: float | None = None  # None: one shared byte pool
+    low_copy: str = RELOAD  # dynamic part: what a resident low copy may serve (LOW_COPY_RULES)
 
     @property
     def is_static(self) -> bool:
@@ -65,10 +75,15 @@ class PrecisionPolicy:
         if self.static_signal is not None:
             parts.append(f"static:{self.static_signal}:{self.static_fraction * 100:g}%:{self.static_format}")
         if self.is_dynamic:
-            parts.append(f"dynamic:{self.t1:g}:{self.t2:g}:{self.dynamic_format}")
+            parts.append(f"dynamic:{self.t1:g}:{self.t2:g}:{self.dynamic_format}"
+                         + (f":{self.low_copy}" if self.low_copy != RELOAD else ""))
         if self.low_pool_share is not None:
             parts.append(f"pools:split:{self.low_pool_share:g}")
         return "+".join(parts) or NATIVE
+
+    def low_copy_serves(self, choice: int) -> bool:
+        """Whether a resident low copy may serve a use for which the dynamic rule says `choice`."""
+        return self.is_dynamic and (choice != HIGH or self.low_copy == SERVE)
 
     def low_formats(self) -> tuple[str, ...]:
         """Formats below native this policy may use, in a fixed order."""
@@ -110,7 +125,7 @@ def parse_precision(spec: str) -> PrecisionPolicy:
                 raise InputError(None, f"precision {spec!r}: signal {bits[1]!r} must be one of {', '.join(SIGNALS)}")
             fields.update(static_signal=bits[1], static_fraction=_fraction(bits[2], spec),
                           static_format=_low_format(bits[3], spec))
-        elif kind == "dynamic" and len(bits) in (3, 4):
+        elif kind == "dynamic" and len(bits) in (3, 4, 5):
             try:
                 t1, t2 = float(bits[1]), float(bits[2])
             except ValueError:
@@ -118,8 +133,13 @@ def parse_precision(spec: str) -> PrecisionPolicy:
             if not 0 <= t1 <= t2 <= 1:
                 raise InputError(None, f"precision {spec!r}: need 0 ≤ T1 ≤ T2 ≤ 1")
             fields.update(t1=t1, t2=t2)
-            if len(bits) == 4:
-                fields["dynamic_format"] = _low_format(bits[3], spec)
+            rest = bits[3:]
+            if rest and rest[-1] in LOW_COPY_RULES:
+                fields["low_copy"] = rest.pop()
+            if len(rest) > 1:
+                raise InputError(None, f"precision {spec!r}: dynamic takes T1:T2[:FMT][:{'|'.join(LOW_COPY_RULES)}]")
+            if rest:
+                fields["dynamic_format"] = _low_format(rest[0], spec)
         elif kind == "pools" and len(bits) == 3 and bits[1] == "split":
             share = _fraction(bits[2], spec)
             if not 0 < share < 1:
@@ -128,7 +148,7 @@ def parse_precision(spec: str) -> PrecisionPolicy:
         else:
             raise InputError(
                 None,
-                f"cannot parse precision {spec!r}: use native, static:SIGNAL:X%:FMT, dynamic:T1:T2[:FMT], "
+                f"cannot parse precision {spec!r}: use native, static:SIGNAL:X%:FMT, dynamic:T1:T2[:FMT][:reload|serve], "
                 "pools:split:S, joined with +",
             )
     policy = PrecisionPolicy(**fields)
@@ -179,8 +199,8 @@ def hobbit_scores(weights: np.ndarray) -> np.ndarray:
 def dynamic_choice(policy: PrecisionPolicy, score: float) -> int:
     """HOBBIT's rule for a missed expert of HOBBIT score `score`: HIGH, LOW (in policy.dynamic_format) or SKIP.
 
-    Without a dynamic part every expert is served at its high precision. A resident copy is
-    served whatever this says (the high one first; the low one too when the choice is not HIGH).
+    Without a dynamic part every expert is served at its high precision. A resident high copy is
+    served whatever this says; a resident low copy when `policy.low_copy_serves(choice)`.
     """
     if not policy.is_dynamic or score <= policy.t1:
         return HIGH

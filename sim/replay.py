@@ -57,7 +57,7 @@ With no --policy/--precision/budget option: slru, native vs static:mass:30%:{q3_
 dynamic:0.6:0.9 at the default budget, with Δ columns against native.
 Cache policy belady with a dynamic precision policy is skipped with a note (belady needs the future).
 precision: native | static:SIGNAL:X%:FMT (SIGNAL freq|weight|mass|random, FMT q2_k|q3_k) |
-dynamic:T1:T2[:FMT] | combinations joined by + | +pools:split:S for a separate low-precision pool.
+dynamic:T1:T2[:FMT][:reload|serve] | combinations joined by + | +pools:split:S for a separate low-precision pool.
 """
 
 

@@ -58,6 +58,7 @@ class ReplayConfig:
     timeline: bool = True
     fast: bool = True  # compiled engine (all policies but belady) and timeline; identical results
     policy_params: dict = field(default_factory=dict)
+    unit_block: int = 64  # tokens per resampling unit of a one-sequence trace (ReplayRecord.units)
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,10 @@ class ReplayRecord:
     stall_fraction: float | None = None
     decode_s: float | None = None
     prefill_s: float | None = None
+    # per resampling unit (a sequence; blocks of UNIT_BLOCK_TOKENS steps for a one-sequence trace) of the
+    # counted window: {"unit", "tokens", "hits", "accesses", "time_s"} lists (time_s None without the
+    # timeline), for bootstrap intervals (analysis.intervals); not a CSV column
+    units: dict | None = None
 
     def as_dict(self) -> dict:
         """The record as a plain dict (JSON-ready)."""
@@ -103,7 +108,21 @@ class ReplayRecord:
 
 
 RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ReplayRecord))
-SCALAR_FIELDS: tuple[str, ...] = tuple(n for n in RECORD_FIELDS if n != "per_layer_hit_rate")
+SCALAR_FIELDS: tuple[str, ...] = tuple(n for n in RECORD_FIELDS if n not in ("per_layer_hit_rate", "units"))
+UNIT_BLOCK_TOKENS = ReplayConfig.unit_block  # default block of a one-sequence trace's resampling units
+
+
+def step_units(seq: np.ndarray, block: int = UNIT_BLOCK_TOKENS) -> np.ndarray:
+    """int64 [steps]: each step's resampling unit: its sequence's index when there are ≥ 2 sequences, else
+    its block of `block` steps (a last block shorter than half is merged), as analysis.intervals.unit_of_steps."""
+    uniq, ids = np.unique(np.asarray(seq), return_inverse=True)
+    if uniq.size >= 2:
+        return ids.astype(np.int64)
+    ids = np.arange(len(seq)) // block
+    n_full, rest = divmod(len(seq), block)
+    if rest and rest < block / 2 and n_full >= 1:
+        ids[ids == n_full] = n_full - 1
+    return ids.astype(np.int64)
 
 
 def incompatible(cache_policy: str, precision: PrecisionPolicy) -> str | None:
@@ -241,6 +260,18 @@ def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: 
         "skipped_mass": float(g.mass[counted_skip].sum()) / mass_total if mass_total else 0.0,
         "per_layer_hit_rate": [round(float(h) / a, 6) if a else None for h, a in zip(layer_hit, layer_acc)],
     }
+    unit_of_step = step_units(prep.trace.seq, cfg.unit_block)
+    step_counted = ~prep.calib_steps & np.isin(prep.trace.phase, PHASES[cfg.phase])
+    n_units = int(unit_of_step.max()) + 1
+    g_unit = unit_of_step[g.step]
+    u_tokens = np.bincount(unit_of_step[step_counted], minlength=n_units)
+    u_acc = np.bincount(g_unit, weights=_per_group(counted, g.start), minlength=n_units).astype(np.int64)
+    u_hits = np.bincount(g_unit, weights=_per_group(counted & (out.result == HIT), g.start),
+                         minlength=n_units).astype(np.int64)
+    keep = np.flatnonzero(u_tokens > 0)
+    units = {"unit": keep.tolist(), "tokens": u_tokens[keep].tolist(), "hits": u_hits[keep].tolist(),
+             "accesses": u_acc[keep].tolist(), "time_s": None}
+    rec["units"] = units
     if cfg.timeline:
         tl = timeline.TimelineModel.from_profile(hw.raw)
         costs = cost.group_costs(g, out, model, hw, prep.link_s, prep.compute, None,
@@ -254,7 +285,15 @@ def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: 
             decode_s=float(span[~g.calib & (g.phase == DECODE)].sum()),
             prefill_s=float(span[~g.calib & (g.phase == PREFILL)].sum()),
         )
+        units["time_s"] = np.bincount(g_unit[counted_g], weights=span[counted_g], minlength=n_units)[keep].tolist()
     return ReplayRecord(**rec)
+
+
+def _per_group(mask: np.ndarray, start: np.ndarray) -> np.ndarray:
+    """Per access group, how many of its accesses `mask` holds (linear, no per-access group index)."""
+    c = np.zeros(mask.size + 1, dtype=np.int64)
+    np.cumsum(mask, out=c[1:])
+    return (c[start[1:]] - c[start[:-1]]).astype(np.float64)
 
 
 @numba.njit(cache=True)
