@@ -363,6 +363,7 @@ EPILOG = """examples:
   python -m analysis.sweep /tmp/q.npz --name real-qwen3-phone --trace-cmd "python -m sim.convert ..."
   python -m analysis.sweep /tmp/s.npz --name smoke --quick --gpu rtx3060-12gb --out /tmp/sweeps
   python -m analysis.sweep /tmp/s.npz --name with-h200 --gpu rtx3060-12gb,rtx4070-12gb,h200
+  python -m analysis.sweep /tmp/s.npz --name big --scheduler tcp://10.0.0.5:8786   # an existing Dask cluster
 
 The grid (panels, budgets, policies, precisions) is described in the module docstring:
   python -c "import analysis.sweep as s; print(s.__doc__)"

@@ -54,7 +54,7 @@ class AccessGroups:
     score: np.ndarray  # float64 [N] HOBBIT score (summed weight of higher-ranked experts; batch minimum)
     mass: np.ndarray  # float64 [N] gate weight (summed over the batch's tokens)
     acc_tokens: np.ndarray  # int32 [N] tokens routed to this expert in this group
-    predicted: np.ndarray  # int32 [G, k] experts to prefetch after group g for the next layer; -1 none
+    predicted: np.ndarray  # int16 [G, k] experts to prefetch after group g for the next layer; -1 none
 
     @property
     def n_groups(self) -> int:
@@ -127,14 +127,14 @@ def _decode_groups(trace: Trace, lo: int, hi: int, calib_steps, predicted) -> di
     n_layers = experts.shape[1]
     # the last present layer of each token ends the token (the output head runs after it)
     last_layer = np.where(present.any(1), n_layers - 1 - np.argmax(present[:, ::-1], axis=1), -1)
-    pred = np.full((t_idx.size, k), ABSENT, dtype=np.int32)
+    pred = np.full((t_idx.size, k), ABSENT, dtype=np.int16)  # expert ids are int16 in a trace
     source = trace.predicted if predicted is None else predicted
     if source is not None:
         nxt = l_idx + 1 < n_layers
         nxt_present = np.zeros_like(nxt)
         nxt_present[nxt] = present[t_idx[nxt], l_idx[nxt] + 1]
         sel = np.flatnonzero(nxt_present)
-        pred[sel] = source[lo + t_idx[sel], l_idx[sel] + 1].astype(np.int32)
+        pred[sel] = source[lo + t_idx[sel], l_idx[sel] + 1].astype(np.int16)
     return {
         "layer": l_idx.astype(np.int32),
         "seq": trace.seq[lo + t_idx].astype(np.int32),
@@ -188,7 +188,7 @@ def _prefill_group(trace: Trace, lo: int, hi: int, calib_steps) -> dict:
         "score": np.concatenate(out["score"]),
         "mass": np.concatenate(out["mass"]),
         "acc_tokens": np.concatenate(out["acc_tokens"]),
-        "predicted": np.full((g, k), ABSENT, dtype=np.int32),
+        "predicted": np.full((g, k), ABSENT, dtype=np.int16),
         "counts": np.array(out["counts"], dtype=np.int64),
     }
 

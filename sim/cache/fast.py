@@ -2,8 +2,9 @@
 
 `replay_hits(policy, ...)` is the fast path for lru and slru; for any other policy it builds the
 class and runs the reference path. `replay_hits_python(cache, ...)` is the reference path: it
-drives a `CachePolicy` object access by access. Tests hold the two equal. The engine
-(`sim.engine.replay`) uses the fast path when the precision policy cannot change the stream.
+drives a `CachePolicy` object access by access. Tests hold the two equal. These replay a bare key
+stream (benchmarks/bench_cache.py, tests); the engine's own compiled path, with precision and
+prefetch, is `sim.engine_compiled`.
 
 `replay_hits` takes the stream as arrays: `keys[i]` (ints from `make_key`), `sizes[i]` (bytes),
 `group_starts` (sorted indices where a (token step, layer) group begins; group g spans
