@@ -11,12 +11,13 @@ GPU = "rtx3060-12gb"
 def test_dask_sweep_reproduces_serial_csv_byte_for_byte(tiny_trace, tmp_path):
     from dask.distributed import LocalCluster
 
-    serial = tmp_path / "serial"
+    serial, on_dask = tmp_path / "serial", tmp_path / "dask"
+    serial.mkdir()
+    on_dask.mkdir()  # sweep.main refuses a missing --out folder
     sweep.main([str(tiny_trace), "--name", "tiny", "--quick", "--gpu", f"{GPU},rtx4070-12gb", "--out", str(serial),
                 "-q", "--scheduler", "serial"])
     # an existing cluster, reached by its address as a remote one would be (two worker processes)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
-        on_dask = tmp_path / "dask"
         sweep.main([str(tiny_trace), "--name", "tiny", "--quick", "--gpu", f"{GPU},rtx4070-12gb",
                     "--out", str(on_dask), "-q", "--scheduler", cluster.scheduler_address])
     for name in ("tiny.csv", "tiny.per_layer.csv"):
