@@ -35,6 +35,7 @@ QUALITY48_GLOB = "results/quality-48*.json"
 OFFLOAD_GLOB = "results/offload/*.json"
 GROUP_KEYS = ("panel", "scenario", "trace", "model", "native", "vram_gb", "pcie", "policy", "protected_share", "prefetch")
 VERDICT_POLICY = "slru"  # the cache policy the verdict is computed for (the engine's)
+Q4KM_VS_BF16_KLD = 0.0101  # Qwen3-30B-A3B Q4_K_M vs BF16 (ik_llama.cpp discussion #359): the rule's unit
 QUALITY_REFERENCE = "q4_k"  # KLD against the model's own Q4_K weights = against the native model
 
 
@@ -121,6 +122,8 @@ def load_quality48(pattern: str = QUALITY48_GLOB) -> tuple[pd.DataFrame | None, 
              "eval_chunks": (doc.get("setup") or {}).get("eval_chunks"), "n_ctx": (doc.get("setup") or {}).get("n_ctx")}
     pairs = [p for p in doc.get("pairs", []) if p.get("reference") == QUALITY_REFERENCE and p.get("metric") == "kld"]
     facts["pairs"] = pairs
+    anchor = [r for r in doc.get("rows", []) if r.get("name") == QUALITY_REFERENCE and r.get("reference") == "float"]
+    facts["q4k_vs_float_kld"] = float(anchor[0]["kld"]) if anchor and anchor[0].get("kld") else None
     return pd.DataFrame(rows).drop_duplicates("precision"), facts
 
 
@@ -144,9 +147,9 @@ def verdict_input(speed: pd.DataFrame, quality: pd.DataFrame | None) -> pd.DataF
     s["protected_share"] = s["protected_share"].fillna(-1)
     s = s[(s["scenario"] != BASE_SCENARIO) | (s["protected_share"] < 0)]
     if quality is not None and not quality.empty:
-        s = s.merge(quality[["precision", "kld", "kld_lo", "kld_hi"]], on="precision", how="left")
+        s = s.merge(quality[["precision", "kld", "kld_lo", "kld_hi", "quality_low_mass"]], on="precision", how="left")
     else:
-        s["kld"], s["kld_lo"], s["kld_hi"] = np.nan, np.nan, np.nan
+        s["kld"], s["kld_lo"], s["kld_hi"], s["quality_low_mass"] = np.nan, np.nan, np.nan, np.nan
     fields = pd.DataFrame([_policy_fields(p) for p in s["precision"]], index=s.index)
     out = pd.DataFrame({
         "model": s["model"] + " " + s["native"].str.upper().str.replace("_K_M", "_K_M"),
@@ -159,6 +162,7 @@ def verdict_input(speed: pd.DataFrame, quality: pd.DataFrame | None) -> pd.DataF
         "baseline": s["native"].str.upper(), "n_units": s["n_units"],
         "hit_rate": s["hit_rate"], "hit_rate_lo": s["hit_rate_lo"], "hit_rate_hi": s["hit_rate_hi"],
         "low_precision_mass": s["low_precision_mass"],
+        "quality_low_mass": pd.to_numeric(s["quality_low_mass"], errors="coerce").where(s["precision"] != "native", 0.0),
     })
     return out.reset_index(drop=True)
 
@@ -169,10 +173,13 @@ def decision(sweep_dir, quality_glob: str = QUALITY48_GLOB, rule: Rule | None = 
     quality, qfacts = load_quality48(quality_glob)
     speed = speed_frame(rows, units) if not rows.empty else pd.DataFrame()
     vin = verdict_input(speed, quality)
-    v = verdict(vin, rule or Rule()) if not vin.empty else None
+    if rule is None:
+        anchor = qfacts.get("q4k_vs_float_kld")
+        rule = Rule(kld_unit=anchor / Q4KM_VS_BF16_KLD) if anchor else Rule()
+    v = verdict(vin, rule) if not vin.empty else None
     return {"rows": rows, "units": units, "provs": provs, "speed": speed, "quality": quality,
             "quality_facts": qfacts, "verdict_input": vin, "verdict": v,
-            "min_units": MIN_UNITS}
+            "min_units": MIN_UNITS, "rule": rule}
 
 
 def load_offload(pattern: str = OFFLOAD_GLOB) -> list[dict]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
+import numpy as np
 import pandas as pd
 
 from analysis import charts
@@ -41,7 +42,7 @@ MAP_DIR = Path("results/sweeps/map")  # python -m analysis.mapsweep: the decisio
 QUALITY48_GLOB = "results/quality-48*.json"  # the 48-layer model's quality (python -m jaxmoe.scale)
 OFFLOAD_GLOB = "results/offload/*.json"  # measured executor runs (python -m jaxmoe.offload)
 MAP_FIG = "decision-map"
-QUALITY_GLOB = "results/quality*.json"
+QUALITY_GLOB = "results/quality.json"
 DOC = Path("docs/decision.md")
 TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 TEMPLATE = "decision.md.j2"  # the document's text; this module computes its values, tables and figures
@@ -901,6 +902,7 @@ def decision_facts(dec: dict | None, offload: list[dict] | None = None) -> dict 
         "rule": v.rule, "rule_text": v.rule.describe(), "text": v.text,
         "quality_fails": sorted(set(v.rows.loc[v.rows["status"].str.contains("quality_fails"), "precision"])),
         "kld_max": float(v.rows["kld_hi"].max()) if v.rows["kld_hi"].notna().any() else None,
+        "mass_gap": _mass_gap(vin, "static:mass:50%:q2_k"),
         "n_settings": len(v.settings), "n_recommended": int(v.settings["recommended"].sum()),
         "map_table": D.map_table(v), "setting_table": D.setting_table(vin, 12, "gen4x16"),
         "sensitivity_table": D.sensitivity_table(v), "n_flips": len(v.flips), "link_flips": D.link_flips(v),
@@ -912,6 +914,15 @@ def decision_facts(dec: dict | None, offload: list[dict] | None = None) -> dict 
         "pressure": pressure, "fits": fits, "measured": measured, "offload_files": sorted({r["file"] for r in offload or []}),
         "offload_platforms": sorted({r["platform"] for r in offload or []}),
     }
+
+
+def _mass_gap(vin: pd.DataFrame, spec: str) -> dict | None:
+    """Low-precision gate mass of one policy: in the quality run vs the range over the base replays."""
+    r = vin[(vin["precision"] == spec) & (vin["scenario"] == "base")] if "quality_low_mass" in vin else vin.iloc[:0]
+    if r.empty or not np.isfinite(r["quality_low_mass"]).any():
+        return None
+    return {"quality": float(r["quality_low_mass"].iloc[0]), "lo": float(r["low_precision_mass"].min()),
+            "hi": float(r["low_precision_mass"].max())}
 
 
 def render(inp: Inputs, figs: list[tuple[str, object, str]], fig_rel: str = "figures", dec: dict | None = None) -> str:

@@ -146,7 +146,7 @@ def test_report_says_so_without_quality(tmp_path, quick_sweep):
                             offload_glob=str(tmp_path / "none*.json"))
     assert "Quality: not measured for these policies." in md
     assert "Reject: no precision policy meets the rule" in md
-    assert "its quality cost has not been measured with an interval" in md
+    assert "its quality cost has not been measured (with an interval" in md
 
 
 def test_report_without_map_has_no_verdict(tmp_path, quick_sweep):

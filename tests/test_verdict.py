@@ -126,3 +126,22 @@ def test_settings_with_only_the_native_row_are_rejects():
     v = verdict(pd.DataFrame([native(), native(vram=24)]))
     assert v.settings.recommended.tolist() == [False, False] and v.settings.n_policies.tolist() == [0, 0]
     assert v.text.startswith("Reject: no precision policy meets the rule in any of the 2 settings.")
+
+
+def test_proxy_model_bound_scales_with_its_own_q4k_loss():
+    """kld_unit carries 'as much damage again as Q4_K' to a model whose own Q4_K loss is smaller."""
+    df = pd.DataFrame([native(), row(d=0.2, kld=0.0008, khi=0.001)])
+    assert assess(df, Rule())["passes"].tolist() == [False, True]  # 0.001 ≤ 0.010
+    proxy = Rule(kld_unit=0.05)  # its Q4_K costs 0.05 × Q4_K_M's loss → bound 5e-4
+    assert proxy.kld_bound == pytest.approx(5e-4)
+    a = assess(df, proxy)
+    assert a["passes"].tolist() == [False, False] and a["status"].iloc[1] == "quality_fails"
+
+
+def test_quality_measured_at_a_lighter_operating_point_does_not_count():
+    base = [native(), row(d=0.2, kld=0.001, khi=0.001)]
+    df = pd.DataFrame(base).assign(low_precision_mass=[0.0, 0.30], quality_low_mass=[0.0, 0.09])
+    a = assess(df)
+    assert a["status"].iloc[1] == "quality_unknown" and not a["passes"].iloc[1]
+    a = assess(df.assign(quality_low_mass=[0.0, 0.30]))  # measured at the replay's own mass: counts
+    assert a["status"].iloc[1] == "pass"
