@@ -641,11 +641,7 @@ def _one(frame: pd.DataFrame, **eq) -> pd.Series | None:
 def slru_probation_facts(inp: Inputs, trace: str, gap: float = 0.05) -> dict | None:
     """Where SLRU (native) hits `gap` or more below LRU at some budget of `trace` (the worst such budget and
     what its probationary segment holds there), else None."""
-    import inspect
-
-    from sim.cache.slru import SLRU
-
-    share = inspect.signature(SLRU.__init__).parameters["protected_share"].default
+    share = DEFAULT_PROTECTED_SHARE
     f = inp.sweeps[inp.sweeps["trace"] == trace]
     gpu = primary_gpu(f, inp.provenance.get(trace, {}))
     f = f[(f["gpu"] == gpu) & (f["precision"] == "native")]

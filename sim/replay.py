@@ -47,7 +47,7 @@ EPILOG = """examples:
   python -m sim.replay qwen30b.npz --gpu rtx4070-12gb --budget 9GiB \\
       --precision native,static:mass:30%:q2_k,dynamic:0.6:0.9,static:mass:20%:q3_k+dynamic:0.6:0.9
   python -m sim.replay qwen30b.npz --sweep-budget 4GiB:10GiB:1GiB --json sweep.json
-  python -m sim.replay traces/qwen3.npz --prefetch trace --partition per-layer --csv out.csv
+  python -m sim.replay traces/synth-qwen3.npz --prefetch trace --partition per-layer --csv out.csv
 
 budgets: --budget takes bytes (9GiB, 9.5GB, 4000MiB); --experts takes a count of native-size
 experts or a percentage of all experts (3300, 40%); --sweep-budget START:STOP:STEP in either unit.
