@@ -123,20 +123,10 @@ def static_choice(table: np.ndarray) -> Choice:
 
 
 def _exclusive_scores(gates: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Compensated exclusive prefix sums (hi, lo) of gates [..., k] (as quality.hobbit_masks)."""
-    from jaxmoe.quality import _two_sum
+    """HOBBIT's scores (hi, lo) of gates [..., k]: `jaxmoe.quality.exclusive_scores`."""
+    from jaxmoe.quality import exclusive_scores
 
-    k = gates.shape[-1]
-    g = gates.astype(F32)
-    zero = jnp.zeros(g.shape[:-1], F32)
-    s, c = zero, zero
-    his, los = [zero], [zero]
-    for r in range(k - 1):
-        s, e = _two_sum(s, g[..., r])
-        c = c + e
-        his.append(s)
-        los.append(c)
-    return jnp.stack(his, -1), jnp.stack(los, -1)
+    return exclusive_scores(gates)
 
 
 def choose(ids: jax.Array, gates: jax.Array, table_l: jax.Array, choice: Choice,

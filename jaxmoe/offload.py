@@ -53,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sim.io import InputError, atomic_path, exit_on_input_error
+from sim.io import InputError, atomic_path, exit_on_input_error, json_default
 
 LOW_FORMATS = ("q2_k", "q3_k")
 SLOT_NAMES = ("native",) + LOW_FORMATS  # sim.engine.SLOTS
@@ -849,17 +849,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _write(path: Path, doc) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(doc, indent=1, default=_jsonable) + "\n")
-
-
-def _jsonable(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o).__name__)
+        tmp.write_text(json.dumps(doc, indent=1, default=json_default) + "\n")
 
 
 if __name__ == "__main__":

@@ -215,13 +215,8 @@ def _exceeds(hi, lo, t):
     return (hi - t[0]) + (lo - t[1]) > 0
 
 
-def hobbit_masks(gates: jax.Array, t1: jax.Array, t2: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """HOBBIT's rule on gates [..., k] in rank order → (low, skip) bool: T1 < score ≤ T2, score > T2.
-
-    score = exclusive prefix sum of the gates, accumulated with two-sum so that hi + lo is the exact
-    sum to ~2⁻⁴⁸; t1, t2 are `threshold_pair`s. Agrees with the float64 `sim.precision.hobbit_scores`
-    comparisons except for scores within ~1e-13 of a threshold.
-    """
+def exclusive_scores(gates: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Compensated exclusive prefix sums (hi, lo) of gates [..., k]: HOBBIT's score of each rank."""
     k = gates.shape[-1]
     g = gates.astype(F32)
     zero = jnp.zeros(g.shape[:-1], F32)
@@ -232,7 +227,17 @@ def hobbit_masks(gates: jax.Array, t1: jax.Array, t2: jax.Array) -> tuple[jax.Ar
         c = c + e
         his.append(s)
         los.append(c)
-    hi, lo = jnp.stack(his, -1), jnp.stack(los, -1)
+    return jnp.stack(his, -1), jnp.stack(los, -1)
+
+
+def hobbit_masks(gates: jax.Array, t1: jax.Array, t2: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """HOBBIT's rule on gates [..., k] in rank order → (low, skip) bool: T1 < score ≤ T2, score > T2.
+
+    score = exclusive prefix sum of the gates, accumulated with two-sum so that hi + lo is the exact
+    sum to ~2⁻⁴⁸; t1, t2 are `threshold_pair`s. Agrees with the float64 `sim.precision.hobbit_scores`
+    comparisons except for scores within ~1e-13 of a threshold.
+    """
+    hi, lo = exclusive_scores(gates)
     over1, over2 = _exceeds(hi, lo, t1), _exceeds(hi, lo, t2)
     return over1 & ~over2, over2
 

@@ -61,7 +61,7 @@ from jaxmoe import quants
 from jaxmoe import train as TR
 from jaxmoe.quality import _ci, _kl_terms, bootstrap_indices, make_chunks, threshold_pair
 from jaxmoe.record import choose_prompts
-from sim.io import InputError, exit_on_input_error, write_text_atomic
+from sim.io import InputError, exit_on_input_error, json_default, write_text_atomic
 from sim.precision import demoted_experts, importance
 from sim.trace import DECODE, PREFILL, Trace, TraceMeta, save_trace
 
@@ -840,7 +840,7 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
 
     # 5. cache-coupled quality: routing of the Q4_K passes → sim decisions → forward in the served formats
     write_text_atomic(out / "quality-partial.json", json.dumps({"rows": rows, "pairs": pairs}, indent=1,
-                                                               default=_np_default) + "\n")
+                                                               default=json_default) + "\n")
     cplans = finish_coupled(started)
     coupled_replay_s = time.perf_counter() - t_rep
     Qc = Quality(params, cfg, chunks[:Ce], plan.batch_chunks, plan.n_boot)
@@ -909,7 +909,7 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
                    "passes": {k: v["seconds"] for k, v in {**Q.results, **Qc.results}.items()}},
         "compact_model": compact,
     }
-    write_text_atomic(out / "quality.json", json.dumps(result, indent=1, allow_nan=False, default=_np_default) + "\n")
+    write_text_atomic(out / "quality.json", json.dumps(result, indent=1, allow_nan=False, default=json_default) + "\n")
     log(f"done in {result['timing']['total_s']:.0f} s")
     return result
 
@@ -918,16 +918,6 @@ def quants_bytes(fmt: str, cfg: M.Config) -> int:
     """Bytes of one expert matrix (hidden × expert_ffn) in fmt."""
     from sim.formats import get_format
     return get_format(fmt).nbytes(cfg.hidden * cfg.expert_ffn)
-
-
-def _np_default(o):
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(type(o).__name__)
 
 
 def train_compact(train_tokens, eval_tokens, plan: Plan, out_dir: Path) -> dict:
