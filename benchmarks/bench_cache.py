@@ -56,20 +56,23 @@ def synthetic_stream(steps: int, seed: int, *, zipf_s: float = 0.9, reuse_bonus:
 
 def naive_lru_hits(keys: np.ndarray, sizes: np.ndarray, starts: np.ndarray, capacity: int) -> int:
     """Byte-capacity LRU with group protection and bypass, written plainly on an OrderedDict."""
+    return naive_lru_hits_lists(keys.tolist(), sizes.tolist(), starts.tolist() + [keys.size], capacity)
+
+
+def naive_lru_hits_lists(keys: list, sizes: list, bounds: list, capacity: int) -> int:
+    """`naive_lru_hits` on Python lists; `bounds` are the groups' starts plus the end."""
     od: OrderedDict[int, int] = OrderedDict()
     used = hits = 0
-    kl, sl = keys.tolist(), sizes.tolist()
-    bounds = starts.tolist() + [len(kl)]
-    for g in range(len(starts)):
+    for g in range(len(bounds) - 1):
         lo, hi = bounds[g], bounds[g + 1]
-        group = set(kl[lo:hi])
+        group = set(keys[lo:hi])
         for i in range(lo, hi):
-            k = kl[i]
+            k = keys[i]
             if k in od:
                 od.move_to_end(k)
                 hits += 1
                 continue
-            s = sl[i]
+            s = sizes[i]
             if s > capacity - sum(od[x] for x in group if x in od):
                 continue  # bypass: cannot fit beside the protected group
             while used + s > capacity:

@@ -12,27 +12,18 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_dequant import best_time_s  # noqa: E402
 from jaxmoe.quants import QUANT_TYPES
 from sim.io import InputError, exit_on_input_error
 
 ROW = 4096
 
-
-def best_time_s(fn, repeats: int) -> float:
-    """Smallest CPU time of `repeats` calls of `fn`."""
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.process_time()
-        fn()
-        best = min(best, time.process_time() - t0)
-    return best
 
 
 def run(n_weights: int, repeats: int, formats: list[str], seed: int = 0) -> list[dict]:

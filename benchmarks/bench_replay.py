@@ -6,7 +6,7 @@ Two synthesized Qwen3-30B-A3B decode traces (`sim.synth` defaults, seed 0; 10 se
 `--tokens` tokens (2,500 = 960,000 accesses) and 4× that. For each configuration (cache policy ×
 precision policy × prefetch) it times `run_prepared` — what a sweep pays per configuration once
 the trace is prepared — with the timeline, on both traces (best of `--repeat`), and without the
-timeline on the 1× trace. In the same run it times a naive OrderedDict LRU (the benchmark's own,
+timeline on the 1× trace. In the same run it times a naive OrderedDict LRU (bench_cache.naive_lru_hits_lists,
 written plainly) on the 1× trace's key stream. Then, in child processes, the peak resident memory
 of loading the 4× trace, preparing it and replaying it (above the RSS after imports and JIT warm-up).
 
@@ -25,13 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.bench_cache import naive_lru_hits_lists  # noqa: E402
 from sim.engine import make_keys  # noqa: E402
 from sim.simulate import ReplayConfig, prepare, run_prepared  # noqa: E402
 from sim.synth import preset, synthesize  # noqa: E402
@@ -67,31 +67,6 @@ def best_time(fn, repeat: int):
         best = min(best, time.perf_counter() - t0)
     return out, best
 
-
-def naive_lru_hits(keys: list, sizes: list, bounds: list, capacity: int) -> int:
-    """Byte-capacity LRU with group protection and bypass, written plainly on an OrderedDict."""
-    od: OrderedDict[int, int] = OrderedDict()
-    used = hits = 0
-    for g in range(len(bounds) - 1):
-        lo, hi = bounds[g], bounds[g + 1]
-        group = set(keys[lo:hi])
-        for i in range(lo, hi):
-            k = keys[i]
-            if k in od:
-                od.move_to_end(k)
-                hits += 1
-                continue
-            s = sizes[i]
-            if s > capacity - sum(od[x] for x in group if x in od):
-                continue
-            while used + s > capacity:
-                for v in od:
-                    if v not in group:
-                        break
-                used -= od.pop(v)
-            od[k] = s
-            used += s
-    return hits
 
 
 def make_trace(tokens: int):
@@ -152,7 +127,7 @@ def main() -> int:
     keys = make_keys(acc_layer, g.expert, np.zeros_like(acc_layer)).tolist()
     sizes = p1.sizes[acc_layer, 0].tolist()
     cap = p1.default_capacity()[0]
-    naive_hits, naive_s = best_time(lambda: naive_lru_hits(keys, sizes, g.start.tolist(), cap), 1)
+    naive_hits, naive_s = best_time(lambda: naive_lru_hits_lists(keys, sizes, g.start.tolist(), cap), 1)
     naive_rate = len(keys) / naive_s
     ref = run_prepared(p1, ReplayConfig(trace=traces[1], policy="lru", timeline=False, calib_fraction=0.25))
     print(f"naive OrderedDict LRU: {len(keys):,} accesses in {naive_s:.2f} s = {naive_rate / 1e3:,.0f} k accesses/s "
