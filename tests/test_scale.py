@@ -88,22 +88,11 @@ def test_trace_stats_against_brute_force():
     assert rd[t, l, r] == (t - prev[-1] if prev else 0)
 
 
-def _corpus(path, vocab=8192):
-    rng = np.random.default_rng(0)
-    phrase = rng.integers(2, 500, 40)
+def _corpus(path):
+    """test_train's synthetic corpus with a calibration split (6,000 / 3,000 / 2,000 tokens)."""
+    from tests.test_train import _corpus as corpus
 
-    def make(n):
-        x = np.resize(phrase, n).copy()
-        noise = rng.random(n) < 0.1
-        x[noise] = rng.integers(2, vocab, int(noise.sum()))
-        x[::200] = 0
-        return x.astype("<u2")
-
-    path.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", 6000), ("eval", 3000), ("calib", 2000)):
-        make(n).tofile(path / f"{split}.bin")
-    (path / "meta.json").write_text(json.dumps({"tokenizer": {"path": "jaxmoe/tokenizer.json", "vocab_size": vocab}}))
-    return path
+    return corpus(path, n_train=6000, n_eval=3000, n_calib=2000)
 
 
 @pytest.mark.slow

@@ -16,8 +16,9 @@ from jaxmoe import model as M
 from jaxmoe import train as TR
 
 
-def _corpus(path, n_train=20_000, n_eval=3_000, vocab=8192, seed=0):
-    """A synthetic corpus: a fixed 40-token phrase with random noise tokens, eos every 200 tokens."""
+def _corpus(path, n_train=20_000, n_eval=3_000, vocab=8192, seed=0, n_calib=0):
+    """A synthetic corpus: a fixed 40-token phrase with random noise tokens, eos every 200 tokens
+    (train, eval and, when n_calib, calib splits)."""
     rng = np.random.default_rng(seed)
     phrase = rng.integers(2, 500, 40)
 
@@ -31,6 +32,8 @@ def _corpus(path, n_train=20_000, n_eval=3_000, vocab=8192, seed=0):
     path.mkdir(parents=True, exist_ok=True)
     make(n_train).tofile(path / "train.bin")
     make(n_eval).tofile(path / "eval.bin")
+    if n_calib:
+        make(n_calib).tofile(path / "calib.bin")
     meta = {"tokenizer": {"path": "jaxmoe/tokenizer.json", "vocab_size": vocab, "eos_id": 0}}
     (path / "meta.json").write_text(json.dumps(meta))
     return path
