@@ -89,7 +89,7 @@ def _slot_paths(ex) -> list[tuple[int, str]]:
     return out
 
 
-def calibrate(ex, copy_paths: list, *, tokens: int = 3, reps: int = 3, deadline_s: float = 0.0, t_begin: float = 0.0) -> dict:
+def calibrate(ex, copy_paths: list, *, tokens: int = 6, reps: int = 5, deadline_s: float = 0.0, t_begin: float = 0.0) -> dict:
     """Micro-measurements per copy path (see the module docstring) → a JSON-able dict."""
     from jaxmoe.offload import device_info
 
