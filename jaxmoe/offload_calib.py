@@ -64,14 +64,6 @@ def synthetic_plan(ex, *, slot: int, path: str | None, n_hit: int, n_miss: int, 
                 native_names=ex.native_names, n_experts=E, top_k=ex.top_k, tokens=tokens), len(layers)
 
 
-def _per_layer(ex, plan, n_layers: int, head_s: float, reps: int) -> float:
-    """Median seconds per executed layer (head excluded) over `reps` timed runs after a warm-up."""
-    compiled = ex.compile_plan(plan)
-    ex.run(compiled)
-    runs = [ex.run(compiled) for _ in range(reps)]
-    return (float(np.median(runs)) - plan.tokens * head_s) / (plan.tokens * n_layers)
-
-
 def _head_s(ex, reps: int = 30) -> float:
     h = ex.embed_token(0)
     ex.head(h).block_until_ready()
@@ -89,34 +81,79 @@ def _slot_paths(ex) -> list[tuple[int, str]]:
     return out
 
 
-def calibrate(ex, copy_paths: list, *, tokens: int = 6, reps: int = 5, deadline_s: float = 0.0, t_begin: float = 0.0) -> dict:
-    """Micro-measurements per copy path (see the module docstring) → a JSON-able dict."""
-    from jaxmoe.offload import device_info
+class CalibrationRounds:
+    """The calibration's synthetic plans, timed one run per round so that rounds can interleave with a grid's.
 
-    out = dict(device=device_info(), paths={}, tokens=tokens, reps=reps)
-    for cpath in copy_paths:
-        ex.set_copy_path(cpath)
+    A host-bound executor drifts by ±15 % over minutes (run 1 of docs/validation.md: identical plans
+    measured minutes apart differed that much), so micro-measurements taken in one block before a grid
+    describe a different machine state than the grid. `python -m jaxmoe.offload` runs one calibration
+    round per grid round, each in a seeded random order; every value is the median over rounds.
+    """
+
+    def __init__(self, ex, copy_paths: list, *, tokens: int = 6):
+        self.tokens, self.paths = tokens, list(copy_paths)
         g_hi = min(8, ex.shape.n_experts)
-        rec = dict(grouped_experts=g_hi, copy_bytes=dict(ex.copy_bytes), hidden=ex.shape.hidden, ffn=ex.shape.ffn)
-        rec["head_s"] = head = _head_s(ex)
-        plan, nl = synthetic_plan(ex, slot=0, path=None, n_hit=0, n_miss=0, tokens=tokens, pos0=0)
-        rec["dense_s"] = _per_layer(ex, plan, nl, head, reps)
-        plan, nl = synthetic_plan(ex, slot=0, path=None, n_hit=0, n_miss=0, tokens=tokens, pos0=ex.ctx_cap - tokens)
-        rec["dense_s_at_ctx_cap"] = _per_layer(ex, plan, nl, head, reps)
-        rec["hit"], rec["miss"] = {}, {}
-        for slot, p in _slot_paths(ex):
-            rec["hit"][p], rec["miss"][p] = {}, {}
-            for g in (1, g_hi):
-                plan, nl = synthetic_plan(ex, slot=slot, path=p, n_hit=g, n_miss=0, tokens=tokens, pos0=0, seed=g)
-                rec["hit"][p][str(g)] = _per_layer(ex, plan, nl, head, reps)
-                plan, nl = synthetic_plan(ex, slot=slot, path=p, n_hit=0, n_miss=g, tokens=tokens, pos0=0, seed=g)
-                rec["miss"][p][str(g)] = _per_layer(ex, plan, nl, head, reps)
-        if cpath == "raw" and ex.on_gpu:
-            rec["floor"] = raw_copy_floor(ex)
-            rec["device"] = device_times(ex, g_hi)
-        out["paths"][cpath] = rec
-        print(f"calibrated {cpath}: dense {rec['dense_s'] * 1e6:.1f} us/layer, head {head * 1e6:.0f} us", file=sys.stderr)
-    return out
+        self.g_hi = g_hi
+        self.jobs = {}  # copy path -> [(key, compiled plan, tokens, layers)]
+        for cpath in self.paths:
+            jobs = []
+            for key, pos0 in ((("dense",), 0), (("dense_s_at_ctx_cap",), ex.ctx_cap - tokens)):
+                plan, nl = synthetic_plan(ex, slot=0, path=None, n_hit=0, n_miss=0, tokens=tokens, pos0=pos0)
+                jobs.append((key, ex.compile_plan(plan), tokens, nl))
+            for slot, p in _slot_paths(ex):
+                for g in (1, g_hi):
+                    for kind, nh, nm in (("hit", g, 0), ("miss", 0, g)):
+                        plan, nl = synthetic_plan(ex, slot=slot, path=p, n_hit=nh, n_miss=nm, tokens=tokens, pos0=0, seed=g)
+                        jobs.append(((kind, p, str(g)), ex.compile_plan(plan), tokens, nl))
+            self.jobs[cpath] = jobs
+        self.samples = {c: {key: [] for key, *_ in self.jobs[c]} for c in self.paths}
+        self.heads = {c: [] for c in self.paths}
+
+    def round(self, ex, cpath: str, rng: np.random.Generator) -> None:
+        """One timed run of every synthetic plan of `cpath` (the executor already on that copy path)."""
+        head = _head_s(ex)
+        self.heads[cpath].append(head)
+        jobs = self.jobs[cpath]
+        for i in rng.permutation(len(jobs)):
+            key, compiled, tokens, nl = jobs[i]
+            secs = ex.run(compiled)
+            self.samples[cpath][key].append((secs - tokens * head) / (tokens * nl))
+
+    def result(self, ex) -> dict:
+        """The calibration JSON (medians over rounds; every round's value kept under "samples")."""
+        from jaxmoe.offload import device_info
+
+        out = dict(device=device_info(), paths={}, tokens=self.tokens, reps=len(next(iter(self.heads.values()))),
+                   rounds_interleaved=True)
+        for cpath in self.paths:
+            med = {k: float(np.median(v)) for k, v in self.samples[cpath].items() if v}
+            rec = dict(grouped_experts=self.g_hi, copy_bytes=dict(ex.copy_bytes), hidden=ex.shape.hidden,
+                       ffn=ex.shape.ffn, head_s=float(np.median(self.heads[cpath])),
+                       dense_s=med[("dense",)], dense_s_at_ctx_cap=med[("dense_s_at_ctx_cap",)], hit={}, miss={})
+            for (kind, *rest), v in med.items():
+                if kind in ("hit", "miss"):
+                    rec[kind].setdefault(rest[0], {})[rest[1]] = v
+            rec["samples"] = {"|".join(k): [round(x, 9) for x in v] for k, v in self.samples[cpath].items()}
+            rec["head_samples"] = self.heads[cpath]
+            if cpath == "raw" and ex.on_gpu:
+                ex.set_copy_path("raw")
+                rec["floor"] = raw_copy_floor(ex)
+                rec["device"] = device_times(ex, self.g_hi)
+            out["paths"][cpath] = rec
+            print(f"calibrated {cpath}: dense {rec['dense_s'] * 1e6:.1f} us/layer, head {rec['head_s'] * 1e6:.0f} us",
+                  file=sys.stderr)
+        return out
+
+
+def calibrate(ex, copy_paths: list, *, tokens: int = 6, reps: int = 5, seed: int = 0) -> dict:
+    """Micro-measurements per copy path on their own (no grid to interleave with): `reps` rounds."""
+    cal = CalibrationRounds(ex, copy_paths, tokens=tokens)
+    rng = np.random.default_rng(seed)
+    for _ in range(reps):
+        for cpath in copy_paths:
+            ex.set_copy_path(cpath)
+            cal.round(ex, cpath, rng)
+    return cal.result(ex)
 
 
 def raw_copy_floor(ex) -> dict:
@@ -272,9 +309,12 @@ def executor_profile(calib: dict, cpath: str, head_bytes: int) -> dict:
                           "note": "per layer: dense dispatch + router top-k to the host + the executor's bookkeeping "
                                   f"(bf16 attention over a masked KV cache; {rec['dense_s_at_ctx_cap'] * 1e6:.1f} us at "
                                   "the cache's full length)"},
-        "timeline": {"overlap_resident": True, "copy_job_fixed_s": job,
-                     "note": "resident experts compute while missing ones copy; each layer's copies are one job with "
-                             "this fixed cost (the first copy's extra over the per-expert slope: issue + stream wait)"},
+        "timeline": {"overlap_resident": False, "copy_job_fixed_s": job,
+                     "note": "the executor is host-bound: its 'compute' is the host's launch dispatch, and the host "
+                             "issues a layer's copies only after dispatching the resident launch, so nothing the host "
+                             "pays overlaps the copy (overlap_resident false; docs/validation.md, model change 3). "
+                             "Each layer's copies are one job with this fixed cost (the first copy's extra over the "
+                             "per-expert slope: issue + stream wait)"},
         "notes": ("vram_gbps = head_bytes / measured head time (bf16 head, argmax to the host), so the simulator's "
                   "head term equals the measured one. Curve: marginal seconds per missing expert in a layer's copy "
                   "job, at the GGUF size of each kernel path (pool rows are the repacked planes, "

@@ -160,7 +160,7 @@ def test_profiles_and_validation_pipeline(tiny, tmp_path):
                   "--calibrate", str(calib), "--out", str(grid), "-q"])
     docs = offload_calib.main(["profiles", str(calib), "--out-dir", str(tmp_path)])
     prof = docs[0]
-    assert prof["name"] == "gpu-offload-jax" and prof["timeline"]["overlap_resident"] is True
+    assert prof["name"] == "gpu-offload-jax" and prof["timeline"]["overlap_resident"] is False  # host-bound executor
     assert prof["transfer"]["curve"]["nbytes"] == sorted(offload_calib.path_nbytes(p, 256, 256)
                                                           for p in ("q4_k", "q4_k+q6_k_down", "q2_k", "q3_k"))
     rows = offload_calib.main(["validate", str(grid), "--trace-dir", str(tiny.parent), "--profile-dir", str(tmp_path)])
@@ -173,3 +173,20 @@ def test_path_nbytes_matches_architecture_table():
 
     assert offload_calib.path_nbytes("q4_k") == 2_654_208 and offload_calib.path_nbytes("q2_k") == 1_548_288
     assert offload_calib.path_nbytes("q3_k") == 2_027_520 and offload_calib.path_nbytes("q4_k+q6_k_down") == 3_059_712
+
+
+def test_interleaved_rounds_give_every_configuration_the_same_runs(tiny, tmp_path):
+    """Rounds: each configuration runs once per timed round; the calibration keeps one sample per round."""
+    grid, calib = tmp_path / "grid.json", tmp_path / "calib.json"
+    doc = offload.main([str(tiny), "--shape", "tiny", "--copy-path", "jax", "--kernel", "reference", "--budget", "30%,60%",
+                        "--policy", "lru,slru", "--precision", "native", "--repeats", "3", "--warmup", "1",
+                        "--calibrate", str(calib), "--out", str(grid), "-q"])
+    assert doc["rounds"] == 3 and not doc["stopped_early"] and len(doc["results"]) == 4
+    for rec in doc["results"]:
+        assert len(rec["seconds"]) == 3 and rec["executed_tokens"] == 3 * rec["tokens"]
+        assert rec["hits"] == rec["sim_hits"] and rec["misses"] == rec["sim_misses"]
+    cal = json.loads(calib.read_text())
+    samples = cal["paths"]["jax"]["samples"]
+    assert cal["reps"] == 3 and all(len(v) == 3 for v in samples.values())
+    assert cal["paths"]["jax"]["dense_s"] == pytest.approx(float(np.median(samples["dense"])), abs=1e-9)
+    assert json.loads(grid.read_text())["results"] == json.loads(json.dumps(doc["results"]))
