@@ -183,35 +183,63 @@ def decision(sweep_dir, quality_glob: str = QUALITY48_GLOB, rule: Rule | None = 
 
 
 def load_offload(pattern: str = OFFLOAD_GLOB) -> list[dict]:
-    """Measured executor results (results/offload/*.json), one dict per measured configuration."""
-    out = []
+    """Measured executor results (results/offload/*.json), one dict per measured configuration.
+
+    A validation file (`python -m jaxmoe.offload_calib validate GRID --json FILE`: the grid's records with
+    the simulator's prediction beside each) replaces the grid it names.
+    """
+    docs = {}
     for path in sorted(glob(pattern)):
         try:
             doc = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if not isinstance(doc, dict) or "results" not in doc:
+        if isinstance(doc, dict) and isinstance(doc.get("results"), list):
+            docs[Path(path).name] = doc
+    validated = {d.get("grid") for d in docs.values() if d.get("kind") == "validation"}
+    out = []
+    for name, doc in docs.items():
+        if name in validated:
             continue
         dev = doc.get("device", {})
         for r in doc["results"]:
             if "tokens_per_s_mean" not in r:
                 continue
             sim = r.get("sim_tokens_per_s", r.get("simulated_tokens_per_s"))
-            out.append({"file": Path(path).name, "platform": dev.get("platform", "?"),
+            out.append({"file": name, "platform": dev.get("platform", "?"),
                         "device": dev.get("device_kind", "?"), "trace": r.get("trace"), "budget": r.get("budget"),
                         "policy": r.get("policy"), "precision": r.get("precision"),
+                        "copy_path": r.get("copy_path", "?"),
+                        # per-round tok/s only where rounds interleaved configurations (paired by round)
+                        "runs": r.get("tokens_per_s") if doc.get("rounds") else None,
                         "measured": float(r["tokens_per_s_mean"]), "measured_ci": r.get("tokens_per_s_ci95"),
                         "simulated": None if sim is None else float(sim), "command": doc.get("command", "")})
     return out
 
 
+def paired_delta(runs_policy, runs_native) -> tuple[float, float, float] | None:
+    """Mean and 95 % t-interval of Δ tok/s = policy/native − 1, paired by timing round (None: not paired).
+
+    The executor times every configuration once per round in a random order (jaxmoe.offload), so the
+    i-th runs of two configurations saw the same machine state: pairing removes the drift between rounds.
+    """
+    if not runs_policy or not runs_native or len(runs_policy) != len(runs_native) or len(runs_native) < 2:
+        return None
+    d = np.asarray(runs_policy, float) / np.asarray(runs_native, float) - 1
+    t95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}.get(d.size, 2.0)
+    half = t95 * float(d.std(ddof=1)) / np.sqrt(d.size)
+    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+
+
 def measured_table(records: list[dict]) -> pd.DataFrame:
-    """Measured Δ tok/s vs native beside simulated (where the file has it) and the validation error."""
+    """Measured Δ tok/s vs native (paired by round, with its interval) beside simulated, and the validation error."""
     if not records:
         return pd.DataFrame()
     df = pd.DataFrame(records)
+    if "copy_path" not in df:
+        df["copy_path"] = "?"
     out = []
-    for key, g in df.groupby(["file", "trace", "budget", "policy"], sort=True):
+    for key, g in df.groupby(["file", "trace", "budget", "policy", "copy_path"], sort=True):
         base = g[g["precision"] == "native"]
         if base.empty:
             continue
@@ -219,21 +247,25 @@ def measured_table(records: list[dict]) -> pd.DataFrame:
         for _, r in g.iterrows():
             if r["precision"] == "native":
                 continue
-            meas = r["measured"] / b["measured"] - 1
+            paired = paired_delta(r.get("runs"), b.get("runs"))
+            meas = paired[0] if paired else r["measured"] / b["measured"] - 1
             sim = (r["simulated"] / b["simulated"] - 1) if r["simulated"] is not None and b["simulated"] else np.nan
+
             def tps(x):
                 ci = x["measured_ci"]
-                return f"{x['measured']:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci and len(ci) == 2 else "")
+                return f"{x['measured']:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci is not None and len(ci) == 2 else "")
             out.append({"file": key[0], "device": f"{r['platform']}:{r['device']}", "trace": key[1],
-                        "budget": key[2], "cache": key[3], "precision": r["precision"],
-                        "native tok/s [95 % CI over repeats]": tps(b), "policy tok/s [95 % CI]": tps(r),
-                        "measured Δ tok/s": _p(meas), "simulated Δ tok/s": _p(sim),
+                        "budget": key[2], "cache": key[3], "copy path": key[4], "precision": r["precision"],
+                        "native tok/s [95 % CI over rounds]": tps(b), "policy tok/s [95 % CI]": tps(r),
+                        "measured Δ tok/s [95 % CI, paired by round]":
+                            _p(meas) + (f" [{_p(paired[1])}, {_p(paired[2])}]" if paired else ""),
+                        "simulated Δ tok/s": _p(sim),
                         "error (sim − measured)": _p(sim - meas) if np.isfinite(sim) else "–"})
     return pd.DataFrame(out)
 
 
 __all__ = ["ci_kld", "ci_pct", "ci_rate", "decision", "interactive_chart", "link_flips", "load_map", "load_offload",
-           "load_quality48", "map_chart", "map_table", "measured_table", "paired_policy_diffs", "panel_table",
+           "load_quality48", "map_chart", "map_table", "measured_table", "paired_delta", "paired_policy_diffs", "panel_table",
            "quality_pairs_table", "quality_spec", "sensitivity_table", "setting_table",
            "speed_frame", "verdict_input", "write_html"]
 

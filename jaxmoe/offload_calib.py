@@ -376,8 +376,8 @@ def validation_rows(grid: dict, trace_dir: str, profile_dir: str) -> list[dict]:
         meas = rec["tokens_per_s_mean"]
         rows.append(dict(trace=rec["trace"], budget=rec["budget"], policy=rec["policy"], precision=rec["precision"],
                          copy_path=rec["copy_path"], hit_rate=rec["hit_rate"], sim_hit_rate=sim["hit_rate"],
-                         measured=meas, ci95=rec["tokens_per_s_ci95"], predicted=sim["tokens_per_s"],
-                         error=(sim["tokens_per_s"] - meas) / meas))
+                         measured=meas, ci95=rec["tokens_per_s_ci95"], runs=rec.get("tokens_per_s"),
+                         predicted=sim["tokens_per_s"], error=(sim["tokens_per_s"] - meas) / meas))
     return rows
 
 
@@ -471,7 +471,12 @@ def main(argv=None):
     print(f"\n{len(rows)} configurations: |error| mean {100 * errs.mean():.1f} %, max {100 * errs.max():.1f} %, "
           f"≤ 5 %: {int((errs <= 0.05).sum())}/{len(rows)}")
     if args.json:
-        write_text_atomic(args.json, json.dumps(rows, indent=1) + "\n")
+        doc = dict(kind="validation", grid=Path(args.grid).name, device=grid.get("device", {}),
+                   command="python -m jaxmoe.offload_calib " + " ".join(sys.argv[1:] if argv is None else argv),
+                   grid_command=grid.get("command", ""), rounds=grid.get("rounds"),
+                   results=[dict(r, tokens_per_s_mean=r["measured"], tokens_per_s_ci95=r["ci95"],
+                                 tokens_per_s=r["runs"], sim_tokens_per_s=r["predicted"]) for r in rows])
+        write_text_atomic(args.json, json.dumps(doc, indent=1) + "\n")
     return rows
 
 

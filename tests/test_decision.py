@@ -163,6 +163,28 @@ def test_measured_beside_simulated(tmp_path):
     t = D.measured_table(D.load_offload(str(tmp_path / "*.json")))
     assert len(t) == 1
     r = t.iloc[0]
-    assert (r["measured Δ tok/s"], r["simulated Δ tok/s"], r["error (sim − measured)"]) == ("+10.0 %", "+15.0 %",
-                                                                                            "+5.0 %")
+    assert (r["measured Δ tok/s [95 % CI, paired by round]"], r["simulated Δ tok/s"],
+            r["error (sim − measured)"]) == ("+10.0 %", "+15.0 %", "+5.0 %")
     assert r["policy tok/s [95 % CI]"] == "55.0 [54.0, 56.0]"
+
+
+def test_measured_delta_paired_by_round_and_validation_replaces_its_grid(tmp_path):
+    """Interleaved rounds: Δ is the mean of per-round ratios with a t-interval; a validation file hides its grid."""
+    runs = {"native": [40.0, 50.0, 45.0], "static:mass:30%:q2_k": [44.0, 55.0, 45.0]}
+    res = [{"trace": "t.npz", "budget": "30%", "policy": "slru", "precision": p, "copy_path": "raw",
+            "tokens_per_s": v, "tokens_per_s_mean": float(np.mean(v)), "tokens_per_s_ci95": [0.0, 99.0]}
+           for p, v in runs.items()]
+    dev = {"platform": "gpu", "device_kind": "H100"}
+    (tmp_path / "grid.json").write_text(json.dumps({"command": "c", "device": dev, "rounds": 3, "results": res}))
+    val = [dict(r, sim_tokens_per_s=s) for r, s in zip(res, (50.0, 52.0))]
+    (tmp_path / "val.json").write_text(json.dumps({"kind": "validation", "grid": "grid.json", "device": dev,
+                                                   "rounds": 3, "results": val}))
+    recs = D.load_offload(str(tmp_path / "*.json"))
+    assert {r["file"] for r in recs} == {"val.json"}
+    t = D.measured_table(recs)
+    assert len(t) == 1
+    d = np.array([0.1, 0.1, 0.0])  # per-round ratios − 1
+    half = 4.303 * d.std(ddof=1) / np.sqrt(3)
+    want = f"+{d.mean() * 100:.1f} % [{(d.mean() - half) * 100:+.1f} %, +{(d.mean() + half) * 100:.1f} %]"
+    assert t.iloc[0]["measured Δ tok/s [95 % CI, paired by round]"] == want
+    assert t.iloc[0]["simulated Δ tok/s"] == "+4.0 %"
