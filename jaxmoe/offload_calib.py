@@ -393,6 +393,32 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+GRID_SEQS = (0, 16, 17)  # of traces/qwen3.npz: one calibration-split sequence, then two evaluation-split ones
+GRID_STEPS = 40  # per sequence: its 32 prefill steps and 8 decode steps
+
+
+def grid_traces(out_dir: str, default_trace: str = "traces/qwen3.npz") -> list[str]:
+    """The grid's traces: synth-qwen3.npz (sim.synth, 3 sequences of 16 prefill + 8 decode, seed 0) and
+    qwen3-sub.npz (sequences GRID_SEQS of the default trace, first GRID_STEPS steps each). With the
+    simulator's 25 % calibration window both leave 16 decode tokens to execute, after a warm cache."""
+    from sim import synth
+    from sim.trace import load_trace, save_trace
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    synth.main(["-o", str(out / "synth-qwen3.npz"), "--seqs", "3", "--prefill", "16", "--decode", "8", "--seed", "0"])
+    tr = load_trace(default_trace)
+    first = {}
+    for i, q in enumerate(tr.seq.tolist()):
+        first.setdefault(q, i)
+    missing = [q for q in GRID_SEQS if q not in first]
+    if missing:
+        raise InputError(default_trace, f"has no sequence {missing[0]} (the grid takes sequences {GRID_SEQS})")
+    keep = np.concatenate([np.arange(first[q], first[q] + GRID_STEPS) for q in GRID_SEQS])
+    save_trace(tr.select(keep), out / "qwen3-sub.npz")
+    return [str(out / "synth-qwen3.npz"), str(out / "qwen3-sub.npz")]
+
+
 def tiny_trace(path: str, *, layers: int = 4, experts: int = 8, top_k: int = 2, seqs: int = 3, steps: int = 8,
                seed: int = 0) -> None:
     """A small decode-only trace for the executor's tiny shape (hidden = FFN = 256; Q6_K down in odd layers).
@@ -434,11 +460,16 @@ def main(argv=None):
     b.add_argument("--trace-dir", required=True, help="folder holding the grid's traces (by file name)")
     b.add_argument("--profile-dir", default="sim/profiles", help="folder of the <card>-offload-<path>.json profiles")
     b.add_argument("--json", help="also write the rows as JSON")
+    t = sub.add_parser("grid-traces", help="write the validation grid's two traces (docs/validation.md) into a folder")
+    t.add_argument("out_dir")
+    t.add_argument("--default-trace", default="traces/qwen3.npz", help="the 48-layer model's trace (default: %(default)s)")
     c = sub.add_parser("tiny-trace", help="write a small decode-only trace for the executor's tiny shape (CPU runs)")
     c.add_argument("out")
     for name, default in (("layers", 4), ("experts", 8), ("top-k", 2), ("seqs", 3), ("steps", 8), ("seed", 0)):
         c.add_argument(f"--{name}", type=int, default=default)
     args = ap.parse_args(argv)
+    if args.cmd == "grid-traces":
+        return grid_traces(args.out_dir, args.default_trace)
     if args.cmd == "tiny-trace":
         tiny_trace(args.out, layers=args.layers, experts=args.experts, top_k=args.top_k, seqs=args.seqs,
                    steps=args.steps, seed=args.seed)
