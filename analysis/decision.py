@@ -231,6 +231,22 @@ def paired_delta(runs_policy, runs_native) -> tuple[float, float, float] | None:
     return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
 
 
+def validation_summary(records: list[dict]) -> pd.DataFrame:
+    """Per measured file and copy path: how far the simulator's tok/s is from the executor's (|error|)."""
+    rows = [r for r in records if r.get("simulated") is not None]
+    if not rows:
+        return pd.DataFrame()
+    df = pd.DataFrame(rows)
+    df["err"] = df["simulated"] / df["measured"] - 1
+    out = []
+    for (f, dev, cp), g in df.groupby(["file", "device", "copy_path"], sort=True):
+        e = g["err"].to_numpy()
+        out.append({"file": f, "device": dev, "copy path": cp, "configurations": len(e),
+                    "mean abs. error": f"{np.abs(e).mean() * 100:.1f} %", "median error": _p(float(np.median(e))),
+                    "max abs. error": f"{np.abs(e).max() * 100:.1f} %", "within ±5 %": f"{int((np.abs(e) <= 0.05).sum())} of {len(e)}"})
+    return pd.DataFrame(out)
+
+
 def measured_table(records: list[dict]) -> pd.DataFrame:
     """Measured Δ tok/s vs native (paired by round, with its interval) beside simulated, and the validation error."""
     if not records:
@@ -265,7 +281,7 @@ def measured_table(records: list[dict]) -> pd.DataFrame:
 
 
 __all__ = ["ci_kld", "ci_pct", "ci_rate", "decision", "interactive_chart", "link_flips", "load_map", "load_offload",
-           "load_quality48", "map_chart", "map_table", "measured_table", "paired_delta", "paired_policy_diffs", "panel_table",
+           "load_quality48", "map_chart", "map_table", "measured_table", "paired_delta", "validation_summary", "paired_policy_diffs", "panel_table",
            "quality_pairs_table", "quality_spec", "sensitivity_table", "setting_table",
            "speed_frame", "verdict_input", "write_html"]
 

@@ -893,7 +893,8 @@ def decision_facts(dec: dict | None, offload: list[dict] | None = None) -> dict 
     diffs = D.paired_policy_diffs(dec["rows"], dec["units"], pairs)
     if not diffs.empty:
         diffs = diffs[(diffs["PCIe"] == "gen4x16")]
-    measured = D.measured_table(offload or [])
+    gpu_runs = [r for r in offload or [] if r["platform"] != "cpu"]  # CPU rows are pipeline checks (validation.md)
+    measured = D.measured_table(gpu_runs)
     return {
         "rule": v.rule, "rule_text": v.rule.describe(), "text": v.text,
         "quality_fails": sorted(set(v.rows.loc[v.rows["status"].str.contains("quality_fails"), "precision"])),
@@ -909,6 +910,7 @@ def decision_facts(dec: dict | None, offload: list[dict] | None = None) -> dict 
         "commands": [p.get("command", "") for p in provs], "wall_s": wall, "traces": traces,
         "pressure": pressure, "fits": fits, "measured": measured, "offload_files": sorted({r["file"] for r in offload or []}),
         "offload_platforms": sorted({r["platform"] for r in offload or []}),
+        "validation": D.validation_summary(gpu_runs),
     }
 
 
