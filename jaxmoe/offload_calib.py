@@ -271,6 +271,49 @@ def _fit_linear(x, y) -> tuple[float, float]:
     return max(0.0, float(icpt)), float(1.0 / slope / 1e9)
 
 
+def skip_rounds_calib(calib: dict, skip: int) -> dict:
+    """The calibration with its first `skip` interleaved rounds left out (medians over the rest)."""
+    if not skip:
+        return calib
+    out = json.loads(json.dumps(calib))
+    for rec in out["paths"].values():
+        if "samples" not in rec:
+            raise InputError(None, "--skip-rounds needs a calibration timed in interleaved rounds (no 'samples')")
+        for key, v in rec["samples"].items():
+            kept = v[skip:]
+            if not kept:
+                raise InputError(None, f"--skip-rounds {skip} leaves no round of {key!r}")
+            val = float(np.median(kept))
+            kind, *rest = key.split("|")
+            if kind in ("hit", "miss"):
+                rec[kind][rest[0]][rest[1]] = val
+            else:
+                rec[kind] = val
+        rec["head_s"] = float(np.median(rec["head_samples"][skip:]))
+    out["skipped_rounds"] = skip
+    return out
+
+
+def skip_rounds_grid(grid: dict, skip: int) -> dict:
+    """The grid with each configuration's first `skip` timed rounds left out (mean and t-interval over the rest)."""
+    if not skip:
+        return grid
+    from jaxmoe.offload import t_interval
+
+    if not grid.get("rounds"):
+        raise InputError(None, "--skip-rounds needs a grid timed in interleaved rounds")
+    out = json.loads(json.dumps(grid))
+    for r in out["results"]:
+        tps = r["tokens_per_s"][skip:]
+        if not tps:
+            raise InputError(None, f"--skip-rounds {skip} leaves no round")
+        m, lo, hi = t_interval(tps)
+        r.update(tokens_per_s=tps, tokens_per_s_mean=m, tokens_per_s_ci95=[lo, hi], seconds=r["seconds"][skip:])
+    out["rounds"] = grid["rounds"] - skip
+    out["skipped_rounds"] = skip
+    return out
+
+
 def executor_profile(calib: dict, cpath: str, head_bytes: int) -> dict:
     """Hardware profile of the executor with copy path `cpath` (times as the executor's loop sees them)."""
     rec = calib["paths"][cpath]
@@ -455,11 +498,13 @@ def main(argv=None):
     a.add_argument("calib", help="JSON written by python -m jaxmoe.offload --calibrate")
     a.add_argument("--out-dir", default="sim/profiles", help="where the profiles go (default: %(default)s)")
     a.add_argument("--head-bytes", type=int, default=None, help="output-head bytes of the model (default: Qwen3-30B-A3B's)")
+    a.add_argument("--skip-rounds", type=int, default=0, help="leave out the first N interleaved rounds (first-use effects)")
     b = sub.add_parser("validate", help="predicted vs measured tokens/s for every configuration of a grid JSON")
     b.add_argument("grid", help="JSON written by python -m jaxmoe.offload")
     b.add_argument("--trace-dir", required=True, help="folder holding the grid's traces (by file name)")
     b.add_argument("--profile-dir", default="sim/profiles", help="folder of the <card>-offload-<path>.json profiles")
     b.add_argument("--json", help="also write the rows as JSON")
+    b.add_argument("--skip-rounds", type=int, default=0, help="leave out each configuration's first N timed rounds")
     t = sub.add_parser("grid-traces", help="write the validation grid's two traces (docs/validation.md) into a folder")
     t.add_argument("out_dir")
     t.add_argument("--default-trace", default="traces/qwen3.npz", help="the 48-layer model's trace (default: %(default)s)")
@@ -484,6 +529,7 @@ def main(argv=None):
         from sim.profiles import qwen3_30b_a3b
 
         head = args.head_bytes or qwen3_30b_a3b().head_bytes
+        calib = skip_rounds_calib(calib, args.skip_rounds)
         docs = [executor_profile(calib, c, head) for c in calib["paths"]]
         if "raw" in calib["paths"] and "floor" in calib["paths"]["raw"]:
             docs.append(native_profile(calib, head))
@@ -496,6 +542,7 @@ def main(argv=None):
         grid = json.loads(Path(args.grid).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(args.grid, f"cannot read grid JSON: {exc}") from None
+    grid = skip_rounds_grid(grid, args.skip_rounds)
     rows = validation_rows(grid, args.trace_dir, args.profile_dir)
     print(markdown_table(rows))
     errs = np.abs([r["error"] for r in rows])
@@ -505,6 +552,7 @@ def main(argv=None):
         doc = dict(kind="validation", grid=Path(args.grid).name, device=grid.get("device", {}),
                    command="python -m jaxmoe.offload_calib " + " ".join(sys.argv[1:] if argv is None else argv),
                    grid_command=grid.get("command", ""), rounds=grid.get("rounds"),
+                   skipped_rounds=grid.get("skipped_rounds", 0),
                    results=[dict(r, tokens_per_s_mean=r["measured"], tokens_per_s_ci95=r["ci95"],
                                  tokens_per_s=r["runs"], sim_tokens_per_s=r["predicted"]) for r in rows])
         write_text_atomic(args.json, json.dumps(doc, indent=1) + "\n")
