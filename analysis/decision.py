@@ -352,11 +352,12 @@ def map_table(v) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-def setting_table(vin: pd.DataFrame, vram: float = 12, pcie: str = "gen4x16") -> pd.DataFrame:
-    """Every policy at one VRAM/link: Δ tok/s, hit rate, low mass with intervals, KLD, status."""
+def setting_table(vin: pd.DataFrame, vram: float = 12, pcie: str = "gen4x16", rule: Rule | None = None) -> pd.DataFrame:
+    """Every policy at one VRAM/link: Δ tok/s, hit rate, low mass with intervals, KLD, status under `rule`
+    (the verdict's own rule: its KLD bound is in the measured model's units, not the default's)."""
     from analysis.verdict import assess
 
-    a = assess(vin)
+    a = assess(vin, rule or Rule())
     a = a[(a["scenario"] == BASE_SCENARIO) & (a["vram_gb"] == vram) & (a["pcie"] == pcie)]
     rows = []
     for _, r in a.sort_values(["model", "precision"]).iterrows():

@@ -901,7 +901,7 @@ def decision_facts(dec: dict | None, offload: list[dict] | None = None) -> dict 
         "kld_max": float(v.rows["kld_hi"].max()) if v.rows["kld_hi"].notna().any() else None,
         "mass_gap": _mass_gap(vin, "static:mass:50%:q2_k"),
         "n_settings": len(v.settings), "n_recommended": int(v.settings["recommended"].sum()),
-        "map_table": D.map_table(v), "setting_table": D.setting_table(vin, 12, "gen4x16"),
+        "map_table": D.map_table(v), "setting_table": D.setting_table(vin, 12, "gen4x16", v.rule),
         "sensitivity_table": D.sensitivity_table(v), "n_flips": len(v.flips), "link_flips": D.link_flips(v),
         "hobbit_table": D.panel_table(speed, "hobbit"), "t1t2_table": D.panel_table(speed, "t1t2"),
         "real_table": D.panel_table(speed, "real"), "real_units": int(real["n_units"].max()) if len(real) else 0,

@@ -145,3 +145,16 @@ def test_quality_measured_at_a_lighter_operating_point_does_not_count():
     assert a["status"].iloc[1] == "quality_unknown" and not a["passes"].iloc[1]
     a = assess(df.assign(quality_low_mass=[0.0, 0.30]))  # measured at the replay's own mass: counts
     assert a["status"].iloc[1] == "pass"
+
+
+def test_setting_table_reports_status_under_the_verdicts_rule():
+    """A KLD between the scaled bound and the default bound passes the default rule but not the verdict's."""
+    from analysis.decision import setting_table
+
+    df = pd.DataFrame([native(), row(d=0.2, lo=0.15, hi=0.25, kld=5e-4, klo=4e-4, khi=6e-4)])
+    df["hit_rate"], df["hit_rate_lo"], df["hit_rate_hi"], df["low_precision_mass"] = 0.5, 0.4, 0.6, 0.1
+    df["precision"] = ["native", "static:mass:30%:q2_k"]
+    scaled = Rule(kld_unit=0.005)  # bound 5e-5 < the row's KLD upper bound 6e-4 < the default 0.010
+    assert setting_table(df, 12, "gen4x16")["rule"].tolist() == ["baseline", "pass"]
+    assert setting_table(df, 12, "gen4x16", scaled)["rule"].tolist() == ["baseline", "quality_fails"]
+    assert not verdict(df, scaled).settings["recommended"].any() and verdict(df).settings["recommended"].all()
