@@ -225,10 +225,9 @@ def paired_delta(runs_policy, runs_native) -> tuple[float, float, float] | None:
     """
     if not runs_policy or not runs_native or len(runs_policy) != len(runs_native) or len(runs_native) < 2:
         return None
-    d = np.asarray(runs_policy, float) / np.asarray(runs_native, float) - 1
-    t95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}.get(d.size, 2.0)
-    half = t95 * float(d.std(ddof=1)) / np.sqrt(d.size)
-    return float(d.mean()), float(d.mean() - half), float(d.mean() + half)
+    from analysis.intervals import t_interval
+
+    return t_interval(np.asarray(runs_policy, float) / np.asarray(runs_native, float) - 1)
 
 
 def validation_summary(records: list[dict]) -> pd.DataFrame:

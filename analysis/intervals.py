@@ -39,6 +39,7 @@ where delta is the relative tok/s change against the group's baseline (0 for the
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -219,3 +220,14 @@ __all__ = [
     "Interval", "LEVEL", "MIN_UNITS", "N_RESAMPLES", "block_units", "paired_frame", "paired_ratio_interval",
     "ratio_interval", "resample_counts", "resample_indices", "speedup_interval", "unit_of_steps",
 ]
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """(mean, low, high) of a 95 % Student-t interval of the mean (few timed repeats: the executor's rounds)."""
+    v = np.asarray(values, dtype=np.float64)
+    m = float(v.mean())
+    if v.size < 2:
+        return m, m, m
+    t95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}.get(v.size, 2.0)
+    half = t95 * float(v.std(ddof=1)) / math.sqrt(v.size)
+    return m, m - half, m + half

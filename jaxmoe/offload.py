@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
+from analysis.intervals import t_interval  # noqa: F401  (re-exported: offload_calib, tests)
 from sim.io import InputError, atomic_path, exit_on_input_error, json_default
 
 LOW_FORMATS = ("q2_k", "q3_k")
@@ -640,15 +641,6 @@ def _gate_up(x, gate: dict, up: dict, ids, kernel: str, interpret: bool):
 # ---------------------------------------------------------------------------------------------
 
 
-def t_interval(values: list[float]) -> tuple[float, float, float]:
-    """(mean, low, high) of a 95 % Student-t interval of the mean."""
-    v = np.asarray(values, dtype=np.float64)
-    m = float(v.mean())
-    if v.size < 2:
-        return m, m, m
-    t95 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}.get(v.size, 2.0)
-    half = t95 * float(v.std(ddof=1)) / math.sqrt(v.size)
-    return m, m - half, m + half
 
 
 def resolve_budget(text: str, model) -> tuple[int, str]:

@@ -298,7 +298,7 @@ def skip_rounds_grid(grid: dict, skip: int) -> dict:
     """The grid with each configuration's first `skip` timed rounds left out (mean and t-interval over the rest)."""
     if not skip:
         return grid
-    from jaxmoe.offload import t_interval
+    from analysis.intervals import t_interval
 
     if not grid.get("rounds"):
         raise InputError(None, "--skip-rounds needs a grid timed in interleaved rounds")
