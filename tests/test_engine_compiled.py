@@ -33,7 +33,9 @@ POLICIES = tuple(sorted(COMPILED_POLICIES))
 PARAMS = {
     "slru": ({}, {"protected_share": 0.0}, {"protected_share": 0.5}, {"protected_share": 1.0}),
     "s3fifo": ({}, {"small_share": 0.3, "ghost_share": 0.5}, {"move_to_main_threshold": 2}),
-    "hobbit": ({}, {"w_recency": 0.2, "w_frequency": 2.0, "w_high_precision": 1.0, "w_layer_distance": 0.5}),
+    "hobbit": ({}, {"w_recency": 0.2, "w_frequency": 2.0, "w_high_precision": 1.0, "w_layer_distance": 0.5},
+               {"w_recency": 0.0},  # no recency term: the compiled victim search cannot stop early
+               {"w_frequency": -1.0}),  # a negative weight: the compiled search scans every entry
 }
 
 
