@@ -146,7 +146,8 @@ class Prepared:
         self.prefetch = prefetch
         calib = calibration_steps(trace, calib_fraction)
         self.calib_steps = calib
-        self.calib_trace = trace.select(np.flatnonzero(calib)) if calib.any() else None
+        m = int(np.count_nonzero(calib))  # the window is a prefix of the steps: views, not a copy
+        self.calib_trace = (trace.select(slice(0, m)) if calib[:m].all() else trace.select(np.flatnonzero(calib))) if m else None
         predicted = None
         if prefetch == "none":  # no predictions: a read-only view of -1 (no copy of the trace's shape)
             predicted = np.broadcast_to(np.array(-1, dtype=trace.experts.dtype), trace.experts.shape)
