@@ -721,8 +721,11 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
         M[PIN, :n_ids] = _static_pins(groups, hi_slots, sizes, pool_caps, n_parts, per_layer)
     H = np.zeros(1, np.int64)
     if pol == HOBBIT:  # each sub-cache's two histograms, as wide as its uses can grow
-        width = _uses_bound(groups, n_layers_tr) + 2  # per layer
-        w_sc = np.tile(width if per_layer else np.full(n_parts, width.max()), len(pool_caps))
+        width = _uses_bound(groups, n_layers_tr) + 2  # per layer of the trace
+        part_w = np.full(n_parts, 2 if per_layer else width.max(), np.int64)
+        if per_layer:
+            part_w[:n_layers_tr] = width
+        w_sc = np.tile(part_w, len(pool_caps))
         off = np.r_[0, np.cumsum(2 * w_sc)[:-1]]
         S[:, FOFF] = off
         S[:, HOFF] = off + w_sc

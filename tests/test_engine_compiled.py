@@ -118,3 +118,15 @@ def test_static_pinning_matches_the_class_fit(seed, partition, precision):
     trace = random_trace(seed=seed, n_steps=60, n_layers=3, n_experts=12, k=3, predicted=True)
     ref, fast = _outcomes(trace, "static", precision, [2500, 6000, 9000, 15000][seed], partition, "trace", {})
     _assert_same(ref, fast)
+
+
+@pytest.mark.parametrize("precision", ["native", "dynamic:0.5:0.8+pools:split:0.4"])
+def test_hobbit_per_layer_with_more_partitions_than_trace_layers(precision):
+    """The compiled hobbit sizes its uses histograms per partition, trace layers or not."""
+    trace = random_trace(seed=3, n_steps=40, n_layers=3, n_experts=8, k=2, n_seqs=2, prefill=3, predicted=True)
+    prep = prepare(ReplayConfig(trace=trace, prefetch="trace"))
+    pol = parse_precision(precision)
+    slots = static_slots(prep.calib_trace, pol, 3, 8, 0)
+    spec = CacheSpec("hobbit", 6000, "per-layer", 5, {})
+    _assert_same(replay(prep.groups, spec, pol, slots, prep.sizes, prep.link_s, fast=False),
+                 replay(prep.groups, spec, pol, slots, prep.sizes, prep.link_s, fast=True))
