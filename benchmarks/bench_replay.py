@@ -1,6 +1,6 @@
 """Benchmark the simulator per configuration: every cache and precision policy, with the timeline.
 
-    python benchmarks/bench_replay.py [--tokens 2500] [--repeat 3] [--skip-memory] [--skip-belady]
+    python benchmarks/bench_replay.py [--tokens 2500] [--repeat 3] [--skip-memory] [--skip-belady] [--only TEXT]
 
 Two synthesized Qwen3-30B-A3B decode traces (`sim.synth` defaults, seed 0; 10 sequences): 1× with
 `--tokens` tokens (2,500 = 960,000 accesses) and 4× that. For each configuration (cache policy ×
@@ -100,6 +100,8 @@ def main() -> int:
     ap.add_argument("--repeat", type=int, default=3, help="best of this many timings per measurement")
     ap.add_argument("--skip-memory", action="store_true", help="skip the peak-memory child processes")
     ap.add_argument("--skip-belady", action="store_true", help="skip belady (it runs the Python reference engine)")
+    ap.add_argument("--only", metavar="TEXT", help="time only the configurations whose label contains TEXT "
+                    "(e.g. hobbit); the targets then cover those alone")
     ap.add_argument("--rss-child", nargs=4, metavar=("TRACE", "POLICY", "PRECISION", "PREFETCH"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.rss_child:
@@ -136,6 +138,8 @@ def main() -> int:
 
     rows = []
     configs = CONFIGS + ([] if args.skip_belady else [BELADY])
+    if args.only:
+        configs = [c for c in configs if args.only in c[0]]
     for label, policy, precision, prefetch in configs:
         cfg = {m: ReplayConfig(trace=traces[m], policy=policy, precision=precision, prefetch=prefetch) for m in (1, 4)}
         slow = policy == "belady"

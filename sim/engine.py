@@ -100,56 +100,103 @@ def oracle_predictions(trace: Trace, accuracy: float, seed: int) -> np.ndarray:
     return out.astype(np.int16)
 
 
+# the columns of AccessGroups: per group, then per access (`predicted` and `start` are built apart)
+_GROUP_DTYPES = {"layer": np.int32, "seq": np.int32, "step": np.int32, "phase": np.uint8, "tokens": np.int32,
+                 "token_end": np.bool_, "calib": np.bool_}
+_ACCESS_DTYPES = {"expert": np.int32, "score": np.float64, "mass": np.float64, "acc_tokens": np.int32}
+DECODE_BLOCK = 2048  # token steps per decode block: bounds the temporaries (the groups do not depend on it)
+
+
 def build_groups(trace: Trace, calib_steps: np.ndarray, *, ubatch: int = 512, predicted: np.ndarray | None = None) -> AccessGroups:
-    """Turn a trace into access groups (see the module docstring)."""
-    parts: list[dict] = []
+    """Turn a trace into access groups (see the module docstring).
+
+    Built in place: the groups and accesses are counted first, the columns allocated once at their
+    final size, and each decode block of steps (or prefill micro-batch) written into its slice, so
+    the peak is the groups plus one block's temporaries (no per-part pieces to concatenate)."""
+    k = trace.experts.shape[2]
+    pieces: list = []  # (lo, hi, groups) of a decode block, or a prefill micro-batch's columns
+    n_groups = 0
     bounds = np.flatnonzero(np.diff(trace.seq.astype(np.int64)) | np.diff(trace.phase.astype(np.int64))) + 1
     for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, trace.n_steps]):
         if trace.phase[lo] == DECODE:
-            parts.append(_decode_groups(trace, lo, hi, calib_steps, predicted))
+            for b in range(lo, hi, DECODE_BLOCK):
+                e = min(hi, b + DECODE_BLOCK)
+                n = int(np.count_nonzero(trace.experts[b:e, :, 0] != ABSENT))
+                pieces.append((b, e, n))
+                n_groups += n
         else:
             for b in range(lo, hi, ubatch):
-                parts.append(_prefill_group(trace, b, min(hi, b + ubatch), calib_steps))
-    # key by key, dropping each part's piece once joined: the peak is the groups plus one column's pieces
-    cat = {key: np.concatenate([p.pop(key) for p in parts]) for key in list(parts[0])}
-    counts = cat.pop("counts")
-    start = np.zeros(counts.size + 1, dtype=np.int64)
-    np.cumsum(counts, out=start[1:])
-    return AccessGroups(start=start, **cat)
+                part = _prefill_group(trace, b, min(hi, b + ubatch), calib_steps)
+                pieces.append(part)
+                n_groups += part["layer"].size
+    start = np.zeros(n_groups + 1, dtype=np.int64)
+    counts = start[1:]
+    g0 = 0
+    for piece in pieces:
+        if isinstance(piece, tuple):
+            counts[g0:g0 + piece[2]] = k
+            g0 += piece[2]
+        else:
+            counts[g0:g0 + piece["counts"].size] = piece["counts"]
+            g0 += piece["counts"].size
+    np.cumsum(counts, out=counts)
+    n_acc = int(start[-1])
+    cols = {key: np.empty(n_groups, dtype=dt) for key, dt in _GROUP_DTYPES.items()}
+    cols.update({key: np.empty(n_acc, dtype=dt) for key, dt in _ACCESS_DTYPES.items()})
+    cols["predicted"] = np.empty((n_groups, k), dtype=np.int16)
+    g0 = 0
+    for piece in pieces:
+        if isinstance(piece, tuple):
+            lo, hi, n = piece
+            _decode_groups(trace, lo, hi, calib_steps, predicted, cols, g0, int(start[g0]), n)
+        else:
+            n = piece["counts"].size
+            a0, a1 = int(start[g0]), int(start[g0 + n])
+            for key in _GROUP_DTYPES:
+                cols[key][g0:g0 + n] = piece[key]
+            for key in _ACCESS_DTYPES:
+                cols[key][a0:a1] = piece[key]
+            cols["predicted"][g0:g0 + n] = piece["predicted"]
+        g0 += n
+    return AccessGroups(start=start, **cols)
 
 
-def _decode_groups(trace: Trace, lo: int, hi: int, calib_steps, predicted) -> dict:
-    experts = trace.experts[lo:hi].astype(np.int32)  # [T, L, k]
-    weights = trace.weights[lo:hi].astype(np.float64)
-    present = experts[:, :, 0] != ABSENT  # [T, L]
+def _decode_groups(trace: Trace, lo: int, hi: int, calib_steps, predicted, cols: dict, g0: int, a0: int,
+                   n: int) -> None:
+    """Write the decode groups of steps lo..hi (n of them, one per present (step, layer)) into `cols`
+    from group g0 and access a0 on."""
+    present = trace.experts[lo:hi, :, 0] != ABSENT  # [T, L]
     t_idx, l_idx = np.nonzero(present)  # row-major: token by token, layer by layer
-    k = experts.shape[2]
-    n_layers = experts.shape[1]
+    assert t_idx.size == n
+    k = trace.experts.shape[2]
+    n_layers = trace.experts.shape[1]
+    g = slice(g0, g0 + n)
     # the last present layer of each token ends the token (the output head runs after it)
     last_layer = np.where(present.any(1), n_layers - 1 - np.argmax(present[:, ::-1], axis=1), -1)
-    pred = np.full((t_idx.size, k), ABSENT, dtype=np.int16)  # expert ids are int16 in a trace
+    pred = cols["predicted"][g]
+    pred[:] = ABSENT  # expert ids are int16 in a trace
     source = trace.predicted if predicted is None else predicted
     if source is not None:
         nxt = l_idx + 1 < n_layers
         nxt_present = np.zeros_like(nxt)
         nxt_present[nxt] = present[t_idx[nxt], l_idx[nxt] + 1]
         sel = np.flatnonzero(nxt_present)
-        pred[sel] = source[lo + t_idx[sel], l_idx[sel] + 1].astype(np.int16)
-    return {
-        "layer": l_idx.astype(np.int32),
-        "seq": trace.seq[lo + t_idx].astype(np.int32),
-        "step": (lo + t_idx).astype(np.int32),
-        "phase": np.full(t_idx.size, DECODE, dtype=np.uint8),
-        "tokens": np.ones(t_idx.size, dtype=np.int32),
-        "token_end": l_idx == last_layer[t_idx],
-        "calib": calib_steps[lo + t_idx],
-        "expert": experts[t_idx, l_idx].reshape(-1),
-        "score": hobbit_scores(weights[t_idx, l_idx]).reshape(-1),
-        "mass": weights[t_idx, l_idx].reshape(-1),
-        "acc_tokens": np.ones(t_idx.size * k, dtype=np.int32),
-        "predicted": pred,
-        "counts": np.full(t_idx.size, k, dtype=np.int64),
-    }
+        pred[sel] = source[lo + t_idx[sel], l_idx[sel] + 1]
+    cols["layer"][g] = l_idx
+    cols["seq"][g] = trace.seq[lo + t_idx]
+    cols["step"][g] = lo + t_idx
+    cols["phase"][g] = DECODE
+    cols["tokens"][g] = 1
+    cols["token_end"][g] = l_idx == last_layer[t_idx]
+    cols["calib"][g] = calib_steps[lo + t_idx]
+    a = slice(a0, a0 + n * k)
+    cols["expert"][a] = trace.experts[lo:hi][t_idx, l_idx].reshape(-1)
+    w = trace.weights[lo:hi][t_idx, l_idx].astype(np.float64)  # [n, k]
+    score = cols["score"][a].reshape(n, k)
+    np.cumsum(w, axis=-1, out=score)  # sim.precision.hobbit_scores, in place
+    score -= w
+    cols["mass"][a] = w.reshape(-1)
+    cols["acc_tokens"][a] = 1
 
 
 def _prefill_group(trace: Trace, lo: int, hi: int, calib_steps) -> dict:

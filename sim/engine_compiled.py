@@ -13,8 +13,9 @@ sub-cache is one pool (high, or the split low pool) of one partition (the whole 
 layer); each id belongs to exactly one, and per-sub-cache counters live in the rows of `S`/`F`.
 Lists (LRU order, SLRU segments, S3-FIFO small/main/ghost queues) are doubly linked over ids with
 three sentinels per sub-cache; LFU-DA keeps an indexed min-heap on (priority, last touch) per
-sub-cache; hobbit scans a dense list of its residents per eviction (its priority normalises over
-the candidates, so no index orders it). Group protection is a stamp: an id is protected while
+sub-cache; hobbit keeps its residents in one list in last-touch order and histograms of their uses,
+and scans the list from its oldest end only as far as an entry could still win (see _hobbit_victim:
+its priority normalises over the candidates, so no fixed index orders it). Group protection is a stamp: an id is protected while
 M[STAMP, id] equals the current group. The rules of each policy are those of its class in sim/cache
 (module docstrings there); comments here only name which hook a block mirrors.
 """
@@ -34,20 +35,27 @@ HIGH_C, LOW_C, SKIP_C = 0, 1, 2  # as sim.precision.dynamic_choice
 
 # columns of S (int64 per sub-cache)
 CAP, USED, GB, GST, TICK, PCAP, PBYTES, AGE, SBYTES, MBYTES, GHBYTES, CSEQ, CLAYER, MAXL, HN, RN, BASE = range(17)
+# hobbit: upper bounds of the residents' largest uses / high-precision uses (exact after the lazy walk
+# down in _hobbit_max), the offsets of the sub-cache's two histograms in H, and how many of its ids
+# the current group stamped (listed in M[GL])
+FMX, HMX, FOFF, HOFF, GN = range(17, 22)
+N_COLS = 22
 # rows of M (int64 per id; lists also use the 3 sentinels per sub-cache after the ids): resident,
 # bytes, group stamp, list links, segment/queue, count or frequency, LFU priority, last touch, heap
-# slots and positions, hobbit's resident list and positions, pinned, sub-cache, scratch, and (by
-# pool * n_eids + expert id) hobbit's uses and high-precision uses in the current sequence; each
-# id's layer and (layer, expert) id, precomputed (integer division is slow in hobbit's scan).
-# The last row of S holds the kernel's integer parameters, the last row of F hobbit's weights:
-# three arrays in all, because numba reference-counts every array a helper receives.
-RES, SIZE, STAMP, PRV, NXT, SEG, CNT, KK, TK, HP, HPOS, RL, RPOS, PIN, SCOF, SCR, USES, HPUSES, LAYR, EID = range(20)
+# slots and positions, the ids the current group stamped (by sub-cache), pinned, sub-cache,
+# scratch, and (by pool * n_eids + expert id) hobbit's resident entries of the expert, its uses and
+# high-precision uses in the current sequence; each id's layer and (layer, expert) id, precomputed
+# (integer division is slow in hobbit's scan).
+# The last row of S holds the kernel's integer parameters, the last row of F hobbit's weights;
+# H holds hobbit's histograms (per sub-cache: how many residents have each uses / high-precision
+# uses value). Few arrays, because numba reference-counts every array a helper receives.
+RES, SIZE, STAMP, PRV, NXT, SEG, CNT, KK, TK, HP, HPOS, GL, RC, PIN, SCOF, SCR, USES, HPUSES, LAYR, EID = range(20)
 N_ROWS = 20
 # columns of F (float64 per sub-cache)
 STGT, GCAP = range(2)
 NO_SEQ = -(1 << 62)
 # columns of the parameter row S[-1]
-MOVE_THR, HOB_LAYERS, PER_LAYER, N_PARTS, N_EXPERTS, N_EIDS, N_IDS = 3, 8, 9, 10, 11, 12, 13
+MOVE_THR, HOB_LAYERS, PER_LAYER, N_PARTS, N_EXPERTS, N_EIDS, N_IDS, HOB_PRUNE = 3, 8, 9, 10, 11, 12, 13, 14
 
 
 # ---- linked lists ------------------------------------------------------------------------
@@ -144,7 +152,7 @@ def _heap_touch(M, S, sc, k):  # pragma: no cover - compiled
 
 # ---- the cache operations, one branch per policy -------------------------------------------
 @numba.njit(cache=True, _nrt=False, inline="always")
-def _on_hit(M, S, F, pol, sc, k, hp_):  # pragma: no cover - compiled
+def _on_hit(M, S, F, H, pol, sc, k, hp_):  # pragma: no cover - compiled
     head = S[-1, N_IDS] + 3 * sc
     if pol == LRU:
         _unlink(M, k)
@@ -168,12 +176,14 @@ def _on_hit(M, S, F, pol, sc, k, hp_):  # pragma: no cover - compiled
         _heap_touch(M, S, sc, k)
     elif pol == S3FIFO:
         M[CNT, k] = min(M[CNT, k] + 1, 3)
-    elif pol == HOBBIT:
+    elif pol == HOBBIT:  # last touch: to the list's newest end
         M[TK, k] = S[sc, TICK]
+        _unlink(M, k)
+        _append(M, head, k)
 
 
 @numba.njit(cache=True, _nrt=False, inline="always")
-def _insert(M, S, F, pol, sc, k, prefetch):  # pragma: no cover - compiled
+def _insert(M, S, F, H, pol, sc, k, prefetch):  # pragma: no cover - compiled
     head = S[-1, N_IDS] + 3 * sc
     if pol == LRU or pol == SLRU:
         _append(M, head, k)
@@ -199,14 +209,18 @@ def _insert(M, S, F, pol, sc, k, prefetch):  # pragma: no cover - compiled
         M[TK, k] = S[sc, TICK]
         layer = M[LAYR, k]
         S[sc, MAXL] = max(S[sc, MAXL], layer)
-        n = S[sc, RN]
-        M[RL, S[sc, BASE] + n] = k
-        M[RPOS, k] = n
-        S[sc, RN] = n + 1
+        S[sc, RN] += 1
+        _append(M, head, k)
+        eid = (sc // S[-1, N_PARTS]) * S[-1, N_EIDS] + M[EID, k]
+        M[RC, eid] += 1
+        H[S[sc, FOFF] + M[USES, eid]] += 1
+        H[S[sc, HOFF] + M[HPUSES, eid]] += 1
+        S[sc, FMX] = max(S[sc, FMX], M[USES, eid])
+        S[sc, HMX] = max(S[sc, HMX], M[HPUSES, eid])
 
 
 @numba.njit(cache=True, _nrt=False, inline="always")
-def _forget(M, S, F, pol, sc, k, evicted):  # pragma: no cover - compiled
+def _forget(M, S, F, H, pol, sc, k, evicted):  # pragma: no cover - compiled
     """The policy's _evict (evicted) or _remove (a driver removal) hook."""
     head = S[-1, N_IDS] + 3 * sc
     if pol == LRU:
@@ -237,14 +251,13 @@ def _forget(M, S, F, pol, sc, k, evicted):  # pragma: no cover - compiled
         else:
             S[sc, MBYTES] -= M[SIZE, k]
             M[SEG, k] = 0
-    elif pol == HOBBIT:
-        base = S[sc, BASE]
-        n = S[sc, RN] - 1
-        i = M[RPOS, k]
-        last = M[RL, base + n]
-        M[RL, base + i] = last
-        M[RPOS, last] = i
-        S[sc, RN] = n
+    elif pol == HOBBIT:  # the maxima only fall lazily (_hobbit_max)
+        _unlink(M, k)
+        S[sc, RN] -= 1
+        eid = (sc // S[-1, N_PARTS]) * S[-1, N_EIDS] + M[EID, k]
+        M[RC, eid] -= 1
+        H[S[sc, FOFF] + M[USES, eid]] -= 1
+        H[S[sc, HOFF] + M[HPUSES, eid]] -= 1
 
 
 @numba.njit(cache=True, _nrt=False)
@@ -256,7 +269,7 @@ def _first_free(M, head, g):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, _nrt=False)
-def _victim(M, S, F, pol, sc, g):  # pragma: no cover - compiled
+def _victim(M, S, F, H, pol, sc, g):  # pragma: no cover - compiled
     head = S[-1, N_IDS] + 3 * sc
     if pol == LRU:
         return _first_free(M, head, g)
@@ -302,115 +315,165 @@ def _victim(M, S, F, pol, sc, g):  # pragma: no cover - compiled
                 continue
             return m_key
     if pol == HOBBIT:
-        return _hobbit_victim(M, S, F, sc, g)
+        return _hobbit_victim(M, S, F, H, sc, g)
     return -1  # static never evicts
 
 
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _hist_top(H, off, v):  # pragma: no cover - compiled
+    """The largest value <= v with a non-zero count in the histogram at H[off:] (0 if none)."""
+    while v > 0 and H[off + v] == 0:
+        v -= 1
+    return v
+
+
 @numba.njit(cache=True, _nrt=False)
-def _hobbit_victim(M, S, F, sc, g):  # pragma: no cover - compiled
-    """sim.cache.hobbit._lowest_priority over the sub-cache's unprotected residents."""
+def _hobbit_victim(M, S, F, H, sc, g):  # pragma: no cover - compiled
+    """sim.cache.hobbit._lowest_priority over the sub-cache's unprotected residents.
+
+    The victim is the least (P, last touch, key) among the candidates, P computed with the same
+    floating-point operations as there. The normalisers come without a scan: lo and hi are the
+    last touches of the first and last candidates of the resident list (kept in last-touch order),
+    fmax and hmax the top non-empty values of the uses histograms once the group's own residents
+    are taken out of them. The list is then scanned from its oldest end. With every weight finite
+    and >= 0 (HOB_PRUNE), each term of P is >= 0, and fl(a + b) >= a for b >= 0, so P(e) >=
+    fl(wr * R(e)); R, and so fl(wr * R), does not decrease along the list. Once fl(wr * R) of an
+    entry exceeds the best P so far, neither it nor any later entry can be lower or equal: the scan
+    stops. Otherwise (a negative or non-finite weight) it scans the whole list.
+    """
     wr, wf, wh, wd = F[-1, 0], F[-1, 1], F[-1, 2], F[-1, 3]
     n_eids = S[-1, N_EIDS]
     n_layers = S[-1, HOB_LAYERS] if S[-1, HOB_LAYERS] > 0 else S[sc, MAXL] + 1
     pool = sc // S[-1, N_PARTS]
     cur = S[sc, CLAYER] if S[sc, CLAYER] >= 0 else 0
+    head = S[-1, N_IDS] + 3 * sc
+    x = M[NXT, head]  # the oldest candidate
+    while x != head and M[STAMP, x] == g:
+        x = M[NXT, x]
+    if x == head:
+        return -1
+    y = M[PRV, head]  # the newest candidate
+    while M[STAMP, y] == g:
+        y = M[PRV, y]
+    lo = M[TK, x]
+    hi = M[TK, y]
+    foff = S[sc, FOFF]
+    hoff = S[sc, HOFF]
+    S[sc, FMX] = _hist_top(H, foff, S[sc, FMX])
+    S[sc, HMX] = _hist_top(H, hoff, S[sc, HMX])
     base = S[sc, BASE]
-    n = S[sc, RN]
-    lo = np.iinfo(np.int64).max
-    hi = np.iinfo(np.int64).min
-    fmax = 0
-    hmax = 0
-    for j in range(n):
-        k = M[RL, base + j]
-        if M[STAMP, k] == g:
-            continue
-        eid = pool * n_eids + M[EID, k]
-        lo = min(lo, M[TK, k])
-        hi = max(hi, M[TK, k])
-        fmax = max(fmax, M[USES, eid])
-        hmax = max(hmax, M[HPUSES, eid])
+    ng = S[sc, GN] if S[sc, GST] == g else 0
+    for j in range(ng):  # the group's residents are not candidates: out of the histograms ...
+        k = M[GL, base + j]
+        if M[RES, k]:
+            eid = pool * n_eids + M[EID, k]
+            H[foff + M[USES, eid]] -= 1
+            H[hoff + M[HPUSES, eid]] -= 1
+    fmax = _hist_top(H, foff, S[sc, FMX])
+    hmax = _hist_top(H, hoff, S[sc, HMX])
+    for j in range(ng):  # ... and back
+        k = M[GL, base + j]
+        if M[RES, k]:
+            eid = pool * n_eids + M[EID, k]
+            H[foff + M[USES, eid]] += 1
+            H[hoff + M[HPUSES, eid]] += 1
+    prune = S[-1, HOB_PRUNE] > 0
     best = -1
     best_p = 0.0
-    for j in range(n):
-        k = M[RL, base + j]
-        if M[STAMP, k] == g:
-            continue
-        eid = pool * n_eids + M[EID, k]
-        r = (M[TK, k] - lo) / (hi - lo) if hi > lo else 1.0
-        fv = M[USES, eid] / fmax if fmax > 0 else 0.0
-        hv = M[HPUSES, eid] / hmax if hmax > 0 else 0.0
-        layer = M[LAYR, k]
-        d = 1.0 - ((layer - cur) % n_layers) / n_layers
-        p = wr * r + wf * fv + wh * hv + wd * d
-        if best < 0 or p < best_p or (p == best_p and (M[TK, k] < M[TK, best] or (M[TK, k] == M[TK, best] and k < best))):
-            best = k
-            best_p = p
+    k = x
+    while k != head:
+        if M[STAMP, k] != g:
+            tk = M[TK, k]
+            r = (tk - lo) / (hi - lo) if hi > lo else 1.0
+            pr = wr * r
+            if prune and best >= 0 and pr > best_p:
+                break
+            eid = pool * n_eids + M[EID, k]
+            fv = M[USES, eid] / fmax if fmax > 0 else 0.0
+            hv = M[HPUSES, eid] / hmax if hmax > 0 else 0.0
+            d = 1.0 - ((M[LAYR, k] - cur) % n_layers) / n_layers
+            p = pr + wf * fv + wh * hv + wd * d
+            if best < 0 or p < best_p or (p == best_p and (tk < M[TK, best] or (tk == M[TK, best] and k < best))):
+                best = k
+                best_p = p
+        k = M[NXT, k]
     return best
 
 
 @numba.njit(cache=True, _nrt=False, inline="always")
-def _make_room(M, S, F, pol, sc, k, size, prefetch, g):  # pragma: no cover - compiled
+def _make_room(M, S, F, H, pol, sc, k, size, prefetch, g):  # pragma: no cover - compiled
     gbytes = S[sc, GB] if S[sc, GST] == g else 0
     if size > S[sc, CAP] - gbytes:
         return False
     if pol == STATIC and (not M[PIN, k] or S[sc, USED] + size > S[sc, CAP]):
         return False
     while S[sc, USED] + size > S[sc, CAP]:
-        v = _victim(M, S, F, pol, sc, g)
-        _forget(M, S, F, pol, sc, v, True)
+        v = _victim(M, S, F, H, pol, sc, g)
+        _forget(M, S, F, H, pol, sc, v, True)
         M[RES, v] = False
         S[sc, USED] -= M[SIZE, v]
     return True
 
 
 @numba.njit(cache=True, _nrt=False, inline="always")
-def _place(M, S, F, pol, sc, k, size, prefetch, g):  # pragma: no cover - compiled
+def _place(M, S, F, H, pol, sc, k, size, prefetch, g):  # pragma: no cover - compiled
     M[RES, k] = True
     M[SIZE, k] = size
     S[sc, USED] += size
     if M[STAMP, k] == g:
         S[sc, GB] += size
-    _insert(M, S, F, pol, sc, k, prefetch)
+    _insert(M, S, F, H, pol, sc, k, prefetch)
 
 
 @numba.njit(cache=True, _nrt=False, inline="always")
-def _access(M, S, F, pol, k, size, hp_, g):  # pragma: no cover - compiled
+def _access(M, S, F, H, pol, k, size, hp_, g):  # pragma: no cover - compiled
     """CachePolicy.access: True on a hit; on a miss make room and insert (or bypass)."""
     sc = M[SCOF, k]
     if pol == HOBBIT:  # _before_access: count the expert's uses in this sub-cache's sequence
         eid = (sc // S[-1, N_PARTS]) * S[-1, N_EIDS] + M[EID, k]
-        M[USES, eid] += 1
+        v = M[USES, eid]
+        M[USES, eid] = v + 1
+        rc = M[RC, eid]  # its resident entries move up one value in the histogram
+        if rc:
+            H[S[sc, FOFF] + v] -= rc
+            H[S[sc, FOFF] + v + 1] += rc
+            S[sc, FMX] = max(S[sc, FMX], v + 1)
         if hp_:
-            M[HPUSES, eid] += 1
+            v = M[HPUSES, eid]
+            M[HPUSES, eid] = v + 1
+            if rc:
+                H[S[sc, HOFF] + v] -= rc
+                H[S[sc, HOFF] + v + 1] += rc
+                S[sc, HMX] = max(S[sc, HMX], v + 1)
         S[sc, MAXL] = max(S[sc, MAXL], M[LAYR, k])
     S[sc, TICK] += 1
     if M[RES, k]:
-        _on_hit(M, S, F, pol, sc, k, hp_)
+        _on_hit(M, S, F, H, pol, sc, k, hp_)
         return True
-    if _make_room(M, S, F, pol, sc, k, size, False, g):
-        _place(M, S, F, pol, sc, k, size, False, g)
+    if _make_room(M, S, F, H, pol, sc, k, size, False, g):
+        _place(M, S, F, H, pol, sc, k, size, False, g)
     return False
 
 
 @numba.njit(cache=True, _nrt=False, inline="always")
-def _admit(M, S, F, pol, k, size, g):  # pragma: no cover - compiled
+def _admit(M, S, F, H, pol, k, size, g):  # pragma: no cover - compiled
     """CachePolicy.admit: a prefetch; True if resident afterwards."""
     if M[RES, k]:
         return True
     sc = M[SCOF, k]
     S[sc, TICK] += 1
-    if not _make_room(M, S, F, pol, sc, k, size, True, g):
+    if not _make_room(M, S, F, H, pol, sc, k, size, True, g):
         return False
-    _place(M, S, F, pol, sc, k, size, True, g)
+    _place(M, S, F, H, pol, sc, k, size, True, g)
     return True
 
 
 @numba.njit(cache=True, _nrt=False, inline="always")
-def _remove(M, S, F, pol, k, g):  # pragma: no cover - compiled
+def _remove(M, S, F, H, pol, k, g):  # pragma: no cover - compiled
     if not M[RES, k]:
         return
     sc = M[SCOF, k]
-    _forget(M, S, F, pol, sc, k, False)
+    _forget(M, S, F, H, pol, sc, k, False)
     M[RES, k] = False
     S[sc, USED] -= M[SIZE, k]
     if M[STAMP, k] == g and S[sc, GST] == g:
@@ -418,19 +481,22 @@ def _remove(M, S, F, pol, k, g):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, _nrt=False, inline="always")
-def _stamp(M, S, F, k, g):  # pragma: no cover - compiled
+def _stamp(M, S, F, H, k, g):  # pragma: no cover - compiled
     sc = M[SCOF, k]
     if S[sc, GST] != g:
         S[sc, GST] = g
         S[sc, GB] = 0
+        S[sc, GN] = 0
     if M[STAMP, k] != g:
         M[STAMP, k] = g
+        M[GL, S[sc, BASE] + S[sc, GN]] = k
+        S[sc, GN] += 1
         if M[RES, k]:
             S[sc, GB] += M[SIZE, k]
 
 
 @numba.njit(cache=True, _nrt=False)
-def _kernel(M, S, F, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
+def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
             dyn, t1, t2, dyn_slot, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
             adm_at):  # pragma: no cover - compiled
     """sim.engine.replay_reference over dense ids (see there for the rules); fills the output arrays.
@@ -460,12 +526,20 @@ def _kernel(M, S, F, pol, start, glayer, gseq, expert, score, predicted, hi_slot
                 for x in range(p * n_eids + e0, p * n_eids + e1):
                     M[USES, x] = 0
                     M[HPUSES, x] = 0
+                for v in range(S[sc, FMX] + 1):  # every resident now has 0 uses
+                    H[S[sc, FOFF] + v] = 0
+                for v in range(S[sc, HMX] + 1):
+                    H[S[sc, HOFF] + v] = 0
+                H[S[sc, FOFF]] = S[sc, RN]
+                H[S[sc, HOFF]] = S[sc, RN]
+                S[sc, FMX] = 0
+                S[sc, HMX] = 0
         row = layer * n_experts
         for a in range(lo, hi):
             e = expert[a]
-            _stamp(M, S, F, (row + e) * NS + hi_slots[layer, e], g)
+            _stamp(M, S, F, H, (row + e) * NS + hi_slots[layer, e], g)
             if dyn:
-                _stamp(M, S, F, (row + e) * NS + dyn_slot, g)
+                _stamp(M, S, F, H, (row + e) * NS + dyn_slot, g)
         dep = -1
         for a in range(lo, hi):
             e = expert[a]
@@ -477,24 +551,24 @@ def _kernel(M, S, F, pol, start, glayer, gseq, expert, score, predicted, hi_slot
                 choice = LOW_C if score[a] <= t2 else SKIP_C
             used = -1
             if M[RES, k_hi]:
-                _access(M, S, F, pol, k_hi, sizes[layer, s_hi], s_hi == 0, g)
+                _access(M, S, F, H, pol, k_hi, sizes[layer, s_hi], s_hi == 0, g)
                 result[a] = HIT
                 slot_out[a] = s_hi
                 used = k_hi
             elif choice != HIGH_C and M[RES, k_lo]:
-                _access(M, S, F, pol, k_lo, sizes[layer, dyn_slot], False, g)
+                _access(M, S, F, H, pol, k_lo, sizes[layer, dyn_slot], False, g)
                 result[a] = HIT
                 slot_out[a] = dyn_slot
                 used = k_lo
             elif choice == HIGH_C:
-                _access(M, S, F, pol, k_hi, sizes[layer, s_hi], s_hi == 0, g)
+                _access(M, S, F, H, pol, k_hi, sizes[layer, s_hi], s_hi == 0, g)
                 result[a] = LOADED
                 slot_out[a] = s_hi
                 adm_at[k_hi] = -1
                 if dyn and shared and k_lo != k_hi and M[RES, k_lo]:
-                    _remove(M, S, F, pol, k_lo, g)  # the high copy supersedes the low one
+                    _remove(M, S, F, H, pol, k_lo, g)  # the high copy supersedes the low one
             elif choice == LOW_C:
-                _access(M, S, F, pol, k_lo, sizes[layer, dyn_slot], False, g)
+                _access(M, S, F, H, pol, k_lo, sizes[layer, dyn_slot], False, g)
                 result[a] = LOADED
                 slot_out[a] = dyn_slot
                 adm_at[k_lo] = -1
@@ -512,7 +586,7 @@ def _kernel(M, S, F, pol, start, glayer, gseq, expert, score, predicted, hi_slot
                     continue
                 s = hi_slots[nl, e]
                 k = (nl * n_experts + e) * NS + s
-                if not M[RES, k] and _admit(M, S, F, pol, k, sizes[nl, s], g):
+                if not M[RES, k] and _admit(M, S, F, H, pol, k, sizes[nl, s], g):
                     pf_bytes[g] += sizes[nl, s]
                     pf_loads[g] += 1
                     pf_link[g] += link_s[nl, s]
@@ -550,6 +624,20 @@ def _static_pins(groups, hi_slots, sizes, caps, n_parts: int, per_layer: bool) -
     return out
 
 
+def _uses_bound(groups, n_layers: int) -> np.ndarray:
+    """int64 [layers]: the most accesses any sequence makes to the layer, a bound on an expert's uses.
+
+    Hobbit counts an expert's uses from the sequence's start (its count resets when a group of
+    another sequence comes), one per access of the expert, so no count exceeds the accesses of one
+    (sequence, layer)."""
+    if groups.n_groups == 0:
+        return np.zeros(n_layers, np.int64)
+    _, seq_i = np.unique(groups.seq, return_inverse=True)
+    cell = seq_i.reshape(-1).astype(np.int64) * n_layers + groups.layer
+    acc = np.bincount(cell, weights=np.diff(groups.start), minlength=(int(seq_i.max()) + 1) * n_layers)
+    return np.rint(acc).astype(np.int64).reshape(-1, n_layers).max(0)
+
+
 def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
     """The compiled engine's Outcome, or None when the cache policy has no compiled form (belady)."""
     from sim.engine import Outcome
@@ -574,7 +662,7 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
     pool_caps = [int(cache.capacity_bytes)] if not split else [int(cache.capacity_bytes * (1 - share)), int(cache.capacity_bytes * share)]
     n_sc = len(pool_caps) * n_parts
     # the parameters each class takes (its constructor's defaults), checked like the class does
-    prm = np.zeros(17, np.int64)  # becomes S[-1]
+    prm = np.zeros(N_COLS, np.int64)  # becomes S[-1]
     Pf = {"protected_share": DEFAULT_PROTECTED_SHARE, "small_share": 0.1, "ghost_share": 0.9}
     allowed = {LRU: (), SLRU: ("protected_share",), LFU: (), STATIC: (),
                S3FIFO: ("small_share", "ghost_share", "move_to_main_threshold"),
@@ -597,6 +685,7 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
         weights = tuple(float(params.get(n, d)) for n, d in zip(allowed[:4], weights))
         hob_layers = params.get("n_layers", cache.n_layers)
         prm[HOB_LAYERS] = int(hob_layers) if hob_layers else 0
+        prm[HOB_PRUNE] = int(all(np.isfinite(w) and w >= 0 for w in weights))
     prm[PER_LAYER], prm[N_PARTS], prm[N_EXPERTS], prm[N_EIDS], prm[N_IDS] = int(per_layer), n_parts, n_experts, n_eids, n_ids
     # sub-cache of every id: pool (split: slot 0 high, others low) x partition (per-layer: its layer)
     ids = np.arange(n_ids)
@@ -604,7 +693,7 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
     layer_of = ids // NS // n_experts
     sc_of = ((slot_of != 0) & split).astype(np.int64) * n_parts + (layer_of if per_layer else 0)
     counts = np.bincount(sc_of, minlength=n_sc)
-    S = np.zeros((n_sc, 17), np.int64)
+    S = np.zeros((n_sc, N_COLS), np.int64)
     F = np.zeros((n_sc, 4), np.float64)
     S[:, BASE] = np.r_[0, np.cumsum(counts)[:-1]]
     for p, cap in enumerate(pool_caps):
@@ -630,6 +719,17 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
     M[EID, :n_ids] = ids // NS
     if pol == STATIC:
         M[PIN, :n_ids] = _static_pins(groups, hi_slots, sizes, pool_caps, n_parts, per_layer)
+    H = np.zeros(1, np.int64)
+    if pol == HOBBIT:  # each sub-cache's two histograms, as wide as its uses can grow
+        width = _uses_bound(groups, n_layers_tr) + 2  # per layer of the trace
+        part_w = np.full(n_parts, 2 if per_layer else width.max(), np.int64)
+        if per_layer:
+            part_w[:n_layers_tr] = width
+        w_sc = np.tile(part_w, len(pool_caps))
+        off = np.r_[0, np.cumsum(2 * w_sc)[:-1]]
+        S[:, FOFF] = off
+        S[:, HOFF] = off + w_sc
+        H = np.zeros(int(2 * w_sc.sum()), np.int64)
     S = np.vstack([S, prm[None]])
     F = np.vstack([F, np.array([weights], np.float64)])
     dyn = policy.is_dynamic
@@ -639,7 +739,7 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
     n, n_groups = groups.expert.size, groups.n_groups
     out = Outcome(np.zeros(n, np.int8), np.zeros(n, np.int8), np.zeros(n_groups, np.int64), np.zeros(n_groups, np.int64),
                   np.zeros(n_groups, np.float64), np.full(n_groups, -1, np.int64))
-    _kernel(M, S, F, pol, groups.start, groups.layer, groups.seq, groups.expert, groups.score, groups.predicted,
+    _kernel(M, S, F, H, pol, groups.start, groups.layer, groups.seq, groups.expert, groups.score, groups.predicted,
             hi_slots, np.ascontiguousarray(sizes, dtype=np.int64), np.ascontiguousarray(link_s, dtype=np.float64),
             dyn, t1, t2, dyn_slot, split, not split, out.result, out.slot, out.prefetch_bytes, out.prefetch_loads,
             out.prefetch_link_s, out.wait_group, np.full(n_ids, -1, np.int64))

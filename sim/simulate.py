@@ -146,10 +146,11 @@ class Prepared:
         self.prefetch = prefetch
         calib = calibration_steps(trace, calib_fraction)
         self.calib_steps = calib
-        self.calib_trace = trace.select(np.flatnonzero(calib)) if calib.any() else None
+        m = int(np.count_nonzero(calib))  # the window is a prefix of the steps: views, not a copy
+        self.calib_trace = (trace.select(slice(0, m)) if calib[:m].all() else trace.select(np.flatnonzero(calib))) if m else None
         predicted = None
-        if prefetch == "none":
-            predicted = np.full_like(trace.experts, -1)
+        if prefetch == "none":  # no predictions: a read-only view of -1 (no copy of the trace's shape)
+            predicted = np.broadcast_to(np.array(-1, dtype=trace.experts.dtype), trace.experts.shape)
         elif prefetch == "trace":
             if trace.predicted is None:
                 raise InputError(None, "--prefetch trace: the trace has no predicted experts")
@@ -229,8 +230,10 @@ def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: 
     counted_skip = np.zeros(g.expert.size, dtype=bool)
     layer_acc = np.zeros(model.n_layers, dtype=np.int64)
     layer_hit = np.zeros(model.n_layers, dtype=np.int64)
+    g_acc = np.zeros(g.n_groups, dtype=np.int64)  # counted accesses and hits per group
+    g_hit = np.zeros(g.n_groups, dtype=np.int64)
     hits, misses, skipped, demand_bytes = _tally(g.start, g.layer, counted_g, out.result, out.slot, prep.sizes,
-                                                 counted, counted_low, counted_skip, layer_acc, layer_hit)
+                                                 counted, counted_low, counted_skip, layer_acc, layer_hit, g_acc, g_hit)
     tokens = int(np.isin(prep.trace.phase[~prep.calib_steps], PHASES[cfg.phase]).sum())
     accesses = int(layer_acc.sum())
     prefetch_bytes = int(out.prefetch_bytes[counted_g].sum())
@@ -265,9 +268,8 @@ def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: 
     n_units = int(unit_of_step.max()) + 1
     g_unit = unit_of_step[g.step]
     u_tokens = np.bincount(unit_of_step[step_counted], minlength=n_units)
-    u_acc = np.bincount(g_unit, weights=_per_group(counted, g.start), minlength=n_units).astype(np.int64)
-    u_hits = np.bincount(g_unit, weights=_per_group(counted & (out.result == HIT), g.start),
-                         minlength=n_units).astype(np.int64)
+    u_acc = np.bincount(g_unit, weights=g_acc.astype(np.float64), minlength=n_units).astype(np.int64)
+    u_hits = np.bincount(g_unit, weights=g_hit.astype(np.float64), minlength=n_units).astype(np.int64)
     keep = np.flatnonzero(u_tokens > 0)
     units = {"unit": keep.tolist(), "tokens": u_tokens[keep].tolist(), "hits": u_hits[keep].tolist(),
              "accesses": u_acc[keep].tolist(), "time_s": None}
@@ -289,17 +291,11 @@ def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: 
     return ReplayRecord(**rec)
 
 
-def _per_group(mask: np.ndarray, start: np.ndarray) -> np.ndarray:
-    """Per access group, how many of its accesses `mask` holds (linear, no per-access group index)."""
-    c = np.zeros(mask.size + 1, dtype=np.int64)
-    np.cumsum(mask, out=c[1:])
-    return (c[start[1:]] - c[start[:-1]]).astype(np.float64)
-
-
 @numba.njit(cache=True)
 def _tally(start, layer, counted_g, result, slot, sizes, counted, counted_low, counted_skip, layer_acc,
-           layer_hit):  # pragma: no cover - compiled
-    """One pass over the counted accesses: masks for the gate-mass sums, counts and demand bytes."""
+           layer_hit, g_acc, g_hit):  # pragma: no cover - compiled
+    """One pass over the counted accesses: masks for the gate-mass sums, counts (per layer and per
+    group) and demand bytes."""
     hits = misses = skipped = demand = 0
     for g in range(layer.shape[0]):
         if not counted_g[g]:
@@ -308,10 +304,12 @@ def _tally(start, layer, counted_g, result, slot, sizes, counted, counted_low, c
         for a in range(start[g], start[g + 1]):
             counted[a] = True
             layer_acc[la] += 1
+            g_acc[g] += 1
             r = result[a]
             if r == HIT:
                 hits += 1
                 layer_hit[la] += 1
+                g_hit[g] += 1
             elif r == LOADED:
                 misses += 1
                 demand += sizes[la, slot[a]]

@@ -33,7 +33,9 @@ POLICIES = tuple(sorted(COMPILED_POLICIES))
 PARAMS = {
     "slru": ({}, {"protected_share": 0.0}, {"protected_share": 0.5}, {"protected_share": 1.0}),
     "s3fifo": ({}, {"small_share": 0.3, "ghost_share": 0.5}, {"move_to_main_threshold": 2}),
-    "hobbit": ({}, {"w_recency": 0.2, "w_frequency": 2.0, "w_high_precision": 1.0, "w_layer_distance": 0.5}),
+    "hobbit": ({}, {"w_recency": 0.2, "w_frequency": 2.0, "w_high_precision": 1.0, "w_layer_distance": 0.5},
+               {"w_recency": 0.0},  # no recency term: the compiled victim search cannot stop early
+               {"w_frequency": -1.0}),  # a negative weight: the compiled search scans every entry
 }
 
 
@@ -116,3 +118,15 @@ def test_static_pinning_matches_the_class_fit(seed, partition, precision):
     trace = random_trace(seed=seed, n_steps=60, n_layers=3, n_experts=12, k=3, predicted=True)
     ref, fast = _outcomes(trace, "static", precision, [2500, 6000, 9000, 15000][seed], partition, "trace", {})
     _assert_same(ref, fast)
+
+
+@pytest.mark.parametrize("precision", ["native", "dynamic:0.5:0.8+pools:split:0.4"])
+def test_hobbit_per_layer_with_more_partitions_than_trace_layers(precision):
+    """The compiled hobbit sizes its uses histograms per partition, trace layers or not."""
+    trace = random_trace(seed=3, n_steps=40, n_layers=3, n_experts=8, k=2, n_seqs=2, prefill=3, predicted=True)
+    prep = prepare(ReplayConfig(trace=trace, prefetch="trace"))
+    pol = parse_precision(precision)
+    slots = static_slots(prep.calib_trace, pol, 3, 8, 0)
+    spec = CacheSpec("hobbit", 6000, "per-layer", 5, {})
+    _assert_same(replay(prep.groups, spec, pol, slots, prep.sizes, prep.link_s, fast=False),
+                 replay(prep.groups, spec, pol, slots, prep.sizes, prep.link_s, fast=True))
