@@ -221,23 +221,69 @@ def run_prepared(prep: Prepared, cfg: ReplayConfig) -> ReplayRecord:
     return summarize(prep, cfg, policy.name, capacity, out)
 
 
+def _counted_view(prep: Prepared, phase: str, unit_block: int) -> dict:
+    """What `summarize` needs that does not depend on the replay's outcome (counted groups and accesses,
+    per-layer counted accesses, the counted gate mass, tokens and the resampling units' tokens and
+    accesses), computed once per (prepared trace, phase, unit block) and reused by every configuration.
+    Keyed on the identity of the groups, trace, calibration mask and model it was computed from."""
+    g = prep.groups
+    cache = prep.__dict__.setdefault("_counted_views", {})
+    key = (phase, unit_block)
+    hit = cache.get(key)
+    if hit is not None and hit["src"][0] is g and hit["src"][1] is prep.trace and hit["src"][2] is prep.calib_steps \
+            and hit["src"][3] is prep.model:
+        return hit
+    n_layers = prep.model.n_layers
+    counted_g = ~g.calib & np.isin(g.phase, PHASES[phase])
+    counted = np.zeros(g.expert.size, dtype=bool)
+    layer_acc = np.zeros(n_layers, dtype=np.int64)
+    g_acc = np.zeros(g.n_groups, dtype=np.int64)
+    _count(g.start, g.layer, counted_g, counted, layer_acc, g_acc)
+    unit_of_step = step_units(prep.trace.seq, unit_block)
+    step_counted = ~prep.calib_steps & np.isin(prep.trace.phase, PHASES[phase])
+    n_units = int(unit_of_step.max()) + 1
+    g_unit = unit_of_step[g.step]
+    u_tokens = np.bincount(unit_of_step[step_counted], minlength=n_units)
+    u_acc = np.bincount(g_unit, weights=g_acc.astype(np.float64), minlength=n_units).astype(np.int64)
+    keep = np.flatnonzero(u_tokens > 0)
+    for a in (counted_g, layer_acc, g_unit, keep):
+        a.flags.writeable = False
+    view = {
+        "src": (g, prep.trace, prep.calib_steps, prep.model),
+        "counted_g": counted_g,
+        "layer_acc": layer_acc,
+        "accesses": int(layer_acc.sum()),
+        "mass_total": float(g.mass[counted].sum()),
+        "tokens": int(np.isin(prep.trace.phase[~prep.calib_steps], PHASES[phase]).sum()),
+        "n_units": n_units,
+        "g_unit": g_unit,
+        "keep": keep,
+        "u_tokens": u_tokens[keep].tolist(),
+        "u_acc": u_acc[keep].tolist(),
+    }
+    cache[key] = view
+    return view
+
+
 def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: int, out: Outcome) -> ReplayRecord:
     """Turn a replay outcome into a record (running the timeline when asked)."""
     g, model, hw = prep.groups, prep.model, prep.hw
-    counted_g = ~g.calib & np.isin(g.phase, PHASES[cfg.phase])
-    counted = np.zeros(g.expert.size, dtype=bool)
+    view = _counted_view(prep, cfg.phase, cfg.unit_block)
+    counted_g, layer_acc, g_unit, keep, n_units = (view["counted_g"], view["layer_acc"], view["g_unit"],
+                                                   view["keep"], view["n_units"])
     counted_low = np.zeros(g.expert.size, dtype=bool)
     counted_skip = np.zeros(g.expert.size, dtype=bool)
-    layer_acc = np.zeros(model.n_layers, dtype=np.int64)
     layer_hit = np.zeros(model.n_layers, dtype=np.int64)
-    g_acc = np.zeros(g.n_groups, dtype=np.int64)  # counted accesses and hits per group
-    g_hit = np.zeros(g.n_groups, dtype=np.int64)
-    hits, misses, skipped, demand_bytes = _tally(g.start, g.layer, counted_g, out.result, out.slot, prep.sizes,
-                                                 counted, counted_low, counted_skip, layer_acc, layer_hit, g_acc, g_hit)
-    tokens = int(np.isin(prep.trace.phase[~prep.calib_steps], PHASES[cfg.phase]).sum())
-    accesses = int(layer_acc.sum())
+    u_hits = np.zeros(n_units, dtype=np.int64)  # counted hits per resampling unit
+    hits, misses, skipped, demand_bytes, n_low = _tally(g.start, g.layer, counted_g, out.result, out.slot, prep.sizes,
+                                                        g_unit, counted_low, counted_skip, layer_hit, u_hits)
+    tokens = view["tokens"]
+    accesses = view["accesses"]
     prefetch_bytes = int(out.prefetch_bytes[counted_g].sum())
-    mass_total = float(g.mass[counted].sum())
+    mass_total = view["mass_total"]
+    # an empty selection sums to 0.0, as g.mass[all-False mask].sum() does
+    low_mass = float(g.mass[counted_low].sum()) if n_low else 0.0
+    skip_mass = float(g.mass[counted_skip].sum()) if skipped else 0.0
     rec = {
         "policy": cfg.policy,
         "precision": precision_name,
@@ -259,20 +305,12 @@ def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: 
         "bytes_moved": demand_bytes + prefetch_bytes,
         "tokens": tokens,
         "bytes_per_token": (demand_bytes + prefetch_bytes) / tokens if tokens else float("nan"),
-        "low_precision_mass": float(g.mass[counted_low].sum()) / mass_total if mass_total else 0.0,
-        "skipped_mass": float(g.mass[counted_skip].sum()) / mass_total if mass_total else 0.0,
+        "low_precision_mass": low_mass / mass_total if mass_total else 0.0,
+        "skipped_mass": skip_mass / mass_total if mass_total else 0.0,
         "per_layer_hit_rate": [round(float(h) / a, 6) if a else None for h, a in zip(layer_hit, layer_acc)],
     }
-    unit_of_step = step_units(prep.trace.seq, cfg.unit_block)
-    step_counted = ~prep.calib_steps & np.isin(prep.trace.phase, PHASES[cfg.phase])
-    n_units = int(unit_of_step.max()) + 1
-    g_unit = unit_of_step[g.step]
-    u_tokens = np.bincount(unit_of_step[step_counted], minlength=n_units)
-    u_acc = np.bincount(g_unit, weights=g_acc.astype(np.float64), minlength=n_units).astype(np.int64)
-    u_hits = np.bincount(g_unit, weights=g_hit.astype(np.float64), minlength=n_units).astype(np.int64)
-    keep = np.flatnonzero(u_tokens > 0)
-    units = {"unit": keep.tolist(), "tokens": u_tokens[keep].tolist(), "hits": u_hits[keep].tolist(),
-             "accesses": u_acc[keep].tolist(), "time_s": None}
+    units = {"unit": keep.tolist(), "tokens": list(view["u_tokens"]), "hits": u_hits[keep].tolist(),
+             "accesses": list(view["u_acc"]), "time_s": None}
     rec["units"] = units
     if cfg.timeline:
         tl = timeline.TimelineModel.from_profile(hw.raw)
@@ -292,24 +330,33 @@ def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: 
 
 
 @numba.njit(cache=True)
-def _tally(start, layer, counted_g, result, slot, sizes, counted, counted_low, counted_skip, layer_acc,
-           layer_hit, g_acc, g_hit):  # pragma: no cover - compiled
-    """One pass over the counted accesses: masks for the gate-mass sums, counts (per layer and per
-    group) and demand bytes."""
-    hits = misses = skipped = demand = 0
+def _count(start, layer, counted_g, counted, layer_acc, g_acc):  # pragma: no cover - compiled
+    """The counted accesses (mask), per layer and per group: what does not depend on the replay."""
     for g in range(layer.shape[0]):
         if not counted_g[g]:
             continue
         la = layer[g]
         for a in range(start[g], start[g + 1]):
             counted[a] = True
-            layer_acc[la] += 1
-            g_acc[g] += 1
+        layer_acc[la] += start[g + 1] - start[g]
+        g_acc[g] += start[g + 1] - start[g]
+
+
+@numba.njit(cache=True)
+def _tally(start, layer, counted_g, result, slot, sizes, g_unit, counted_low, counted_skip, layer_hit,
+           u_hits):  # pragma: no cover - compiled
+    """One pass over the counted accesses' outcomes: masks for the gate-mass sums, hit counts (per layer
+    and per resampling unit), demand bytes and the number of low-precision accesses."""
+    hits = misses = skipped = demand = n_low = 0
+    for g in range(layer.shape[0]):
+        if not counted_g[g]:
+            continue
+        la = layer[g]
+        gh = 0
+        for a in range(start[g], start[g + 1]):
             r = result[a]
             if r == HIT:
-                hits += 1
-                layer_hit[la] += 1
-                g_hit[g] += 1
+                gh += 1
             elif r == LOADED:
                 misses += 1
                 demand += sizes[la, slot[a]]
@@ -318,7 +365,11 @@ def _tally(start, layer, counted_g, result, slot, sizes, counted, counted_low, c
                 counted_skip[a] = True
             if r != SKIPPED and slot[a] > 0:
                 counted_low[a] = True
-    return hits, misses, skipped, demand
+                n_low += 1
+        hits += gh
+        layer_hit[la] += gh
+        u_hits[g_unit[g]] += gh
+    return hits, misses, skipped, demand, n_low
 
 
 def run(cfg: ReplayConfig) -> ReplayRecord:
