@@ -84,6 +84,18 @@ def test_compiled_engine_equals_reference(c):
     _assert_same(ref, fast)
 
 
+@pytest.mark.xfail(strict=True, reason="known divergence (found by a random CI draw, 2026-12-06): compiled LFU with "
+                   "split pools, static+dynamic precision and oracle prefetch serves 2 of 270 accesses as hits where "
+                   "the reference loads them; not yet explained. strict: this test fails once the engines agree.")
+def test_known_lfu_split_pool_prefetch_divergence():
+    c = dict(seed=11, n_layers=3, n_experts=11, k=3, n_seqs=1, prefill=1)
+    trace = random_trace(n_steps=30, n_layers=c["n_layers"], n_experts=c["n_experts"], k=c["k"], seed=c["seed"],
+                         n_seqs=c["n_seqs"], prefill=c["prefill"], predicted=True)
+    ref, fast = _outcomes(trace, "lfu", "static:mass:30%:q3_k+dynamic:0.4:0.9+pools:split:0.3", 9000, "global",
+                          "oracle:0.7", {})
+    _assert_same(ref, fast)
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("precision", ["native", "static:mass:30%:q3_k+dynamic:0.5:0.8", "dynamic:0.6:0.9+pools:split:0.4"])
 def test_compiled_engine_on_a_qwen_shaped_trace(policy, precision):
