@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from analysis.intervals import MIN_UNITS, paired_frame
+from analysis.intervals import MIN_UNITS, paired_frame, t_interval
 from analysis.verdict import BASE_SCENARIO, Rule, verdict
 from sim.precision import parse_precision
 
@@ -225,8 +225,6 @@ def paired_delta(runs_policy, runs_native) -> tuple[float, float, float] | None:
     """
     if not runs_policy or not runs_native or len(runs_policy) != len(runs_native) or len(runs_native) < 2:
         return None
-    from analysis.intervals import t_interval
-
     return t_interval(np.asarray(runs_policy, float) / np.asarray(runs_native, float) - 1)
 
 
@@ -280,9 +278,9 @@ def measured_table(records: list[dict]) -> pd.DataFrame:
 
 
 __all__ = ["ci_kld", "ci_pct", "ci_rate", "decision", "interactive_chart", "link_flips", "load_map", "load_offload",
-           "load_quality48", "map_chart", "map_table", "measured_table", "paired_delta", "validation_summary", "paired_policy_diffs", "panel_table",
-           "quality_pairs_table", "quality_spec", "sensitivity_table", "setting_table",
-           "speed_frame", "verdict_input", "write_html"]
+           "load_quality48", "map_chart", "map_table", "measured_table", "paired_delta", "paired_policy_diffs",
+           "panel_table", "quality_pairs_table", "quality_spec", "sensitivity_table", "setting_table",
+           "speed_frame", "validation_summary", "verdict_input", "write_html"]
 
 
 # ------------------------------------------------------------------------------------------------

@@ -192,9 +192,7 @@ def _decode_groups(trace: Trace, lo: int, hi: int, calib_steps, predicted, cols:
     a = slice(a0, a0 + n * k)
     cols["expert"][a] = trace.experts[lo:hi][t_idx, l_idx].reshape(-1)
     w = trace.weights[lo:hi][t_idx, l_idx].astype(np.float64)  # [n, k]
-    score = cols["score"][a].reshape(n, k)
-    np.cumsum(w, axis=-1, out=score)  # sim.precision.hobbit_scores, in place
-    score -= w
+    hobbit_scores(w, out=cols["score"][a].reshape(n, k))
     cols["mass"][a] = w.reshape(-1)
     cols["acc_tokens"][a] = 1
 

@@ -190,10 +190,16 @@ def demoted_experts(scores: np.ndarray, fraction: float) -> np.ndarray:
     return out
 
 
-def hobbit_scores(weights: np.ndarray) -> np.ndarray:
-    """Summed gate weight of the higher-ranked experts, for weights in rank order along the last axis."""
+def hobbit_scores(weights: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Summed gate weight of the higher-ranked experts, for weights in rank order along the last axis.
+
+    `out`: a float64 array of the weights' shape to write into (sim.engine.build_groups fills its column in place)."""
     w = np.asarray(weights, dtype=np.float64)
-    return np.cumsum(w, axis=-1) - w
+    if out is None:
+        return np.cumsum(w, axis=-1) - w
+    np.cumsum(w, axis=-1, out=out)
+    out -= w
+    return out
 
 
 def dynamic_choice(policy: PrecisionPolicy, score: float) -> int:
