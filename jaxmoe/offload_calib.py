@@ -97,14 +97,14 @@ class CalibrationRounds:
         self.jobs = {}  # copy path -> [(key, compiled plan, tokens, layers)]
         for cpath in self.paths:
             jobs = []
-            for key, pos0 in ((("dense",), 0), (("dense_s_at_ctx_cap",), ex.ctx_cap - tokens)):
+            for key, pos0 in (("dense", 0), ("dense_s_at_ctx_cap", ex.ctx_cap - tokens)):
                 plan, nl = synthetic_plan(ex, slot=0, path=None, n_hit=0, n_miss=0, tokens=tokens, pos0=pos0)
                 jobs.append((key, ex.compile_plan(plan), tokens, nl))
             for slot, p in _slot_paths(ex):
                 for g in (1, g_hi):
                     for kind, nh, nm in (("hit", g, 0), ("miss", 0, g)):
                         plan, nl = synthetic_plan(ex, slot=slot, path=p, n_hit=nh, n_miss=nm, tokens=tokens, pos0=0, seed=g)
-                        jobs.append(((kind, p, str(g)), ex.compile_plan(plan), tokens, nl))
+                        jobs.append((f"{kind}|{p}|{g}", ex.compile_plan(plan), tokens, nl))
             self.jobs[cpath] = jobs
         self.samples = {c: {key: [] for key, *_ in self.jobs[c]} for c in self.paths}
         self.heads = {c: [] for c in self.paths}
@@ -126,15 +126,10 @@ class CalibrationRounds:
         out = dict(device=device_info(), paths={}, tokens=self.tokens, reps=len(next(iter(self.heads.values()))),
                    rounds_interleaved=True)
         for cpath in self.paths:
-            med = {k: float(np.median(v)) for k, v in self.samples[cpath].items() if v}
             rec = dict(grouped_experts=self.g_hi, copy_bytes=dict(ex.copy_bytes), hidden=ex.shape.hidden,
-                       ffn=ex.shape.ffn, head_s=float(np.median(self.heads[cpath])),
-                       dense_s=med[("dense",)], dense_s_at_ctx_cap=med[("dense_s_at_ctx_cap",)], hit={}, miss={})
-            for (kind, *rest), v in med.items():
-                if kind in ("hit", "miss"):
-                    rec[kind].setdefault(rest[0], {})[rest[1]] = v
-            rec["samples"] = {"|".join(k): [round(x, 9) for x in v] for k, v in self.samples[cpath].items()}
-            rec["head_samples"] = self.heads[cpath]
+                       ffn=ex.shape.ffn, samples={k: list(v) for k, v in self.samples[cpath].items()},
+                       head_samples=list(self.heads[cpath]))
+            round_medians(rec)
             if cpath == "raw" and ex.on_gpu:
                 ex.set_copy_path("raw")
                 rec["floor"] = raw_copy_floor(ex)
@@ -271,6 +266,26 @@ def _fit_linear(x, y) -> tuple[float, float]:
     return max(0.0, float(icpt)), float(1.0 / slope / 1e9)
 
 
+SAMPLE_FIELDS = {"dense": "dense_s", "dense_s_at_ctx_cap": "dense_s_at_ctx_cap"}  # layer-only samples → field
+
+
+def round_medians(rec: dict, skip: int = 0) -> None:
+    """Fill one copy path's calibration values (dense_s, dense_s_at_ctx_cap, hit, miss, head_s) with the
+    medians of its per-round samples ("samples": "dense", "hit|q4_k|8", …; "head_samples"), rounds
+    from `skip` on. The one rule behind every calibration value, at measurement and under --skip-rounds."""
+    rec["hit"], rec["miss"] = {}, {}
+    for key, v in rec["samples"].items():
+        kept = v[skip:]
+        if not kept:
+            raise InputError(None, f"--skip-rounds {skip} leaves no round of {key!r}")
+        kind, *rest = key.split("|")
+        if kind in ("hit", "miss"):
+            rec[kind].setdefault(rest[0], {})[rest[1]] = float(np.median(kept))
+        else:
+            rec[SAMPLE_FIELDS[kind]] = float(np.median(kept))
+    rec["head_s"] = float(np.median(rec["head_samples"][skip:]))
+
+
 def skip_rounds_calib(calib: dict, skip: int) -> dict:
     """The calibration with its first `skip` interleaved rounds left out (medians over the rest)."""
     if not skip:
@@ -279,17 +294,7 @@ def skip_rounds_calib(calib: dict, skip: int) -> dict:
     for rec in out["paths"].values():
         if "samples" not in rec:
             raise InputError(None, "--skip-rounds needs a calibration timed in interleaved rounds (no 'samples')")
-        for key, v in rec["samples"].items():
-            kept = v[skip:]
-            if not kept:
-                raise InputError(None, f"--skip-rounds {skip} leaves no round of {key!r}")
-            val = float(np.median(kept))
-            kind, *rest = key.split("|")
-            if kind in ("hit", "miss"):
-                rec[kind][rest[0]][rest[1]] = val
-            else:
-                rec[kind] = val
-        rec["head_s"] = float(np.median(rec["head_samples"][skip:]))
+        round_medians(rec, skip)
     out["skipped_rounds"] = skip
     return out
 

@@ -190,3 +190,18 @@ def test_interleaved_rounds_give_every_configuration_the_same_runs(tiny, tmp_pat
     assert cal["reps"] == 3 and all(len(v) == 3 for v in samples.values())
     assert cal["paths"]["jax"]["dense_s"] == pytest.approx(float(np.median(samples["dense"])), abs=1e-9)
     assert json.loads(grid.read_text())["results"] == json.loads(json.dumps(doc["results"]))
+
+
+def test_skip_rounds_recomputes_every_calibration_value_from_the_later_rounds():
+    """--skip-rounds: each value (dense_s included) is the median of the kept rounds' samples."""
+    from jaxmoe import offload_calib
+
+    samples = {"dense": [9.0, 1.0, 3.0], "dense_s_at_ctx_cap": [8.0, 2.0, 4.0], "hit|q4_k|1": [7.0, 5.0, 6.0],
+               "miss|q4_k|1": [9.0, 8.0, 10.0]}
+    rec = dict(samples=samples, head_samples=[5.0, 1.0, 2.0], dense_s=3.0, dense_s_at_ctx_cap=4.0, head_s=2.0,
+               hit={"q4_k": {"1": 6.0}}, miss={"q4_k": {"1": 9.0}})
+    out = offload_calib.skip_rounds_calib({"paths": {"raw": rec}}, 1)["paths"]["raw"]
+    assert (out["dense_s"], out["dense_s_at_ctx_cap"], out["head_s"]) == (2.0, 3.0, 1.5)
+    assert out["hit"] == {"q4_k": {"1": 5.5}} and out["miss"] == {"q4_k": {"1": 9.0}}
+    assert set(out) == set(rec)  # no stray keys
+    assert rec["dense_s"] == 3.0  # the input is left as it was
