@@ -100,8 +100,8 @@ class Plan:
     compact_seconds: float = 30.0
     workers: int = 15
     fit_schedule: bool = True  # fit the step count to the time budget after 10 steps (False with --steps)
-    compact_after_s: float = 470.0
-    late_set_deadline_s: float = 420.0  # wait for the later quantization phases until this many s into the run  # skip the compact model when the run has taken longer than this
+    compact_after_s: float = 470.0  # skip the compact model when the run has taken longer than this
+    late_set_deadline_s: float = 420.0  # wait for the later quantization phases until this many s into the run
     eval_windows: int = 64  # windows of the periodic held-out evaluation
 
 
@@ -172,6 +172,9 @@ def heldout_ppl(params, tokens: np.ndarray, cfg: M.Config, seq: int, batch: int,
     return math.exp(nll / n)
 
 
+EVAL_FIRST_S, EVAL_S = 20.0, 4.0  # seconds of the first (compiling) and of a later periodic evaluation (H100, 48 layers)
+
+
 def train_model(cfg: M.Config, tcfg: TR.TrainConfig, train_tokens: np.ndarray, eval_tokens: np.ndarray,
                 eval_windows: int, label: str = "train", fit_schedule: bool = False) -> tuple[M.Weights, dict]:
     """Train stacked weights from seed; returns (float32 params on device, training log).
@@ -216,7 +219,10 @@ def train_model(cfg: M.Config, tcfg: TR.TrainConfig, train_tokens: np.ndarray, e
             jax.block_until_ready(m["loss"])
             step_s = (time.perf_counter() - t_train) / 10
             left = tcfg.time_budget_s - (time.perf_counter() - t0)
-            fitted = min(total, step + 1 + int(left / (step_s * 1.03)) - len(evals) - 2)
+            # periodic held-out evaluations come out of the same budget: the first compiles (≈ EVAL_FIRST_S)
+            n_evals = int(left / step_s) // tcfg.eval_every
+            left -= (EVAL_FIRST_S + EVAL_S * max(0, n_evals - 1)) if n_evals else 0.0
+            fitted = min(total, step + 1 + int(left / (step_s * 1.03)) - 2)
             log(f"{label}: {step_s:.3f} s/step; schedule {total} → {fitted} steps to fit {tcfg.time_budget_s:.0f} s")
             total = max(step + 2, fitted)
             total_dev = jnp.float32(total)
@@ -360,28 +366,39 @@ def _quant_job(args) -> tuple[int, str, float]:
 PHASES = (("q4", "q2r", "q3r"), ("q2d",), ("q2ri",))  # essential first; later phases are dropped when late
 
 
-def start_quantization(experts_np: dict[str, np.ndarray], imatrix: dict[str, np.ndarray] | None, d: Path,
-                       workers: int):
-    """Write the float experts (GGUF layout) to d and queue every phase's jobs (FIFO: phase by phase);
-    returns ({set: futures}, pool)."""
+def start_quantization(experts_np: dict[str, np.ndarray], d: Path, workers: int):
+    """Write the float experts (GGUF layout) to d and queue the phases that need only them (FIFO: phase by
+    phase) → ({set: futures}, pool). The importance-matrix phase follows with `queue_imatrix_phase` once the
+    calibration pass has measured it, so the CPUs start while the GPU still computes the imatrix."""
     d.mkdir(parents=True, exist_ok=True)
-    phases = [tuple(x for x in ph if not x.endswith("i") or imatrix is not None) for ph in PHASES]
-    phases = [ph for ph in phases if ph]
+    phases = [ph for ph in PHASES if not any(s.endswith("i") for s in ph)]
     for kind, a in experts_np.items():
         np.save(d / f"float_{kind}.npy", a)
-        for ph in phases:
+        for ph in PHASES:
             for s in ph:
                 np.lib.format.open_memmap(d / f"{s}_{kind}.npy", mode="w+", dtype=np.float32, shape=a.shape).flush()
-        if imatrix is not None:
-            np.save(d / f"imatrix_{kind}.npy", imatrix[kind])
     L = next(iter(experts_np.values())).shape[0]
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
     futs: dict[str, list] = {}
     for ph in phases:
-        jobs = [pool.submit(_quant_job, (str(d), l, kind, ph)) for l in range(L) for kind in EXPERT_KINDS]
-        for s in ph:
-            futs[s] = jobs
+        _queue(pool, futs, d, L, ph)
     return futs, pool
+
+
+def queue_imatrix_phase(pool, futs: dict[str, list], imatrix: dict[str, np.ndarray], d: Path) -> None:
+    """Queue the importance-matrix-weighted phases (after the float-only ones: FIFO)."""
+    for kind, a in imatrix.items():
+        np.save(d / f"imatrix_{kind}.npy", np.asarray(a, np.float32))
+    L = next(iter(imatrix.values())).shape[0]
+    for ph in PHASES:
+        if any(s.endswith("i") for s in ph):
+            _queue(pool, futs, d, L, ph)
+
+
+def _queue(pool, futs: dict[str, list], d: Path, n_layers: int, phase: tuple[str, ...]) -> None:
+    jobs = [pool.submit(_quant_job, (str(d), l, kind, phase)) for l in range(n_layers) for kind in EXPERT_KINDS]
+    for s in phase:
+        futs[s] = jobs
 
 
 def wait_sets(futs: dict[str, list], names: Sequence[str], deadline: float | None = None) -> tuple[list[str], float]:
@@ -657,10 +674,17 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
     train_info["device"] = f"{dev.platform}:{dev.device_kind}"
     write_text_atomic(out / "train_log.json", json.dumps(train_info, indent=1) + "\n")
 
-    # 2. float calibration pass: imatrix (Σ x² per expert and input column) for the weighted quantizer
+    # 2. start quantization on the CPU pool (float-only phases); meanwhile the GPU measures the imatrix,
+    #    records the trace and the float reference
+    fexp = params.layers.experts
+    t_q = time.perf_counter()
+    experts_np = {kind: np.asarray(jnp.swapaxes(getattr(fexp, kind), -1, -2)) for kind in EXPERT_KINDS}  # GGUF layout
+    qfuts, pool = start_quantization(experts_np, work, plan.workers)
+    del experts_np
+
+    # 3. float calibration pass: imatrix (Σ x² per expert and input column) for the weighted quantizer
     cal_chunks = make_chunks(calib_tokens, plan.n_ctx, plan.calib_chunks)
     calib_fn = _calib_fn(cfg)
-    fexp = params.layers.experts
 
     def calib_pass(sets, err_sets):
         acc, ids, gates = {}, [], []
@@ -684,13 +708,8 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
     im_act = np.stack([Imatrix(facc["im_act"][l], counts[l], cfg.n_experts).quant_weights() for l in range(cfg.n_layers)])
     imatrix = {"gate": im_in, "up": im_in, "down": im_act}  # [L, E, K] per kind
     log(f"imatrix from {cal_chunks.size} calibration tokens in {time.perf_counter() - t0:.1f} s")
-
-    # 3. start quantization on the CPU pool; meanwhile the GPU records the trace and the float reference
-    t_q = time.perf_counter()
-    experts_np = {kind: np.asarray(jnp.swapaxes(getattr(fexp, kind), -1, -2)) for kind in EXPERT_KINDS}  # GGUF layout
-    qfuts, pool = start_quantization(experts_np, {k: v.astype(np.float32) for k, v in imatrix.items()}
-                                     if imatrix_supported() else None, work, plan.workers)
-    del experts_np
+    if imatrix_supported():
+        queue_imatrix_phase(pool, qfuts, imatrix, work)
 
     rec, trace_info = record_trace(params, cfg, calib_tokens, eval_tokens, plan)
     prov = (f"jaxmoe.scale: routing of a {cfg.n_layers}-layer, {cfg.n_experts}-expert, top-{cfg.top_k} Qwen3-MoE-architecture "
@@ -1009,6 +1028,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="the CPU smoke configuration (tests)")
     p.add_argument("--steps", type=int, default=None, help="training steps (fixes the LR schedule)")
     p.add_argument("--time-budget-s", type=float, default=None, help="stop training after this many seconds")
+    p.add_argument("--batch", type=int, default=None, help="training sequences per step (default 64)")
+    p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every this many steps")
     p.add_argument("--eval-chunks", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="quantization processes")
     p.add_argument("--compact-out", default=None, help="also train the compact CPU-test model and write its GGUF here")
@@ -1039,6 +1060,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = dataclasses.replace(plan, fit_schedule=False)
     if a.time_budget_s is not None:
         tr = dataclasses.replace(tr, time_budget_s=a.time_budget_s)
+    if a.batch is not None:
+        if a.batch < 1:
+            raise InputError(None, f"--batch {a.batch}: must be at least 1")
+        tr = dataclasses.replace(tr, batch=a.batch)
+    if a.eval_every is not None:
+        if a.eval_every < 1:
+            raise InputError(None, f"--eval-every {a.eval_every}: must be at least 1")
+        tr = dataclasses.replace(tr, eval_every=a.eval_every)
     plan = dataclasses.replace(plan, train=tr)
     if a.eval_chunks:
         plan = dataclasses.replace(plan, eval_chunks=a.eval_chunks)

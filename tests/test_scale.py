@@ -107,6 +107,11 @@ def test_pipeline_end_to_end_tiny(tmp_path):
     assert rows[("q4_k", "q4_k")]["kld"] == 0 and rows[("q4_k", "q4_k")]["ppl_ratio"] == pytest.approx(1)
     assert rows[("q4_k", "float")]["kld"] > 0
     assert rows[("all-q2r", "q4_k")]["low_mass"] == pytest.approx(1) and rows[("all-q2r", "q4_k")]["kld"] > 0
+    # the later phases (float → Q2_K; Q4_K → Q2_K with the importance matrix) finished and have their rows
+    assert {"q2d", "q2ri"} <= set(res["setup"]["sets"])
+    for late in ("all-q2d", "all-q2ri", "static-mass-0.5-q2d", "static-mass-0.5-q2ri"):
+        assert rows[(late, "float")]["kld"] > 0
+    assert rows[("all-q2ri", "q4_k")]["kld"] != rows[("all-q2r", "q4_k")]["kld"]  # the weights changed the copy
     for r in res["rows"]:
         assert r["kld"] >= 0 and r["kld_ci"][0] <= r["kld"] + 1e-12 and r["kld"] <= r["kld_ci"][1] + 1e-12
     assert {p["verdict"] for p in res["pairs"]} <= {"a lower", "b lower", "tie"}
