@@ -542,6 +542,8 @@ class Executor:
         t_start = clock()
         h = None
         token = 0
+        t_token = t_start
+        self.token_s = []  # wall seconds of each token (spikes vs uniform slowness: docs/validation.md)
         for la, pos, end, res, copies, miss in compiled:
             t0 = clock()
             if h is None:
@@ -567,6 +569,9 @@ class Executor:
             self.counts["computed"] += sum(int(ids.size) for _, ids, _ in res) + sum(int(ids.size) for _, ids, _ in miss)
             if end:
                 self.head(h).block_until_ready()
+                t_end = clock()
+                self.token_s.append(t_end - t_token)
+                t_token = t_end
                 token += 1
                 self.counts["tokens"] += 1
                 h = None
@@ -671,8 +676,10 @@ def measure_config(ex: Executor, plan: Plan, repeats: int, warmup: int = 1, comp
     return summarize_runs(ex, plan, secs, bd, executed)
 
 
-def summarize_runs(ex: Executor, plan: Plan, secs: list, bd: dict, executed: dict) -> dict:
-    """The record of one configuration from its timed runs (tokens/s with a 95 % t-interval over runs)."""
+def summarize_runs(ex: Executor, plan: Plan, secs: list, bd: dict, executed: dict,
+                   token_s: list | None = None) -> dict:
+    """The record of one configuration from its timed runs (tokens/s with a 95 % t-interval over runs);
+    `token_s`: each run's per-token wall seconds, kept as `token_s_per_run`."""
     repeats = len(secs)
     tps = [plan.tokens / s for s in secs]
     mean, lo, hi = t_interval(tps)
@@ -694,7 +701,7 @@ def summarize_runs(ex: Executor, plan: Plan, secs: list, bd: dict, executed: dic
         per_layer_s_per_run=dict(router_wait=per(bd["router_wait_s"]), dispatch=per(bd["dispatch_s"]),
                                  copy_issue=per(bd["copy_issue_s"]), stall=per(bd["stall_s"])),
         head_s_per_run=bd["head_s"] / repeats,
-    )
+    ) | ({} if token_s is None else {"token_s_per_run": [[round(float(v), 6) for v in r] for r in token_s]})
 
 
 def device_info() -> dict:
@@ -834,7 +841,8 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = [(c, cp) for c in configs for cp in paths_cp]
     compiled = {c: ex.compile_plan(plans[c[0], c[1], c[3], c[4]]) for c in configs}
     doc["setup_s"]["plans"] = time.perf_counter() - t0 - doc["setup_s"]["precompile"]
-    runs = {j: dict(secs=[], bd=ex.new_breakdown(), executed=dict(copies=0, computed=0, tokens=0)) for j in jobs}
+    runs = {j: dict(secs=[], token_s=[], bd=ex.new_breakdown(), executed=dict(copies=0, computed=0, tokens=0))
+            for j in jobs}
     rng = np.random.default_rng(args.seed)
     show = not args.quiet
     bar = None
@@ -864,6 +872,7 @@ def main(argv: list[str] | None = None) -> dict:
                     secs = ex.run(compiled[job[0]], st["bd"] if timed else None)
                     if timed:
                         st["secs"].append(secs)
+                        st["token_s"].append(ex.token_s)
                         for k in st["executed"]:
                             st["executed"][k] += ex.counts[k]
                     if bar is not None:
@@ -901,7 +910,7 @@ def _grid_records(doc: dict, ex, jobs: list, plans: dict, runs: dict, rounds: in
         plan = plans[(tp, label, pol, prec)]
         rec = dict(trace=Path(tp).name, budget=label, capacity_bytes=int(cap), policy=pol,
                    precision=plan.sim["precision"], copy_path=cpath)
-        rec.update(summarize_runs(ex, plan, st["secs"][:rounds], st["bd"], st["executed"]))
+        rec.update(summarize_runs(ex, plan, st["secs"][:rounds], st["bd"], st["executed"], st["token_s"][:rounds]))
         doc["results"].append(rec)
 
 

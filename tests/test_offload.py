@@ -73,6 +73,10 @@ def test_executor_counts_equal_sim_replay(tiny, executed):
         assert rec["executed_tokens"] == rec["repeats"] * sim["tokens"]
         assert rec["bytes_copied_logical"] == sim["demand_bytes"]
         assert len(rec["tokens_per_s"]) == 2 and rec["tokens_per_s_ci95"][0] <= rec["tokens_per_s_mean"]
+        # per-token wall times: one per decoded token of each run, summing to at most the run's seconds
+        assert [len(r) for r in rec["token_s_per_run"]] == [sim["tokens"]] * 2
+        for toks, secs in zip(rec["token_s_per_run"], rec["seconds"]):
+            assert min(toks) > 0 and sum(toks) <= secs + 1e-5
     assert executed["results"][0]["capacity_bytes"] == int(total)
     # the grid is not degenerate: some configurations copy, some skip, some serve low precision
     assert any(r["misses"] > 0 for r in executed["results"]) and any(r["hits"] > 0 for r in executed["results"])
