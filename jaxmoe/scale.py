@@ -95,6 +95,9 @@ class Plan:
     batch_chunks: int = 8
     n_boot: int = 1000
     fractions: tuple[float, ...] = (0.25, 0.5)
+    # static demotion by gate-mass share (the operating points the replays serve): per layer, the least-mass
+    # experts whose summed calibration mass stays within this share of the layer's
+    mass_shares: tuple[float, ...] = (0.1, 0.25, 0.5)
     budgets: tuple[str, ...] = ("derived", "4GiB")
     compact_steps: int = 300
     compact_seconds: float = 30.0
@@ -817,6 +820,14 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
         name = f"static-mass-{frac:g}-ta"
         Q.run(name, (q4, ta), S.static_choice(dm.astype(np.int32)))
         add(name, "static", "q2_k+q4_k_down", "q4_k", signal="mass", fraction=frac)
+    # the quality-vs-gate-mass curve: static demotion by mass up to a share of each layer's gate mass
+    for share in plan.mass_shares:
+        dm = demoted_by_mass_share(signals["mass"], share)
+        demoted[f"gm:{share:g}"] = dm
+        for low_name, low, fmt in (("q2r", sets["q2r"], "q2_k"), ("q3r", sets["q3r"], "q3_k"), ("ta", ta, "q2_k+q4_k_down")):
+            name = f"static-gm-{share:g}-{low_name}"
+            Q.run(name, (q4, low), S.static_choice(dm.astype(np.int32)))
+            add(name, "static", fmt, "q4_k", signal="mass", gate_mass_share=share)
     zero = np.zeros((L, E), np.int32)
     for low_name, low in (("q2r", sets["q2r"]), ("ta", ta)):
         ch = S.Choice(table=jnp.asarray(zero), t1=jnp.asarray(threshold_pair(0.6)), t2=jnp.asarray(threshold_pair(0.9)),
@@ -931,6 +942,19 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
     write_text_atomic(out / "quality.json", json.dumps(result, indent=1, allow_nan=False, default=json_default) + "\n")
     log(f"done in {result['timing']['total_s']:.0f} s")
     return result
+
+
+def demoted_by_mass_share(mass: np.ndarray, share: float) -> np.ndarray:
+    """bool [layers, experts]: per layer, the lowest-mass experts (stable order: ties → lower id) whose summed
+    mass is at most `share` of the layer's total — demotion sized by gate mass rather than by expert count."""
+    m = np.asarray(mass, np.float64)
+    order = np.argsort(m, axis=1, kind="stable")
+    sorted_m = np.take_along_axis(m, order, axis=1)
+    total = m.sum(axis=1, keepdims=True)
+    within = np.cumsum(sorted_m, axis=1) <= share * total * (1 + 1e-12)
+    out = np.zeros(m.shape, dtype=bool)
+    np.put_along_axis(out, order, within, axis=1)
+    return out
 
 
 def quants_bytes(fmt: str, cfg: M.Config) -> int:

@@ -88,6 +88,24 @@ def test_trace_stats_against_brute_force():
     assert rd[t, l, r] == (t - prev[-1] if prev else 0)
 
 
+def test_demoted_by_mass_share_against_brute_force():
+    rng = np.random.default_rng(5)
+    mass = rng.gamma(0.4, size=(6, 20))
+    mass[0, :5] = 0.0  # ties at zero
+    mass[1] = 1.0  # all equal
+    for share in (0.0, 0.1, 0.25, 0.5, 1.0):
+        got = SC.demoted_by_mass_share(mass, share)
+        for l in range(mass.shape[0]):
+            # brute force: walk experts by (mass, id) ascending, demote while the running sum stays within the share
+            want, run = set(), 0.0
+            for e in sorted(range(mass.shape[1]), key=lambda e: (mass[l, e], e)):
+                if run + mass[l, e] > share * mass[l].sum() * (1 + 1e-12):
+                    break
+                run += mass[l, e]
+                want.add(e)
+            assert set(np.flatnonzero(got[l])) == want, (l, share)
+
+
 def _corpus(path):
     """test_train's synthetic corpus with a calibration split (6,000 / 3,000 / 2,000 tokens)."""
     from tests.test_train import _corpus as corpus
@@ -112,6 +130,9 @@ def test_pipeline_end_to_end_tiny(tmp_path):
     for late in ("all-q2d", "all-q2ri", "static-mass-0.5-q2d", "static-mass-0.5-q2ri"):
         assert rows[(late, "float")]["kld"] > 0
     assert rows[("all-q2ri", "q4_k")]["kld"] != rows[("all-q2r", "q4_k")]["kld"]  # the weights changed the copy
+    for low in ("q2r", "q3r", "ta"):  # the quality-vs-gate-mass curve: more mass demoted, more mass served low
+        served = [rows[(f"static-gm-{sh:g}-{low}", "q4_k")]["low_mass"] for sh in SC.SMOKE.mass_shares]
+        assert served == sorted(served) and served[-1] > 0
     for r in res["rows"]:
         assert r["kld"] >= 0 and r["kld_ci"][0] <= r["kld"] + 1e-12 and r["kld"] <= r["kld_ci"][1] + 1e-12
     assert {p["verdict"] for p in res["pairs"]} <= {"a lower", "b lower", "tie"}
