@@ -81,6 +81,8 @@ def speed_frame(rows: pd.DataFrame, units: pd.DataFrame, n_resamples: int = 2000
 
 _QNAME = re.compile(r"^(static)-(\w+)-([0-9.]+)-(q2r|q3r)$|^(dynamic)-([0-9.]+)-([0-9.]+)-(q2r|q3r)$")
 _QFMT = {"q2r": "q2_k", "q3r": "q3_k"}
+_QCURVE = re.compile(r"^static-gm-([0-9.]+)-(q2r|q3r|ta)$")  # jaxmoe.scale's demotion by gate-mass share
+_QCURVE_FMT = {"q2r": "q2_k", "q3r": "q3_k", "ta": "q2_k_gu"}
 
 
 def quality_spec(name: str) -> str | None:
@@ -120,6 +122,14 @@ def load_quality48(pattern: str = QUALITY48_GLOB) -> tuple[pd.DataFrame | None, 
              "n_layers": model.get("n_layers"), "n_experts": model.get("n_experts"), "top_k": model.get("top_k"),
              "ppl": (doc.get("train") or {}).get("final_heldout_ppl"),
              "eval_chunks": (doc.get("setup") or {}).get("eval_chunks"), "n_ctx": (doc.get("setup") or {}).get("n_ctx")}
+    curve = []
+    for r in doc.get("rows", []):
+        m = _QCURVE.match(str(r.get("name", "")))
+        if m and r.get("reference") == QUALITY_REFERENCE and r.get("kld") is not None and r.get("kld_ci"):
+            curve.append({"name": r["name"], "low_format": _QCURVE_FMT[m.group(2)], "share": float(m.group(1)),
+                          "low_mass": float(r["low_mass"]), "kld": float(r["kld"]), "kld_lo": float(r["kld_ci"][0]),
+                          "kld_hi": float(r["kld_ci"][1])})
+    facts["mass_curve"] = curve
     pairs = [p for p in doc.get("pairs", []) if p.get("reference") == QUALITY_REFERENCE and p.get("metric") == "kld"]
     facts["pairs"] = pairs
     anchor = [r for r in doc.get("rows", []) if r.get("name") == QUALITY_REFERENCE and r.get("reference") == "float"]
@@ -138,8 +148,19 @@ def _policy_fields(spec: str) -> dict:
     return {"policy": "native", "signal": "", "threshold": "", "low_format": ""}
 
 
-def verdict_input(speed: pd.DataFrame, quality: pd.DataFrame | None) -> pd.DataFrame:
-    """analysis.verdict's contract from the speed frame (slru, no prefetch, map + sensitivity panels)."""
+def curve_quality(low_format: str, low_mass: float, curve: list[dict]) -> dict | None:
+    """The quality-vs-gate-mass row standing in for a static policy at `low_mass`: of the curve rows of
+    `low_format`, the one with the least served low mass that is still ≥ `low_mass` (never a lighter one)."""
+    ok = [c for c in curve if c["low_format"] == low_format and c["low_mass"] >= low_mass]
+    return min(ok, key=lambda c: c["low_mass"]) if ok else None
+
+
+def verdict_input(speed: pd.DataFrame, quality: pd.DataFrame | None, curve: list[dict] | None = None) -> pd.DataFrame:
+    """analysis.verdict's contract from the speed frame (slru, no prefetch, map + sensitivity panels).
+
+    A static policy whose own quality row served less gate mass at low precision than the replay does
+    takes its KLD from the quality-vs-gate-mass curve (`curve_quality`) when a curve point of its low
+    format served at least the replay's mass; `quality_row` names the row a KLD comes from."""
     if speed.empty:
         return pd.DataFrame()
     s = speed[(speed["policy"] == VERDICT_POLICY) & (speed["prefetch"] == "none")
@@ -150,6 +171,19 @@ def verdict_input(speed: pd.DataFrame, quality: pd.DataFrame | None) -> pd.DataF
         s = s.merge(quality[["precision", "kld", "kld_lo", "kld_hi", "quality_low_mass"]], on="precision", how="left")
     else:
         s["kld"], s["kld_lo"], s["kld_hi"], s["quality_low_mass"] = np.nan, np.nan, np.nan, np.nan
+    s["quality_row"] = np.where(s["kld"].notna(), "policy", "")
+    for i in s.index:
+        spec = parse_precision(s.at[i, "precision"])
+        if not spec.is_static or spec.is_dynamic or not curve:
+            continue
+        own = pd.to_numeric(pd.Series([s.at[i, "quality_low_mass"]]), errors="coerce").iloc[0]
+        need = float(s.at[i, "low_precision_mass"])
+        if np.isfinite(own) and own >= need:
+            continue
+        c = curve_quality(spec.static_format, need, curve)
+        if c is not None:
+            s.loc[i, ["kld", "kld_lo", "kld_hi", "quality_low_mass"]] = [c["kld"], c["kld_lo"], c["kld_hi"], c["low_mass"]]
+            s.at[i, "quality_row"] = c["name"]
     fields = pd.DataFrame([_policy_fields(p) for p in s["precision"]], index=s.index)
     out = pd.DataFrame({
         "model": s["model"] + " " + s["native"].str.upper().str.replace("_K_M", "_K_M"),
@@ -163,6 +197,7 @@ def verdict_input(speed: pd.DataFrame, quality: pd.DataFrame | None) -> pd.DataF
         "hit_rate": s["hit_rate"], "hit_rate_lo": s["hit_rate_lo"], "hit_rate_hi": s["hit_rate_hi"],
         "low_precision_mass": s["low_precision_mass"],
         "quality_low_mass": pd.to_numeric(s["quality_low_mass"], errors="coerce").where(s["precision"] != "native", 0.0),
+        "quality_row": s["quality_row"],
     })
     return out.reset_index(drop=True)
 
@@ -172,7 +207,7 @@ def decision(sweep_dir, quality_glob: str = QUALITY48_GLOB, rule: Rule | None = 
     rows, units, provs = load_map(sweep_dir)
     quality, qfacts = load_quality48(quality_glob)
     speed = speed_frame(rows, units) if not rows.empty else pd.DataFrame()
-    vin = verdict_input(speed, quality)
+    vin = verdict_input(speed, quality, qfacts.get("mass_curve"))
     if rule is None:
         anchor = qfacts.get("q4k_vs_float_kld")
         rule = Rule(kld_unit=anchor / Q4KM_VS_BF16_KLD) if anchor else Rule()
@@ -277,7 +312,7 @@ def measured_table(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-__all__ = ["ci_kld", "ci_pct", "ci_rate", "decision", "interactive_chart", "link_flips", "load_map", "load_offload",
+__all__ = ["ci_kld", "ci_pct", "ci_rate", "curve_quality", "decision", "interactive_chart", "link_flips", "load_map", "load_offload",
            "load_quality48", "map_chart", "map_table", "measured_table", "paired_delta", "paired_policy_diffs",
            "panel_table", "quality_pairs_table", "quality_spec", "sensitivity_table", "setting_table",
            "speed_frame", "validation_summary", "verdict_input", "write_html"]

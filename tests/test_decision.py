@@ -190,3 +190,28 @@ def test_measured_delta_paired_by_round_and_validation_replaces_its_grid(tmp_pat
     want = f"+{d.mean() * 100:.1f} % [{(d.mean() - half) * 100:+.1f} %, +{(d.mean() + half) * 100:.1f} %]"
     assert t.iloc[0]["measured Δ tok/s [95 % CI, paired by round]"] == want
     assert t.iloc[0]["simulated Δ tok/s"] == "+4.0 %"
+
+
+def test_static_policy_takes_its_kld_from_the_gate_mass_curve_at_or_above_its_operating_point(tmp_path):
+    """The policy's own row served 5 % of gate mass low, the replay serves 10 %: its own KLD does not count;
+    the curve point with the least served mass ≥ 10 % does (never a lighter one, never a heavier one than needed)."""
+    mdir = tmp_path / "map"
+    mdir.mkdir()
+    _write_map(mdir, 0.20, 0.30)  # low_precision_mass 0.1 in every replay row
+    q = {"name": "q4_k", "reference": "float", "kld": 1e-4, "kld_ci": [0.9e-4, 1.1e-4]}
+    rows = [q, {"name": "q4_k", "reference": "q4_k", "kld": 0.0, "kld_ci": [0.0, 0.0]},
+            {"name": "static-mass-0.5-q2r", "reference": "q4_k", "kld": 1e-9, "kld_ci": [0.0, 2e-9], "low_mass": 0.05}]
+    curve = {"static-gm-0.1-q2r": (0.08, 1e-8), "static-gm-0.25-q2r": (0.12, 3e-6), "static-gm-0.5-q2r": (0.3, 1e-3),
+             "static-gm-0.25-q3r": (0.12, 1e-12)}  # a Q3_K point must not stand in for a Q2_K policy
+    for name, (mass, kld) in curve.items():
+        rows.append({"name": name, "reference": "q4_k", "kld": kld, "kld_ci": [kld * 0.9, kld * 1.1], "low_mass": mass})
+    (tmp_path / "quality-48l.json").write_text(json.dumps({"command": "constructed", "rows": rows, "pairs": [],
+                                                          "model": {"n_layers": 48, "n_experts": 128, "top_k": 8},
+                                                          "setup": {"eval_chunks": 4, "n_ctx": 64}, "train": {}}))
+    dec = D.decision(mdir, str(tmp_path / "quality-48l.json"))
+    r = dec["verdict_input"].set_index("precision").loc["static:mass:50%:q2_k"]
+    assert r["quality_row"] == "static-gm-0.25-q2r"
+    assert (r["kld"], r["kld_hi"], r["quality_low_mass"]) == (3e-6, 3e-6 * 1.1, 0.12)
+    assert D.curve_quality("q2_k", 0.31, dec["quality_facts"]["mass_curve"]) is None  # beyond the curve: unknown
+    # bound = 0.010 × (1e-4 / 0.0101) ≈ 9.9e-5: 3.3e-6 passes, so the policy is recommended
+    assert dec["verdict"].settings["recommended"].sum() == 1
