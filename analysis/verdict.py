@@ -26,6 +26,12 @@ Recommend a precision policy for a setting (model, GPU, VRAM, PCIe link) only wh
    And a quality figure counts only at the operating point it was measured at: where the quality
    run served less gate mass at low precision than the speed replay does (columns
    `quality_low_mass` < `low_precision_mass`, when both are given), the KLD is unknown there.
+   Operating-point curve (added 2026-12-06, before the 48-layer model's second quality file was read):
+   the quality file also measures static demotion sized by gate mass (each layer's least-mass experts
+   up to 10 / 25 / 50 % of its calibration mass); a static policy whose own row is lighter than its
+   replay takes the KLD of the curve point of the same low format that served the least mass still
+   ≥ the replay's (`analysis.decision.curve_quality`). This assumes a demotion's cost follows the gate
+   mass it serves low; it never uses a lighter point.
 
 Among the policies that pass in a setting, the recommended one has the highest Δ lower bound
 (ties: lower KLD, then higher Δ). A setting where none passes is a "reject". A verdict that changes
