@@ -17,7 +17,7 @@ everything that needs its weights runs while they are in memory, and only result
    Seeded; a fixed step count (`--steps`) fixes the schedule, `--time-budget-s` is a guard.
    Held-out perplexity (eval split, all window positions) is logged every `eval_every` steps.
 2. **Trace**: 16 calibration prompts (calib split) then 48 evaluation prompts (eval split), 32 tokens
-   each, 512 greedy decode steps, routed by the float model (`record.choose_prompts`), saved as a
+   each, 512 decode steps sampled like llama.cpp's defaults (temperature 0.8, top-k 40, seeded), routed by the float model (`record.choose_prompts`), saved as a
    `sim.trace` with Qwen3-30B-A3B's name prefix so that the simulator prices it with that model's
    byte sizes (the routing is this model's; the provenance says so). Gates are rounded to multiples
    of 2⁻¹¹ with their sum kept at exactly 1 (largest remainder), so they store losslessly as float16.
@@ -98,6 +98,11 @@ class Plan:
     # static demotion by gate-mass share (the operating points the replays serve): per layer, the least-mass
     # experts whose summed calibration mass stays within this share of the layer's
     mass_shares: tuple[float, ...] = (0.1, 0.25, 0.5)
+    # trace decoding: sampled like llama.cpp's defaults (temperature 0.8, top-k 40), seeded; 0 → greedy argmax
+    # (greedy decoding of a small model repeats itself, and repeated tokens route alike)
+    temperature: float = 0.8
+    sample_top_k: int = 40
+    sample_seed: int = 0
     budgets: tuple[str, ...] = ("derived", "4GiB")
     compact_steps: int = 300
     compact_seconds: float = 30.0
@@ -282,7 +287,8 @@ def round_gates(g: np.ndarray, unit: int = GATE_UNIT) -> np.ndarray:
 
 
 def record_trace(params, cfg: M.Config, calib_tokens, eval_tokens, plan: Plan) -> tuple[dict, dict]:
-    """Greedy decode of calibration then evaluation prompts → routing arrays and provenance."""
+    """Decode calibration then evaluation prompts (sampled: `plan.temperature`, `plan.sample_top_k`, seeded;
+    greedy at temperature 0) → routing arrays and provenance."""
     pc, dc = choose_prompts(calib_tokens, plan.calib_seqs, plan.prompt_tokens)
     pe, de = choose_prompts(eval_tokens, plan.eval_seqs, plan.prompt_tokens)
     prompts = np.concatenate([pc, pe])
@@ -291,6 +297,8 @@ def record_trace(params, cfg: M.Config, calib_tokens, eval_tokens, plan: Plan) -
     if S_len > cfg.max_seq:
         raise InputError(None, f"prompt {P} + decode {plan.decode} exceed the model's context {cfg.max_seq}")
     step = jax.jit(lambda t, w, c: S.decode_tokens(t, w, cfg, c))
+    pick = jax.jit(lambda lg, key: next_tokens(lg, key, plan.temperature, plan.sample_top_k))
+    key = jax.random.PRNGKey(plan.sample_seed)
     cache = M.init_cache(cfg, B, S_len)
     t0 = time.perf_counter()
     with jax.default_matmul_precision("highest"):
@@ -298,7 +306,8 @@ def record_trace(params, cfg: M.Config, calib_tokens, eval_tokens, plan: Plan) -
         parts = [(ids, gates)]
         decoded = []
         for _ in range(plan.decode):
-            tok = jnp.argmax(lg, axis=-1).astype(jnp.int32)
+            key, sub = jax.random.split(key)
+            tok = pick(lg, sub)
             decoded.append(tok)
             lg, ids, gates, cache = step(tok[:, None], params, cache)
             parts.append((ids, gates))
@@ -309,8 +318,21 @@ def record_trace(params, cfg: M.Config, calib_tokens, eval_tokens, plan: Plan) -
     log(f"trace: {B} sequences × ({P} prompt + {plan.decode} decode) in {secs:.1f} s")
     distinct = [len(np.unique(r)) for r in dec]
     info = {"calib_docs": dc.tolist(), "eval_docs": de.tolist(), "prompt_tokens": P, "decode_tokens": plan.decode,
-            "record_s": round(secs, 1), "distinct_decoded_tokens_per_seq": distinct}
+            "record_s": round(secs, 1), "distinct_decoded_tokens_per_seq": distinct,
+            "decode": (f"sampled: temperature {plan.temperature:g}, top-k {plan.sample_top_k}, seed {plan.sample_seed}"
+                       if plan.temperature > 0 else "greedy argmax"),
+            "distinct_decoded_tokens_mean": round(float(np.mean(distinct)), 1)}
     return {"ids": ids, "gates": gates}, info
+
+
+def next_tokens(logits: jax.Array, key: jax.Array, temperature: float, top_k: int) -> jax.Array:
+    """int32 [B] next tokens of logits [B, V]: argmax at temperature 0, else a draw from the softmax of the
+    `top_k` largest logits divided by the temperature."""
+    if temperature <= 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    v, i = jax.lax.top_k(logits.astype(F32), min(top_k, logits.shape[-1]))
+    choice = jax.random.categorical(key, v / temperature, axis=-1)
+    return jnp.take_along_axis(i, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 def build_trace(rec: dict, cfg: M.Config, prompt_tokens: int, provenance: str, extra: dict) -> Trace:
@@ -717,7 +739,7 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
     rec, trace_info = record_trace(params, cfg, calib_tokens, eval_tokens, plan)
     prov = (f"jaxmoe.scale: routing of a {cfg.n_layers}-layer, {cfg.n_experts}-expert, top-{cfg.top_k} Qwen3-MoE-architecture "
             f"model trained by this project (hidden {cfg.hidden}, expert FFN {cfg.expert_ffn}; NOT Qwen3-30B-A3B), float weights, "
-            f"greedy decode; {plan.calib_seqs} calibration prompts (calib split) then {plan.eval_seqs} evaluation prompts "
+            f"{trace_info['decode']}; {plan.calib_seqs} calibration prompts (calib split) then {plan.eval_seqs} evaluation prompts "
             f"(eval split), {plan.prompt_tokens} prompt + {plan.decode} decode tokens each; sizes priced as Qwen3-30B-A3B")
     extra = {"source_format": "jaxmoe.scale", "trained_geometry": cfg.to_dict(), "gate_unit": GATE_UNIT,
              "train_steps": train_info["steps_done"], "seed": tcfg.seed} | {k: v for k, v in trace_info.items()
@@ -1054,6 +1076,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--time-budget-s", type=float, default=None, help="stop training after this many seconds")
     p.add_argument("--batch", type=int, default=None, help="training sequences per step (default 64)")
     p.add_argument("--eval-every", type=int, default=None, help="held-out evaluation every this many steps")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="trace decoding temperature (default 0.8, top-k 40, seeded; 0: greedy argmax)")
     p.add_argument("--eval-chunks", type=int, default=None)
     p.add_argument("--workers", type=int, default=None, help="quantization processes")
     p.add_argument("--compact-out", default=None, help="also train the compact CPU-test model and write its GGUF here")
@@ -1093,6 +1117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise InputError(None, f"--eval-every {a.eval_every}: must be at least 1")
         tr = dataclasses.replace(tr, eval_every=a.eval_every)
     plan = dataclasses.replace(plan, train=tr)
+    if a.temperature is not None:
+        if a.temperature < 0:
+            raise InputError(None, f"--temperature {a.temperature}: must be ≥ 0")
+        plan = dataclasses.replace(plan, temperature=a.temperature)
     if a.eval_chunks:
         plan = dataclasses.replace(plan, eval_chunks=a.eval_chunks)
     if a.workers:

@@ -106,6 +106,28 @@ def test_demoted_by_mass_share_against_brute_force():
             assert set(np.flatnonzero(got[l])) == want, (l, share)
 
 
+def test_next_tokens_greedy_top_k_and_distribution():
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 50)).astype(np.float32)
+    key = jax.random.PRNGKey(0)
+    assert np.array_equal(np.asarray(SC.next_tokens(jnp.asarray(logits), key, 0.0, 40)), logits.argmax(-1))
+    a = np.asarray(SC.next_tokens(jnp.asarray(logits), key, 0.8, 5))
+    assert np.array_equal(a, np.asarray(SC.next_tokens(jnp.asarray(logits), key, 0.8, 5)))  # seeded: repeatable
+    # many draws from one row: only its top 5, with frequencies of softmax(top-5 logits / T) (float64 reference)
+    n = 20000
+    row = np.tile(logits[:1], (n, 1))
+    draws = np.asarray(SC.next_tokens(jnp.asarray(row), jax.random.PRNGKey(1), 0.8, 5))
+    top = np.argsort(-logits[0])[:5]
+    assert set(np.unique(draws)) <= set(top.tolist())
+    p = np.exp(logits[0, top].astype(np.float64) / 0.8)
+    p /= p.sum()
+    freq = np.array([(draws == t).mean() for t in top])
+    assert np.all(np.abs(freq - p) <= 4 * np.sqrt(p * (1 - p) / n) + 1e-9)
+
+
 def _corpus(path):
     """test_train's synthetic corpus with a calibration split (6,000 / 3,000 / 2,000 tokens)."""
     from tests.test_train import _corpus as corpus
