@@ -496,6 +496,18 @@ def _stamp(M, S, F, H, k, g):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, _nrt=False)
+def _stamp_group(M, S, F, H, expert, lo, hi, row, layer, hi_slots, dyn, dyn_slot, g):  # pragma: no cover - compiled
+    """begin_group: protect the group's keys (high slot, and the dynamic slot). The kernel calls it at the
+    group's first miss (or before its prefetch), not at its start: hits change no residency, so the
+    protected bytes are the same then, and a group that only hits never needs its protection."""
+    for a in range(lo, hi):
+        e = expert[a]
+        _stamp(M, S, F, H, (row + e) * NS + hi_slots[layer, e], g)
+        if dyn:
+            _stamp(M, S, F, H, (row + e) * NS + dyn_slot, g)
+
+
+@numba.njit(cache=True, _nrt=False)
 def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
             dyn, t1, t2, dyn_slot, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
             adm_at):  # pragma: no cover - compiled
@@ -511,6 +523,7 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
     n_eids = S[-1, N_EIDS]
     n_pools = 2 if split else 1
     G = glayer.shape[0]
+    n_adm = 0  # prefetch admissions so far (none: no access can wait on a copy)
     for g in range(G):
         layer = glayer[g]
         lo = start[g]
@@ -535,11 +548,7 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
                 S[sc, FMX] = 0
                 S[sc, HMX] = 0
         row = layer * n_experts
-        for a in range(lo, hi):
-            e = expert[a]
-            _stamp(M, S, F, H, (row + e) * NS + hi_slots[layer, e], g)
-            if dyn:
-                _stamp(M, S, F, H, (row + e) * NS + dyn_slot, g)
+        stamped = False  # begin_group's protection, stamped at the group's first miss (see _stamp_group)
         dep = -1
         for a in range(lo, hi):
             e = expert[a]
@@ -550,6 +559,9 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
             if dyn and score[a] > t1:
                 choice = LOW_C if score[a] <= t2 else SKIP_C
             used = -1
+            if not stamped and not M[RES, k_hi] and not (choice != HIGH_C and M[RES, k_lo]):
+                _stamp_group(M, S, F, H, expert, lo, hi, row, layer, hi_slots, dyn, dyn_slot, g)
+                stamped = True
             if M[RES, k_hi]:
                 _access(M, S, F, H, pol, k_hi, sizes[layer, s_hi], s_hi == 0, g)
                 result[a] = HIT
@@ -575,7 +587,7 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
             else:
                 result[a] = SKIPPED
                 slot_out[a] = -1
-            if used >= 0 and adm_at[used] >= 0:
+            if n_adm and used >= 0 and adm_at[used] >= 0:
                 dep = max(dep, adm_at[used])
         wait[g] = dep
         if predicted[g, 0] != -1:  # prefetch the next layer's predicted experts at high precision
@@ -586,11 +598,17 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
                     continue
                 s = hi_slots[nl, e]
                 k = (nl * n_experts + e) * NS + s
-                if not M[RES, k] and _admit(M, S, F, H, pol, k, sizes[nl, s], g):
+                if M[RES, k]:
+                    continue
+                if not stamped:
+                    _stamp_group(M, S, F, H, expert, lo, hi, row, layer, hi_slots, dyn, dyn_slot, g)
+                    stamped = True
+                if _admit(M, S, F, H, pol, k, sizes[nl, s], g):
                     pf_bytes[g] += sizes[nl, s]
                     pf_loads[g] += 1
                     pf_link[g] += link_s[nl, s]
                     adm_at[k] = g
+                    n_adm += 1
 
 
 def _static_pins(groups, hi_slots, sizes, caps, n_parts: int, per_layer: bool) -> np.ndarray:
