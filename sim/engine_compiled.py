@@ -49,8 +49,8 @@ N_COLS = 22
 # The last row of S holds the kernel's integer parameters, the last row of F hobbit's weights;
 # H holds hobbit's histograms (per sub-cache: how many residents have each uses / high-precision
 # uses value). Few arrays, because numba reference-counts every array a helper receives.
-RES, SIZE, STAMP, PRV, NXT, SEG, CNT, KK, TK, HP, HPOS, GL, RC, PIN, SCOF, SCR, USES, HPUSES, LAYR, EID = range(20)
-N_ROWS = 20
+RES, SIZE, STAMP, PRV, NXT, SEG, CNT, KK, TK, HP, HPOS, GL, RC, PIN, SCOF, SCR, USES, HPUSES, LAYR, EID, HKK, HTK = range(22)
+N_ROWS = 22
 # columns of F (float64 per sub-cache)
 STGT, GCAP = range(2)
 NO_SEQ = -(1 << 62)
@@ -77,12 +77,16 @@ def _append(M, head, k):  # pragma: no cover - compiled
 
 
 # ---- LFU-DA indexed heap on (K, last touch, id) ---------------------------------------------
+# Lazy: an entry sits in the heap under the (K, last touch) it had when it was last placed there
+# (rows HKK, HTK); a hit only updates KK, TK (both only grow, so the placed pair is a lower bound).
+# The victim search re-places a top whose pair is stale until the top is current: it is then the
+# least current (K, touch, id) of all. A hit costs O(1) instead of a sift-down.
 @numba.njit(cache=True, _nrt=False, inline="always")
 def _less(M, a, b):  # pragma: no cover - compiled
-    if M[KK, a] != M[KK, b]:
-        return M[KK, a] < M[KK, b]
-    if M[TK, a] != M[TK, b]:
-        return M[TK, a] < M[TK, b]
+    if M[HKK, a] != M[HKK, b]:
+        return M[HKK, a] < M[HKK, b]
+    if M[HTK, a] != M[HTK, b]:
+        return M[HTK, a] < M[HTK, b]
     return a < b
 
 
@@ -138,8 +142,10 @@ def _heap_remove(M, S, sc, k):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, _nrt=False)
 def _heap_touch(M, S, sc, k):  # pragma: no cover - compiled
-    """Insert k, or restore its place after its (K, touch) changed (they only grow)."""
+    """Insert k, or restore its place after its (K, touch) changed (they only grow), under its current pair."""
     base = S[sc, BASE]
+    M[HKK, k] = M[KK, k]
+    M[HTK, k] = M[TK, k]
     if M[HPOS, k] < 0:
         n = S[sc, HN]
         M[HP, base + n] = k
@@ -172,8 +178,7 @@ def _on_hit(M, S, F, H, pol, sc, k, hp_):  # pragma: no cover - compiled
     elif pol == LFU:
         M[CNT, k] += 1
         M[KK, k] = M[CNT, k] + S[sc, AGE]
-        M[TK, k] = S[sc, TICK]
-        _heap_touch(M, S, sc, k)
+        M[TK, k] = S[sc, TICK]  # its heap place is restored lazily (_victim)
     elif pol == S3FIFO:
         M[CNT, k] = min(M[CNT, k] + 1, 3)
     elif pol == HOBBIT:  # last touch: to the list's newest end
@@ -282,6 +287,9 @@ def _victim(M, S, F, H, pol, sc, g):  # pragma: no cover - compiled
         v = -1
         while S[sc, HN] > 0:
             top = M[HP, base]
+            if M[HKK, top] != M[KK, top] or M[HTK, top] != M[TK, top]:  # stale place: re-place it
+                _heap_touch(M, S, sc, top)
+                continue
             if M[STAMP, top] != g:
                 v = top
                 break
