@@ -78,9 +78,11 @@ def _append(M, head, k):  # pragma: no cover - compiled
 
 # ---- LFU-DA indexed heap on (K, last touch, id) ---------------------------------------------
 # Lazy: an entry sits in the heap under the (K, last touch) it had when it was last placed there
-# (rows HKK, HTK); a hit only updates KK, TK (both only grow, so the placed pair is a lower bound).
-# The victim search re-places a top whose pair is stale until the top is current: it is then the
-# least current (K, touch, id) of all. A hit costs O(1) instead of a sift-down.
+# (rows HKK, HTK). A hit that raises its pair only updates KK, TK (the placed pair stays a lower
+# bound); the victim search re-places a top whose pair is stale until the top is current: it is
+# then the least current (K, touch, id) of all. A hit costs O(1) instead of a sift-down. K can also
+# fall: L (AGE) falls when a protected entry kept an old low K that is evicted later, and a hit
+# then gets K = count + L below its placed K; such a hit is re-placed at once (sifted up).
 @numba.njit(cache=True, _nrt=False, inline="always")
 def _less(M, a, b):  # pragma: no cover - compiled
     if M[HKK, a] != M[HKK, b]:
@@ -152,7 +154,8 @@ def _heap_touch(M, S, sc, k):  # pragma: no cover - compiled
         M[HPOS, k] = n
         S[sc, HN] = n + 1
         _sift_up(M, base, n)
-    else:
+    else:  # its pair may have risen or fallen
+        _sift_up(M, base, M[HPOS, k])
         _sift_down(M, base, S[sc, HN], M[HPOS, k])
 
 
@@ -178,7 +181,9 @@ def _on_hit(M, S, F, H, pol, sc, k, hp_):  # pragma: no cover - compiled
     elif pol == LFU:
         M[CNT, k] += 1
         M[KK, k] = M[CNT, k] + S[sc, AGE]
-        M[TK, k] = S[sc, TICK]  # its heap place is restored lazily (_victim)
+        M[TK, k] = S[sc, TICK]
+        if M[KK, k] < M[HKK, k]:  # below its placed pair: re-place now; else lazily (_victim)
+            _heap_touch(M, S, sc, k)
     elif pol == S3FIFO:
         M[CNT, k] = min(M[CNT, k] + 1, 3)
     elif pol == HOBBIT:  # last touch: to the list's newest end
