@@ -282,8 +282,11 @@ def replay(
     from sim.engine_compiled import COMPILED_POLICIES, replay_compiled
 
     # the compiled engine knows HOBBIT's `reload` low-copy rule only; `serve` runs on the reference
-    if fast and cache.policy in COMPILED_POLICIES and not (policy.is_dynamic and policy.low_copy != RELOAD):
-        return replay_compiled(groups, cache, policy, hi_slots, sizes, link_s)
+    if fast and (cache.policy in COMPILED_POLICIES or cache.policy == "belady") \
+            and not (policy.is_dynamic and policy.low_copy != RELOAD):
+        out = replay_compiled(groups, cache, policy, hi_slots, sizes, link_s)
+        if out is not None:
+            return out
     share = policy.low_pool_share
     if share is None:
         hi = lo = cache.build()

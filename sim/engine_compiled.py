@@ -25,6 +25,7 @@ import numba
 import numpy as np
 
 from sim.cache.slru import DEFAULT_PROTECTED_SHARE
+from sim.engine_belady import replay_belady
 from sim.precision import SLOTS
 
 LRU, SLRU, LFU, S3FIFO, STATIC, HOBBIT = range(6)
@@ -670,11 +671,12 @@ def _uses_bound(groups, n_layers: int) -> np.ndarray:
 
 
 def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
-    """The compiled engine's Outcome, or None when the cache policy has no compiled form (belady)."""
+    """The compiled engine's Outcome, or None where the reference must run (an unknown policy; belady where
+    sim.engine_belady declines)."""
     from sim.engine import Outcome
 
     pol = COMPILED_POLICIES.get(cache.policy)
-    if pol is None:
+    if pol is None and cache.policy != "belady":
         return None
     params = dict(cache.params)
     n_layers_tr, n_experts = hi_slots.shape
@@ -688,6 +690,8 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
     n_parts = int(cache.n_layers) if per_layer else 1
     if per_layer and n_parts < n_layers_tr:
         raise ValueError(f"keys of layer {n_layers_tr - 1} are outside the {n_parts} partitions")
+    if pol is None:  # belady: its own kernel (it ranks whole future-use chains)
+        return replay_belady(groups, cache, policy, hi_slots, sizes, link_s)
     share = policy.low_pool_share
     split = share is not None
     pool_caps = [int(cache.capacity_bytes)] if not split else [int(cache.capacity_bytes * (1 - share)), int(cache.capacity_bytes * share)]
