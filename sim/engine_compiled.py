@@ -4,8 +4,9 @@
 `sim.engine.replay_reference` driving the `sim.cache` classes, access for access (property tests in
 tests/test_engine_compiled.py hold them equal), for the cache policies lru, slru, lfu, s3fifo,
 static and hobbit, global or per-layer, with native, static, dynamic and combined precision, one
-shared pool or split pools, and prefetch. Belady (it compares whole future-use chains) returns None:
-the engine then runs the reference.
+shared pool or split pools, and prefetch. Belady (it ranks whole future-use chains) has its own
+kernel, `sim.engine_belady`; where that declines (split pools), this returns None and the engine
+runs the reference.
 
 Layout. Every cache entry (layer, expert, format slot) is a dense id `(layer * n_experts + expert) *
 len(SLOTS) + slot`, ordered like its `make_key` key (so "smaller key" tie-breaks carry over). A

@@ -56,7 +56,7 @@ class ReplayConfig:
     context: int = 4096
     seed: int = 0
     timeline: bool = True
-    fast: bool = True  # compiled engine (all policies but belady) and timeline; identical results
+    fast: bool = True  # compiled engine (belady with split pools: the reference) and timeline; identical results
     policy_params: dict = field(default_factory=dict)
     unit_block: int = 64  # tokens per resampling unit of a one-sequence trace (ReplayRecord.units)
 
