@@ -635,26 +635,39 @@ def _static_pins(groups, hi_slots, sizes, caps, n_parts: int, per_layer: bool) -
     """
     n_layers, n_experts = hi_slots.shape
     n_ids = n_layers * n_experts * NS
-    calib = np.repeat(groups.calib, np.diff(groups.start))
-    layer = np.repeat(groups.layer, np.diff(groups.start))[calib].astype(np.int64)
-    expert = groups.expert[calib].astype(np.int64)
-    ids = (layer * n_experts + expert) * NS + hi_slots[layer, expert]
-    counts = np.bincount(ids, minlength=n_ids)
+    counts = np.zeros(n_ids, np.int64)
+    _calib_counts(groups.start, groups.layer, groups.calib, groups.expert, hi_slots, counts)
     cand = np.flatnonzero(counts)
     order = cand[np.lexsort((cand, -counts[cand]))]
-    size = sizes[order // NS // n_experts, order % NS].tolist()
-    part = (order // NS // n_experts if per_layer else np.zeros_like(order)).tolist()
+    size = np.ascontiguousarray(sizes[order // NS // n_experts, order % NS], dtype=np.int64)
+    part = order // NS // n_experts if per_layer else np.zeros_like(order)
     out = np.zeros(n_ids, np.int64)
     for p, cap in enumerate(caps):
-        left = [cap // n_parts if per_layer else cap] * n_parts
-        pinned = np.zeros(n_ids, bool)
-        for k, s, q in zip(order.tolist(), size, part):
-            if s <= left[q]:
-                pinned[k] = True
-                left[q] -= s
+        pinned = np.zeros(n_ids, np.bool_)
+        _pin_greedy(order, size, part, np.full(n_parts, cap // n_parts if per_layer else cap, np.int64), pinned)
         mine = (np.arange(n_ids) % NS != 0) == (p == 1) if len(caps) == 2 else np.ones(n_ids, bool)
         out[mine & pinned] = 1
     return out
+
+
+@numba.njit(cache=True)
+def _calib_counts(start, layer, calib, expert, hi_slots, counts):  # pragma: no cover - compiled
+    """Accesses per id (at its high-precision slot) in the calibration window's groups."""
+    n_experts = hi_slots.shape[1]
+    for g in range(layer.shape[0]):
+        if calib[g]:
+            for a in range(start[g], start[g + 1]):
+                e = expert[a]
+                counts[(layer[g] * n_experts + e) * NS + hi_slots[layer[g], e]] += 1
+
+
+@numba.njit(cache=True)
+def _pin_greedy(order, size, part, left, pinned):  # pragma: no cover - compiled
+    """Pin the candidates in order while each fits in what is left of its partition's capacity."""
+    for i in range(order.shape[0]):
+        if size[i] <= left[part[i]]:
+            pinned[order[i]] = True
+            left[part[i]] -= size[i]
 
 
 def _uses_bound(groups, n_layers: int) -> np.ndarray:
