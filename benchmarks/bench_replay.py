@@ -55,7 +55,7 @@ CONFIGS = [
     ("lfu dynamic, oracle prefetch", "lfu", DYN, "oracle:0.8"),
     ("s3fifo dynamic, oracle prefetch", "s3fifo", DYN, "oracle:0.8"),
 ]
-BELADY = ("belady native (reference engine)", "belady", "native", "none")
+BELADY = ("belady native", "belady", "native", "none")
 TARGET_RATE, TARGET_NAIVE, TARGET_LINEAR, TARGET_BYTES = 2e6, 20.0, 1.2, 64.0
 
 
@@ -99,7 +99,7 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=2500, help="decode tokens of the 1x trace (x 384 accesses)")
     ap.add_argument("--repeat", type=int, default=3, help="best of this many timings per measurement")
     ap.add_argument("--skip-memory", action="store_true", help="skip the peak-memory child processes")
-    ap.add_argument("--skip-belady", action="store_true", help="skip belady (it runs the Python reference engine)")
+    ap.add_argument("--skip-belady", action="store_true", help="skip belady")
     ap.add_argument("--only", metavar="TEXT", help="time only the configurations whose label contains TEXT "
                     "(e.g. hobbit); the targets then cover those alone")
     ap.add_argument("--rss-child", nargs=4, metavar=("TRACE", "POLICY", "PRECISION", "PREFETCH"), help=argparse.SUPPRESS)
@@ -142,21 +142,18 @@ def main() -> int:
         configs = [c for c in configs if args.only in c[0]]
     for label, policy, precision, prefetch in configs:
         cfg = {m: ReplayConfig(trace=traces[m], policy=policy, precision=precision, prefetch=prefetch) for m in (1, 4)}
-        slow = policy == "belady"
         run_prepared(prep_for(1, prefetch), cfg[1])  # warm-up (JIT compile or cache load)
         n1 = prep_for(1, prefetch).groups.expert.size
         hr_cfg = ReplayConfig(trace=traces[1], policy=policy, precision=precision, prefetch=prefetch, timeline=False)
-        n4 = 4 * n1 if slow else prep_for(4, prefetch).groups.expert.size
+        n4 = prep_for(4, prefetch).groups.expert.size
         t1 = th = t4 = float("inf")
-        for _ in range(1 if slow else args.repeat):  # interleaved, so that a burst of load hits all three alike
+        for _ in range(args.repeat):  # interleaved, so that a burst of load hits all three alike
             _, t = best_time(lambda: run_prepared(prep_for(1, prefetch), cfg[1]), 1)
             t1 = min(t1, t)
             rec, t = best_time(lambda: run_prepared(prep_for(1, prefetch), hr_cfg), 1)
             th = min(th, t)
-            if not slow:
-                _, t = best_time(lambda: run_prepared(prep_for(4, prefetch), cfg[4]), 1)
-                t4 = min(t4, t)
-        t4 = float("nan") if slow else t4
+            _, t = best_time(lambda: run_prepared(prep_for(4, prefetch), cfg[4]), 1)
+            t4 = min(t4, t)
         rows.append(dict(label=label, n1=n1, t1=t1, th=th, n4=n4, t4=t4, hit_rate=rec.hit_rate))
         r = rows[-1]
         print(f"  {label:36s} timeline {n1 / t1 / 1e6:6.2f} M/s  hit-rate only {n1 / th / 1e6:6.2f} M/s "

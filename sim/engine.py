@@ -14,9 +14,9 @@ does. Prefetch runs in decode only: after serving layer l of a token, the expert
 layer l+1 (the trace's own predictions, or an oracle with accuracy p) are admitted to the cache.
 
 Drivers. `replay(groups, CacheSpec, precision, ...)` is the one entry point. It takes the compiled
-path (`sim.engine_compiled`: this loop and the cache policies in one numba kernel) for every cache
-policy that has one (all but belady) and any precision policy, split pools and prefetch included;
-otherwise (or with `fast=False`) it builds the cache objects, hands them the stream through their
+path (`sim.engine_compiled`: this loop and the cache policies in one numba kernel; belady's in
+`sim.engine_belady`) for every cache policy and any precision policy, split pools and prefetch
+included (belady: native or static precision, one pool); otherwise (or with `fast=False`) it builds the cache objects, hands them the stream through their
 `prepare_replay` hook (Belady's future, static's calibration window) and runs `replay_reference`,
 the access-by-access reference loop. Tests hold the two paths equal, access for access.
 
@@ -282,8 +282,11 @@ def replay(
     from sim.engine_compiled import COMPILED_POLICIES, replay_compiled
 
     # the compiled engine knows HOBBIT's `reload` low-copy rule only; `serve` runs on the reference
-    if fast and cache.policy in COMPILED_POLICIES and not (policy.is_dynamic and policy.low_copy != RELOAD):
-        return replay_compiled(groups, cache, policy, hi_slots, sizes, link_s)
+    if fast and (cache.policy in COMPILED_POLICIES or cache.policy == "belady") \
+            and not (policy.is_dynamic and policy.low_copy != RELOAD):
+        out = replay_compiled(groups, cache, policy, hi_slots, sizes, link_s)
+        if out is not None:
+            return out
     share = policy.low_pool_share
     if share is None:
         hi = lo = cache.build()

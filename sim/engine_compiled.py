@@ -4,8 +4,9 @@
 `sim.engine.replay_reference` driving the `sim.cache` classes, access for access (property tests in
 tests/test_engine_compiled.py hold them equal), for the cache policies lru, slru, lfu, s3fifo,
 static and hobbit, global or per-layer, with native, static, dynamic and combined precision, one
-shared pool or split pools, and prefetch. Belady (it compares whole future-use chains) returns None:
-the engine then runs the reference.
+shared pool or split pools, and prefetch. Belady (it ranks whole future-use chains) has its own
+kernel, `sim.engine_belady`; where that declines (split pools), this returns None and the engine
+runs the reference.
 
 Layout. Every cache entry (layer, expert, format slot) is a dense id `(layer * n_experts + expert) *
 len(SLOTS) + slot`, ordered like its `make_key` key (so "smaller key" tie-breaks carry over). A
@@ -25,6 +26,7 @@ import numba
 import numpy as np
 
 from sim.cache.slru import DEFAULT_PROTECTED_SHARE
+from sim.engine_belady import replay_belady
 from sim.precision import SLOTS
 
 LRU, SLRU, LFU, S3FIFO, STATIC, HOBBIT = range(6)
@@ -49,8 +51,8 @@ N_COLS = 22
 # The last row of S holds the kernel's integer parameters, the last row of F hobbit's weights;
 # H holds hobbit's histograms (per sub-cache: how many residents have each uses / high-precision
 # uses value). Few arrays, because numba reference-counts every array a helper receives.
-RES, SIZE, STAMP, PRV, NXT, SEG, CNT, KK, TK, HP, HPOS, GL, RC, PIN, SCOF, SCR, USES, HPUSES, LAYR, EID = range(20)
-N_ROWS = 20
+RES, SIZE, STAMP, PRV, NXT, SEG, CNT, KK, TK, HP, HPOS, GL, RC, PIN, SCOF, SCR, USES, HPUSES, LAYR, EID, HKK, HTK = range(22)
+N_ROWS = 22
 # columns of F (float64 per sub-cache)
 STGT, GCAP = range(2)
 NO_SEQ = -(1 << 62)
@@ -77,12 +79,18 @@ def _append(M, head, k):  # pragma: no cover - compiled
 
 
 # ---- LFU-DA indexed heap on (K, last touch, id) ---------------------------------------------
+# Lazy: an entry sits in the heap under the (K, last touch) it had when it was last placed there
+# (rows HKK, HTK). A hit that raises its pair only updates KK, TK (the placed pair stays a lower
+# bound); the victim search re-places a top whose pair is stale until the top is current: it is
+# then the least current (K, touch, id) of all. A hit costs O(1) instead of a sift-down. K can also
+# fall: L (AGE) falls when a protected entry kept an old low K that is evicted later, and a hit
+# then gets K = count + L below its placed K; such a hit is re-placed at once (sifted up).
 @numba.njit(cache=True, _nrt=False, inline="always")
 def _less(M, a, b):  # pragma: no cover - compiled
-    if M[KK, a] != M[KK, b]:
-        return M[KK, a] < M[KK, b]
-    if M[TK, a] != M[TK, b]:
-        return M[TK, a] < M[TK, b]
+    if M[HKK, a] != M[HKK, b]:
+        return M[HKK, a] < M[HKK, b]
+    if M[HTK, a] != M[HTK, b]:
+        return M[HTK, a] < M[HTK, b]
     return a < b
 
 
@@ -138,15 +146,18 @@ def _heap_remove(M, S, sc, k):  # pragma: no cover - compiled
 
 @numba.njit(cache=True, _nrt=False)
 def _heap_touch(M, S, sc, k):  # pragma: no cover - compiled
-    """Insert k, or restore its place after its (K, touch) changed (they only grow)."""
+    """Insert k, or restore its place after its (K, touch) changed (they only grow), under its current pair."""
     base = S[sc, BASE]
+    M[HKK, k] = M[KK, k]
+    M[HTK, k] = M[TK, k]
     if M[HPOS, k] < 0:
         n = S[sc, HN]
         M[HP, base + n] = k
         M[HPOS, k] = n
         S[sc, HN] = n + 1
         _sift_up(M, base, n)
-    else:
+    else:  # its pair may have risen or fallen
+        _sift_up(M, base, M[HPOS, k])
         _sift_down(M, base, S[sc, HN], M[HPOS, k])
 
 
@@ -173,7 +184,8 @@ def _on_hit(M, S, F, H, pol, sc, k, hp_):  # pragma: no cover - compiled
         M[CNT, k] += 1
         M[KK, k] = M[CNT, k] + S[sc, AGE]
         M[TK, k] = S[sc, TICK]
-        _heap_touch(M, S, sc, k)
+        if M[KK, k] < M[HKK, k]:  # below its placed pair: re-place now; else lazily (_victim)
+            _heap_touch(M, S, sc, k)
     elif pol == S3FIFO:
         M[CNT, k] = min(M[CNT, k] + 1, 3)
     elif pol == HOBBIT:  # last touch: to the list's newest end
@@ -282,6 +294,9 @@ def _victim(M, S, F, H, pol, sc, g):  # pragma: no cover - compiled
         v = -1
         while S[sc, HN] > 0:
             top = M[HP, base]
+            if M[HKK, top] != M[KK, top] or M[HTK, top] != M[TK, top]:  # stale place: re-place it
+                _heap_touch(M, S, sc, top)
+                continue
             if M[STAMP, top] != g:
                 v = top
                 break
@@ -496,6 +511,18 @@ def _stamp(M, S, F, H, k, g):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, _nrt=False)
+def _stamp_group(M, S, F, H, expert, lo, hi, row, layer, hi_slots, dyn, dyn_slot, g):  # pragma: no cover - compiled
+    """begin_group: protect the group's keys (high slot, and the dynamic slot). The kernel calls it at the
+    group's first miss (or before its prefetch), not at its start: hits change no residency, so the
+    protected bytes are the same then, and a group that only hits never needs its protection."""
+    for a in range(lo, hi):
+        e = expert[a]
+        _stamp(M, S, F, H, (row + e) * NS + hi_slots[layer, e], g)
+        if dyn:
+            _stamp(M, S, F, H, (row + e) * NS + dyn_slot, g)
+
+
+@numba.njit(cache=True, _nrt=False)
 def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
             dyn, t1, t2, dyn_slot, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
             adm_at):  # pragma: no cover - compiled
@@ -511,6 +538,7 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
     n_eids = S[-1, N_EIDS]
     n_pools = 2 if split else 1
     G = glayer.shape[0]
+    n_adm = 0  # prefetch admissions so far (none: no access can wait on a copy)
     for g in range(G):
         layer = glayer[g]
         lo = start[g]
@@ -535,11 +563,7 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
                 S[sc, FMX] = 0
                 S[sc, HMX] = 0
         row = layer * n_experts
-        for a in range(lo, hi):
-            e = expert[a]
-            _stamp(M, S, F, H, (row + e) * NS + hi_slots[layer, e], g)
-            if dyn:
-                _stamp(M, S, F, H, (row + e) * NS + dyn_slot, g)
+        stamped = False  # begin_group's protection, stamped at the group's first miss (see _stamp_group)
         dep = -1
         for a in range(lo, hi):
             e = expert[a]
@@ -550,6 +574,9 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
             if dyn and score[a] > t1:
                 choice = LOW_C if score[a] <= t2 else SKIP_C
             used = -1
+            if not stamped and not M[RES, k_hi] and not (choice != HIGH_C and M[RES, k_lo]):
+                _stamp_group(M, S, F, H, expert, lo, hi, row, layer, hi_slots, dyn, dyn_slot, g)
+                stamped = True
             if M[RES, k_hi]:
                 _access(M, S, F, H, pol, k_hi, sizes[layer, s_hi], s_hi == 0, g)
                 result[a] = HIT
@@ -575,7 +602,7 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
             else:
                 result[a] = SKIPPED
                 slot_out[a] = -1
-            if used >= 0 and adm_at[used] >= 0:
+            if n_adm and used >= 0 and adm_at[used] >= 0:
                 dep = max(dep, adm_at[used])
         wait[g] = dep
         if predicted[g, 0] != -1:  # prefetch the next layer's predicted experts at high precision
@@ -586,11 +613,17 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
                     continue
                 s = hi_slots[nl, e]
                 k = (nl * n_experts + e) * NS + s
-                if not M[RES, k] and _admit(M, S, F, H, pol, k, sizes[nl, s], g):
+                if M[RES, k]:
+                    continue
+                if not stamped:
+                    _stamp_group(M, S, F, H, expert, lo, hi, row, layer, hi_slots, dyn, dyn_slot, g)
+                    stamped = True
+                if _admit(M, S, F, H, pol, k, sizes[nl, s], g):
                     pf_bytes[g] += sizes[nl, s]
                     pf_loads[g] += 1
                     pf_link[g] += link_s[nl, s]
                     adm_at[k] = g
+                    n_adm += 1
 
 
 def _static_pins(groups, hi_slots, sizes, caps, n_parts: int, per_layer: bool) -> np.ndarray:
@@ -602,26 +635,39 @@ def _static_pins(groups, hi_slots, sizes, caps, n_parts: int, per_layer: bool) -
     """
     n_layers, n_experts = hi_slots.shape
     n_ids = n_layers * n_experts * NS
-    calib = np.repeat(groups.calib, np.diff(groups.start))
-    layer = np.repeat(groups.layer, np.diff(groups.start))[calib].astype(np.int64)
-    expert = groups.expert[calib].astype(np.int64)
-    ids = (layer * n_experts + expert) * NS + hi_slots[layer, expert]
-    counts = np.bincount(ids, minlength=n_ids)
+    counts = np.zeros(n_ids, np.int64)
+    _calib_counts(groups.start, groups.layer, groups.calib, groups.expert, hi_slots, counts)
     cand = np.flatnonzero(counts)
     order = cand[np.lexsort((cand, -counts[cand]))]
-    size = sizes[order // NS // n_experts, order % NS].tolist()
-    part = (order // NS // n_experts if per_layer else np.zeros_like(order)).tolist()
+    size = np.ascontiguousarray(sizes[order // NS // n_experts, order % NS], dtype=np.int64)
+    part = order // NS // n_experts if per_layer else np.zeros_like(order)
     out = np.zeros(n_ids, np.int64)
     for p, cap in enumerate(caps):
-        left = [cap // n_parts if per_layer else cap] * n_parts
-        pinned = np.zeros(n_ids, bool)
-        for k, s, q in zip(order.tolist(), size, part):
-            if s <= left[q]:
-                pinned[k] = True
-                left[q] -= s
+        pinned = np.zeros(n_ids, np.bool_)
+        _pin_greedy(order, size, part, np.full(n_parts, cap // n_parts if per_layer else cap, np.int64), pinned)
         mine = (np.arange(n_ids) % NS != 0) == (p == 1) if len(caps) == 2 else np.ones(n_ids, bool)
         out[mine & pinned] = 1
     return out
+
+
+@numba.njit(cache=True)
+def _calib_counts(start, layer, calib, expert, hi_slots, counts):  # pragma: no cover - compiled
+    """Accesses per id (at its high-precision slot) in the calibration window's groups."""
+    n_experts = hi_slots.shape[1]
+    for g in range(layer.shape[0]):
+        if calib[g]:
+            for a in range(start[g], start[g + 1]):
+                e = expert[a]
+                counts[(layer[g] * n_experts + e) * NS + hi_slots[layer[g], e]] += 1
+
+
+@numba.njit(cache=True)
+def _pin_greedy(order, size, part, left, pinned):  # pragma: no cover - compiled
+    """Pin the candidates in order while each fits in what is left of its partition's capacity."""
+    for i in range(order.shape[0]):
+        if size[i] <= left[part[i]]:
+            pinned[order[i]] = True
+            left[part[i]] -= size[i]
 
 
 def _uses_bound(groups, n_layers: int) -> np.ndarray:
@@ -639,11 +685,12 @@ def _uses_bound(groups, n_layers: int) -> np.ndarray:
 
 
 def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
-    """The compiled engine's Outcome, or None when the cache policy has no compiled form (belady)."""
+    """The compiled engine's Outcome, or None where the reference must run (an unknown policy; belady where
+    sim.engine_belady declines)."""
     from sim.engine import Outcome
 
     pol = COMPILED_POLICIES.get(cache.policy)
-    if pol is None:
+    if pol is None and cache.policy != "belady":
         return None
     params = dict(cache.params)
     n_layers_tr, n_experts = hi_slots.shape
@@ -657,6 +704,8 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
     n_parts = int(cache.n_layers) if per_layer else 1
     if per_layer and n_parts < n_layers_tr:
         raise ValueError(f"keys of layer {n_layers_tr - 1} are outside the {n_parts} partitions")
+    if pol is None:  # belady: its own kernel (it ranks whole future-use chains)
+        return replay_belady(groups, cache, policy, hi_slots, sizes, link_s)
     share = policy.low_pool_share
     split = share is not None
     pool_caps = [int(cache.capacity_bytes)] if not split else [int(cache.capacity_bytes * (1 - share)), int(cache.capacity_bytes * share)]

@@ -56,7 +56,7 @@ class ReplayConfig:
     context: int = 4096
     seed: int = 0
     timeline: bool = True
-    fast: bool = True  # compiled engine (all policies but belady) and timeline; identical results
+    fast: bool = True  # compiled engine (belady with split pools: the reference) and timeline; identical results
     policy_params: dict = field(default_factory=dict)
     unit_block: int = 64  # tokens per resampling unit of a one-sequence trace (ReplayRecord.units)
 
@@ -207,7 +207,7 @@ def run_prepared(prep: Prepared, cfg: ReplayConfig) -> ReplayRecord:
     model = prep.model
     capacity = cfg.capacity_bytes if cfg.capacity_bytes is not None else prep.default_capacity()[0]
     try:
-        hi_slots = static_slots(prep.calib_trace, policy, model.n_layers, model.n_experts, cfg.seed)
+        hi_slots = _static_slots(prep, policy, cfg.seed)
     except ValueError as exc:
         raise InputError(None, f"precision {policy.name!r}: {exc}") from None
     try:
@@ -219,6 +219,22 @@ def run_prepared(prep: Prepared, cfg: ReplayConfig) -> ReplayRecord:
     except (KeyError, ValueError, TypeError) as exc:
         raise InputError(None, f"cache policy {cfg.policy!r}: {exc}") from None
     return summarize(prep, cfg, policy.name, capacity, out)
+
+
+def _static_slots(prep: Prepared, policy: PrecisionPolicy, seed: int) -> np.ndarray:
+    """sim.precision.static_slots of the prepared calibration window, computed once per static part of a
+    precision policy (signal, fraction, format) and seed, and shared read-only by the configurations
+    that differ only in their dynamic part, pools or cache policy."""
+    model = prep.model
+    if not policy.is_static:
+        return static_slots(prep.calib_trace, policy, model.n_layers, model.n_experts, seed)
+    cache = prep.__dict__.setdefault("_static_slots", {})
+    key = (policy.static_signal, policy.static_fraction, policy.static_format, seed, id(prep.calib_trace))
+    if key not in cache:
+        slots = static_slots(prep.calib_trace, policy, model.n_layers, model.n_experts, seed)
+        slots.flags.writeable = False
+        cache[key] = (slots, prep.calib_trace)  # the window is kept alive with its id
+    return cache[key][0]
 
 
 def _counted_view(prep: Prepared, phase: str, unit_block: int) -> dict:
@@ -271,19 +287,20 @@ def summarize(prep: Prepared, cfg: ReplayConfig, precision_name: str, capacity: 
     view = _counted_view(prep, cfg.phase, cfg.unit_block)
     counted_g, layer_acc, g_unit, keep, n_units = (view["counted_g"], view["layer_acc"], view["g_unit"],
                                                    view["keep"], view["n_units"])
-    counted_low = np.zeros(g.expert.size, dtype=bool)
-    counted_skip = np.zeros(g.expert.size, dtype=bool)
+    low_w = np.empty(g.expert.size, dtype=np.float64)  # uninitialised: only the pages written are touched
+    skip_w = np.empty(g.expert.size, dtype=np.float64)
     layer_hit = np.zeros(model.n_layers, dtype=np.int64)
     u_hits = np.zeros(n_units, dtype=np.int64)  # counted hits per resampling unit
     hits, misses, skipped, demand_bytes, n_low = _tally(g.start, g.layer, counted_g, out.result, out.slot, prep.sizes,
-                                                        g_unit, counted_low, counted_skip, layer_hit, u_hits)
+                                                        g_unit, g.mass, low_w, skip_w, layer_hit, u_hits)
     tokens = view["tokens"]
     accesses = view["accesses"]
     prefetch_bytes = int(out.prefetch_bytes[counted_g].sum())
     mass_total = view["mass_total"]
-    # an empty selection sums to 0.0, as g.mass[all-False mask].sum() does
-    low_mass = float(g.mass[counted_low].sum()) if n_low else 0.0
-    skip_mass = float(g.mass[counted_skip].sum()) if skipped else 0.0
+    # the selected gate masses in access order, summed by numpy (pairwise) as g.mass[mask].sum() sums them;
+    # an empty selection sums to 0.0
+    low_mass = float(low_w[:n_low].sum()) if n_low else 0.0
+    skip_mass = float(skip_w[:skipped].sum()) if skipped else 0.0
     rec = {
         "policy": cfg.policy,
         "precision": precision_name,
@@ -343,10 +360,11 @@ def _count(start, layer, counted_g, counted, layer_acc, g_acc):  # pragma: no co
 
 
 @numba.njit(cache=True)
-def _tally(start, layer, counted_g, result, slot, sizes, g_unit, counted_low, counted_skip, layer_hit,
+def _tally(start, layer, counted_g, result, slot, sizes, g_unit, mass, low_w, skip_w, layer_hit,
            u_hits):  # pragma: no cover - compiled
-    """One pass over the counted accesses' outcomes: masks for the gate-mass sums, hit counts (per layer
-    and per resampling unit), demand bytes and the number of low-precision accesses."""
+    """One pass over the counted accesses' outcomes: the gate masses of the low-precision and of the skipped
+    accesses (packed in order into low_w, skip_w), hit counts (per layer and per resampling unit), demand
+    bytes and the number of low-precision accesses."""
     hits = misses = skipped = demand = n_low = 0
     for g in range(layer.shape[0]):
         if not counted_g[g]:
@@ -361,10 +379,10 @@ def _tally(start, layer, counted_g, result, slot, sizes, g_unit, counted_low, co
                 misses += 1
                 demand += sizes[la, slot[a]]
             else:
+                skip_w[skipped] = mass[a]
                 skipped += 1
-                counted_skip[a] = True
             if r != SKIPPED and slot[a] > 0:
-                counted_low[a] = True
+                low_w[n_low] = mass[a]
                 n_low += 1
         hits += gh
         layer_hit[la] += gh

@@ -7,7 +7,7 @@ invariants of test_cache_properties.py):
   the project's shared 2-core machine, against about 14 s for the 2,000 examples before); .ci/run selects it.
   Derandomized: the same examples on every run, so a landing never depends on which random cases
   one CI run happened to draw (a divergence found by a random draw is kept as an explicit test instead:
-  tests/test_engine_compiled.py::test_known_lfu_split_pool_prefetch_divergence).
+  tests/test_engine_compiled.py::test_lfu_priority_that_falls_with_the_age).
 - `dev`: 100 random examples per test, for quick local runs (they keep exploring new cases).
 HYPOTHESIS_PROFILE picks one by name; unset, it is `ci` when the CI variable is set, else `dev`.
 """

@@ -159,7 +159,7 @@ class Belady(CachePolicy):
 
     def _worst_first(self):
         """Yield evictable resident keys worst-first (the heap is restored when the caller stops)."""
-        heap, taken = self._heap, []
+        heap, taken, seen = self._heap, [], set()
         try:
             while heap:
                 item = heapq.heappop(heap)
@@ -167,6 +167,12 @@ class Belady(CachePolicy):
                 if self._nu.get(r.key) != r.nu or self._size.get(r.key) != r.size:
                     continue  # stale
                 key = r.key
+                if key in seen:
+                    # a second item of the same rank: left from an earlier stay of the key with the same next
+                    # use (evicted, then admitted again before that use). Yielding it twice made
+                    # _should_admit count the key's bytes twice.
+                    continue
+                seen.add(key)
                 taken.append(item)
                 if key not in self._group:
                     yield key
