@@ -135,10 +135,12 @@ def test_belady_has_no_compiled_form_and_bad_parameters_are_refused():
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("partition", ["global", "per-layer"])
 @pytest.mark.parametrize("precision", ["native", "static:freq:50%:q2_k+pools:split:0.4",
-                                       "static:mass:30%:q3_k+dynamic:0.4:0.9+pools:split:0.3"])
+                                       "static:mass:30%:q3_k+dynamic:0.4:0.9+pools:split:0.3",
+                                       "static:freq:50%:q3_k_gu+dynamic:0.4:0.9:q2_k_gu+pools:split:0.3"])
 def test_static_pinning_matches_the_class_fit(seed, partition, precision):
     """The kernel's vectorised pinning equals StaticPinned.fit per pool and per layer."""
-    trace = random_trace(seed=seed, n_steps=60, n_layers=3, n_experts=12, k=3, predicted=True)
+    trace = random_trace(seed=seed, n_steps=60, n_layers=3, n_experts=12, k=3, predicted=True,
+                         native="q4_k_m" if "_gu" in precision else "flat")
     ref, fast = _outcomes(trace, "static", precision, [2500, 6000, 9000, 15000][seed], partition, "trace", {})
     _assert_same(ref, fast)
 
