@@ -57,8 +57,8 @@ import numpy as np
 from analysis.intervals import t_interval  # noqa: F401  (re-exported: offload_calib, tests)
 from sim.io import InputError, atomic_path, exit_on_input_error, json_default
 
-LOW_FORMATS = ("q2_k", "q3_k")
-SLOT_NAMES = ("native",) + LOW_FORMATS  # sim.engine.SLOTS
+LOW_FORMATS = ("q2_k", "q3_k")  # the low formats the executor has kernels for (sim.precision.UNIFORM_LOW_FORMATS)
+SLOT_NAMES = ("native",) + LOW_FORMATS  # sim.precision.SLOTS[:3]; the simulator's later slots are not executable
 HIT, LOADED, SKIPPED = 0, 1, 2  # sim.engine's access results
 Q6_BLOCK = 210
 
@@ -80,7 +80,7 @@ class Plan:
     result: np.ndarray  # int8 [N] HIT / LOADED / SKIPPED
     slot: np.ndarray  # int8 [N] 0 native, 1 q2_k, 2 q3_k (-1 skipped)
     weight: np.ndarray  # float32 [N] gate weight (forced routing)
-    sizes: np.ndarray  # int64 [L, 3] logical (GGUF) bytes of one expert per layer and slot
+    sizes: np.ndarray  # int64 [L, len(sim.precision.SLOTS)] logical (GGUF) bytes of one expert per layer and slot
     native_names: tuple  # per layer, e.g. "q4_k" or "q4_k+q6_k_down"
     n_experts: int
     top_k: int
@@ -95,6 +95,23 @@ class Plan:
 _PREPARED: dict = {}
 
 
+def check_executable(precision: str):
+    """The parsed precision policy (sim.precision's parser), or InputError when the executor cannot run it.
+
+    The executor has kernels for whole experts in q2_k / q3_k only: a tensor-aware low format
+    (`q2_k_gu`: gate/up at Q2_K with ffn_down native, sim.precision.TENSOR_AWARE_FORMATS) would need a
+    mixed-format launch it does not have, so it is refused here, before any work, in one line."""
+    from sim.precision import parse_precision
+
+    pol = parse_precision(precision)
+    bad = [f for f in pol.low_formats() if f not in LOW_FORMATS]
+    if bad:
+        raise InputError(None, f"precision {precision!r}: the GPU executor has no kernel for mixed-format experts "
+                               f"({', '.join(bad)}: gate/up low, ffn_down native); it runs {' and '.join(LOW_FORMATS)} "
+                               "(price tensor-aware formats with python -m sim.replay)")
+    return pol
+
+
 def simulator_plan(trace, *, policy: str, precision: str, capacity_bytes: int, calib_fraction: float = 0.25,
                    seed: int = 0, gpu: str = "rtx3060-12gb") -> Plan:
     """THE adapter to the simulator: its logical replay of one configuration, as a Plan.
@@ -104,17 +121,17 @@ def simulator_plan(trace, *, policy: str, precision: str, capacity_bytes: int, c
     decisions do not depend on `gpu`.
     """
     from sim.engine import CacheSpec, replay
-    from sim.precision import parse_precision, static_slots
+    from sim.precision import static_slots
     from sim.simulate import ReplayConfig, prepare, summarize
     from sim.trace import DECODE
 
+    pol = check_executable(precision)
     cfg = ReplayConfig(trace=trace, capacity_bytes=int(capacity_bytes), policy=policy, precision=precision, gpu=gpu,
                        calib_fraction=calib_fraction, seed=seed, timeline=False)
     key = (id(trace), calib_fraction, seed, gpu)
     if key not in _PREPARED or _PREPARED[key][0] is not trace:
         _PREPARED[key] = (trace, prepare(cfg))  # groups and tables shared by a trace's configurations
     prep = _PREPARED[key][1]
-    pol = parse_precision(precision)
     g, model = prep.groups, prep.model
     hi_slots = static_slots(prep.calib_trace, pol, model.n_layers, model.n_experts, seed)
     spec = CacheSpec(policy, int(capacity_bytes), cfg.partition, model.n_layers, dict(cfg.policy_params))
@@ -743,7 +760,8 @@ def build_parser() -> argparse.ArgumentParser:
                                  epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("traces", nargs="+", help="routing traces (.npz) whose decode steps are executed")
     ap.add_argument("--policy", default="slru,lru", help="cache policies, comma-separated (default: %(default)s)")
-    ap.add_argument("--precision", default="native", help="precision policies, comma-separated (sim.replay's grammar)")
+    ap.add_argument("--precision", default="native", help="precision policies, comma-separated (sim.replay's grammar; low formats "
+                    "q2_k and q3_k only: the tensor-aware *_gu formats have no executor kernel)")
     ap.add_argument("--budget", default="derived:rtx3060-12gb", help="expert budgets, comma-separated (see below)")
     ap.add_argument("--copy-path", default="raw,jax", help="raw (cudaMemcpyAsync via CuPy) and/or jax (device_put)")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds: runs per configuration (default: %(default)s)")
@@ -787,6 +805,8 @@ def main(argv: list[str] | None = None) -> dict:
             raise InputError(None, f"--copy-path {cpath!r}: use raw or jax")
     if args.repeats < 1:
         raise InputError(None, "--repeats must be ≥ 1")
+    for prec in _split(args.precision):
+        check_executable(prec)  # a precision the executor cannot run fails before any trace is loaded
     from sim.profiles import model_for_trace
     from sim.trace import load_trace
 

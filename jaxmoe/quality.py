@@ -81,7 +81,8 @@ from jaxmoe.record import (
     tile_rows,
 )
 from sim.io import InputError, atomic_path, exit_on_input_error
-from sim.precision import LOW_FORMATS, SIGNALS, PrecisionPolicy, demoted_experts, hobbit_scores, importance
+from sim.precision import SIGNALS, PrecisionPolicy, demoted_experts, hobbit_scores, importance
+from sim.precision import UNIFORM_LOW_FORMATS as LOW_FORMATS  # whole experts re-quantized (no tensor-aware mix here)
 from sim.trace import PREFILL, Trace, TraceMeta
 
 F32 = jnp.float32

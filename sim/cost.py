@@ -9,6 +9,8 @@ kernels are bandwidth-bound, so time tracks bytes). A format the profile lacks (
 native format such as "q4_k+q6_k_down") is priced from the nearest measured format by bytes.
 expert_launch_split: when the profile also measured one launch of G experts, a layer's experts of
 one format cost a fixed launch part plus a per-expert part (see its docstring).
+tensor_aware_split: a tensor-aware low copy (`q2_k_gu`: gate/up low, ffn_down native) is priced as
+2/3 of its gate/up format's split plus 1/3 of its native down format's (see its docstring).
 dense_s(tokens, dense_bytes): attention, router and norms of one layer, scaled by dense bytes.
 head_s(head_bytes): output head of one decoded token at the profile's device bandwidth.
 
@@ -21,9 +23,9 @@ from __future__ import annotations
 import numba
 import numpy as np
 
-from sim.engine import LOADED, SKIPPED, AccessGroups, Outcome
+from sim.engine import LOADED, SKIPPED, UNPRICED, AccessGroups, Outcome
 from sim.formats import FORMATS
-from sim.precision import LOW_FORMATS, SLOTS
+from sim.precision import LOW_FORMATS, SLOTS, gate_up_format
 from sim.profiles import HardwareProfile, ModelProfile
 from sim.timeline import GroupCosts, TimelineModel
 
@@ -83,6 +85,23 @@ def expert_launch_split(hw: HardwareProfile, fmt: str, tokens: int, weights: int
     return single - per_expert, per_expert
 
 
+def tensor_aware_split(hw: HardwareProfile, gate_up: str, down: str, tokens: int, weights: int) -> tuple[float, float]:
+    """(per-launch, per-expert) seconds of a tensor-aware expert: ffn_gate/ffn_up in `gate_up`, ffn_down in `down`.
+
+    2/3 of `gate_up`'s split plus 1/3 of `down`'s, each from the profile's measured per-format tables
+    (`expert_launch_split`; a format the profile lacks falls back as there, by bytes). Why: the FFN is
+    three matrix products of hidden·ffn weights each (gate and up, then down), run as format-specific
+    kernels whose time tracks their own tensor's bytes at their own format's measured speed, and the
+    tables are per whole expert (three tensors); so each tensor costs a third of its format's expert
+    time. Pricing the mix by its total bytes against the nearest measured format (what `_table_s`
+    does for an unmeasured name) would charge the Q2_K gate/up tensors Q4_K's per-byte speed, or the
+    Q4_K/Q6_K down tensor Q2_K's, depending on which format the mixed size happens to lie nearest.
+    """
+    lo_launch, lo_expert = expert_launch_split(hw, gate_up, tokens, weights)
+    dn_launch, dn_expert = expert_launch_split(hw, down, tokens, weights)
+    return (2 * lo_launch + dn_launch) / 3, (2 * lo_expert + dn_expert) / 3
+
+
 def dense_s(hw: HardwareProfile, tokens: int, dense_bytes: int) -> float:
     """Seconds for one layer's attention, router and norms over `tokens` tokens."""
     base = float(np.interp(tokens, hw.dense_tokens, hw.dense_s))
@@ -104,16 +123,34 @@ def head_s(hw: HardwareProfile, head_bytes: int) -> float:
     return head_bytes / (hw.vram_gbps * GB) if hw.vram_gbps > 0 else 0.0
 
 
+
+def _slot_bytes(model: ModelProfile, layer: int, fmt: str) -> int:
+    try:
+        return model.expert_bytes(layer, fmt)
+    except ValueError:
+        if gate_up_format(fmt) is None:
+            raise
+        return UNPRICED  # a tensor-aware format whose native down format is unknown (ModelProfile.down_format)
+
+
 def slot_tables(model: ModelProfile, hw: HardwareProfile) -> tuple[np.ndarray, np.ndarray]:
-    """Bytes and copy-engine seconds of one expert of each layer in each format slot ([layers, slots])."""
+    """Bytes and copy-engine seconds of one expert of each layer in each format slot ([layers, slots]).
+
+    A tensor-aware slot the model cannot size (`ModelProfile.down_format` raises: pinned native
+    sizes that no known tensor split reproduces) holds UNPRICED bytes and NaN seconds, so that
+    policies without it still run; `sim.engine.check_priced` (called by sim.engine.replay and sim.simulate)
+    refuses a policy that uses it.
+    """
     sizes = np.array(
-        [[model.expert_bytes(layer)] + [model.expert_bytes(layer, f) for f in LOW_FORMATS] for layer in range(model.n_layers)],
+        [[model.expert_bytes(layer)] + [_slot_bytes(model, layer, f) for f in LOW_FORMATS] for layer in range(model.n_layers)],
         dtype=np.int64,
     )
     # Several copy engines overlap the fixed per-copy cost; the link's bandwidth stays shared.
     overlap = hw.transfer_fixed_s * (1 - 1 / hw.copy_engines)
     link = np.asarray(transfer_s(hw, sizes.astype(np.float64))) - overlap
+    link[sizes == UNPRICED] = np.nan
     return sizes, link
+
 
 
 class ComputeTable:
@@ -132,13 +169,21 @@ class ComputeTable:
             lay, s = divmod(rest, n_slots)
             key = (lay, s, int(tok_vals[ti]))
             if key not in self._memo:
-                if s == 0:
-                    fmt, nbytes = self.model.native_name(lay), self.model.expert_bytes(lay)
-                else:
-                    fmt, nbytes = SLOTS[s], self.model.expert_bytes(lay, SLOTS[s])
-                self._memo[key] = expert_launch_split(self.hw, fmt, key[2], self.model.expert_weights, nbytes)
+                self._memo[key] = self.split(lay, s, key[2])
             out[i] = self._memo[key]
         return out
+
+    def split(self, layer: int, slot: int, tokens: int) -> tuple[float, float]:
+        """(per-launch, per-expert) seconds of one expert of `layer` in format slot `slot` for `tokens` tokens."""
+        model, weights = self.model, self.model.expert_weights
+        gate_up = gate_up_format(SLOTS[slot])
+        if gate_up is not None:  # tensor-aware: gate/up low, ffn_down at the layer's native format
+            return tensor_aware_split(self.hw, gate_up, model.down_format(layer), tokens, weights)
+        if slot == 0:
+            fmt, nbytes = model.native_name(layer), model.expert_bytes(layer)
+        else:
+            fmt, nbytes = SLOTS[slot], model.expert_bytes(layer, SLOTS[slot])
+        return expert_launch_split(self.hw, fmt, tokens, weights, nbytes)
 
 
 @numba.njit(cache=True)

@@ -36,6 +36,7 @@ from sim.precision import HIGH, LOW, RELOAD, SLOTS, PrecisionPolicy, dynamic_cho
 from sim.trace import ABSENT, DECODE, PREFILL, Trace
 
 HIT, LOADED, SKIPPED = 0, 1, 2
+UNPRICED = -1  # bytes of a format slot the model cannot size (sim.cost.slot_tables); no policy may use it
 
 
 @dataclass(frozen=True)
@@ -268,6 +269,19 @@ class CacheSpec:
         return make_policy(self.policy, cap, partition=self.partition, n_layers=self.n_layers, **dict(self.params))
 
 
+def check_priced(sizes: np.ndarray, formats, model=None) -> None:
+    """ValueError when a low format in `formats` has UNPRICED bytes in `sizes` ([layers, slots]).
+
+    With `model` (a sim.profiles.ModelProfile) the message is the model's own reason."""
+    for fmt in formats:
+        col = sizes[:, SLOTS.index(fmt)]
+        if (col == UNPRICED).any():
+            layer = int(np.flatnonzero(col == UNPRICED)[0])
+            if model is not None:
+                model.expert_bytes(layer, fmt)  # raises, saying why
+            raise ValueError(f"low format {fmt} has no byte size in layer {layer} of this model")
+
+
 def replay(
     groups: AccessGroups,
     cache: CacheSpec,
@@ -281,6 +295,7 @@ def replay(
     """The engine's one entry point: the compiled path where it applies (and `fast`), else the reference."""
     from sim.engine_compiled import COMPILED_POLICIES, replay_compiled
 
+    check_priced(sizes, policy.low_formats())
     # the compiled engine knows HOBBIT's `reload` low-copy rule only; `serve` runs on the reference
     if fast and (cache.policy in COMPILED_POLICIES or cache.policy == "belady") \
             and not (policy.is_dynamic and policy.low_copy != RELOAD):
@@ -313,7 +328,7 @@ def replay_reference(
     """Reference replay on given cache objects: per access, the precision decision and the cache's answer."""
     hi_cache, lo_cache = caches
     shared = hi_cache is lo_cache
-    pool_of = (hi_cache, lo_cache, lo_cache)  # slot 0 → high pool, low slots → low pool
+    pool_of = (hi_cache,) + (lo_cache,) * (len(SLOTS) - 1)  # slot 0 → high pool, low slots → low pool
     dyn = policy.is_dynamic
     dyn_slot = SLOTS.index(policy.dynamic_format) if dyn else 0
     n = groups.expert.size

@@ -9,7 +9,10 @@ kernel, `sim.engine_belady`; where that declines (split pools), this returns Non
 runs the reference.
 
 Layout. Every cache entry (layer, expert, format slot) is a dense id `(layer * n_experts + expert) *
-len(SLOTS) + slot`, ordered like its `make_key` key (so "smaller key" tie-breaks carry over). A
+ns + local slot`, ordered like its `make_key` key (so "smaller key" tie-breaks carry over): the kernel
+numbers only the `ns` format slots the precision policy can use (native, its static and its dynamic
+format: at most 3 of sim.precision.SLOTS), in SLOTS order, so adding slots to SLOTS does not grow
+the id space (`_local_slots`; the outcome is mapped back to SLOTS indices). A
 sub-cache is one pool (high, or the split low pool) of one partition (the whole cache, or one
 layer); each id belongs to exactly one, and per-sub-cache counters live in the rows of `S`/`F`.
 Lists (LRU order, SLRU segments, S3-FIFO small/main/ghost queues) are doubly linked over ids with
@@ -511,26 +514,27 @@ def _stamp(M, S, F, H, k, g):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, _nrt=False)
-def _stamp_group(M, S, F, H, expert, lo, hi, row, layer, hi_slots, dyn, dyn_slot, g):  # pragma: no cover - compiled
+def _stamp_group(M, S, F, H, expert, lo, hi, row, layer, hi_slots, dyn, dyn_slot, g, ns):  # pragma: no cover - compiled
     """begin_group: protect the group's keys (high slot, and the dynamic slot). The kernel calls it at the
     group's first miss (or before its prefetch), not at its start: hits change no residency, so the
     protected bytes are the same then, and a group that only hits never needs its protection."""
     for a in range(lo, hi):
         e = expert[a]
-        _stamp(M, S, F, H, (row + e) * NS + hi_slots[layer, e], g)
+        _stamp(M, S, F, H, (row + e) * ns + hi_slots[layer, e], g)
         if dyn:
-            _stamp(M, S, F, H, (row + e) * NS + dyn_slot, g)
+            _stamp(M, S, F, H, (row + e) * ns + dyn_slot, g)
 
 
 @numba.njit(cache=True, _nrt=False)
 def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
             dyn, t1, t2, dyn_slot, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
-            adm_at):  # pragma: no cover - compiled
+            adm_at, ns):  # pragma: no cover - compiled
     """sim.engine.replay_reference over dense ids (see there for the rules); fills the output arrays.
 
     Compiled without numba's reference counting (`_nrt=False`, as are its helpers): every array is
     allocated by the caller, and the atomic reference counts on each helper's array arguments cost
     more than the cache work itself on this path (measured: 0.33 s → 0.08 s on 960 k hits).
+    Slots (`hi_slots`, `dyn_slot`, the columns of `sizes`/`link_s`, `slot_out`) are local: 0..ns-1.
     """
     n_experts = hi_slots.shape[1]
     n_parts = S[-1, N_PARTS]
@@ -568,14 +572,14 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
         for a in range(lo, hi):
             e = expert[a]
             s_hi = hi_slots[layer, e]
-            k_hi = (row + e) * NS + s_hi
-            k_lo = (row + e) * NS + dyn_slot
+            k_hi = (row + e) * ns + s_hi
+            k_lo = (row + e) * ns + dyn_slot
             choice = HIGH_C
             if dyn and score[a] > t1:
                 choice = LOW_C if score[a] <= t2 else SKIP_C
             used = -1
             if not stamped and not M[RES, k_hi] and not (choice != HIGH_C and M[RES, k_lo]):
-                _stamp_group(M, S, F, H, expert, lo, hi, row, layer, hi_slots, dyn, dyn_slot, g)
+                _stamp_group(M, S, F, H, expert, lo, hi, row, layer, hi_slots, dyn, dyn_slot, g, ns)
                 stamped = True
             if M[RES, k_hi]:
                 _access(M, S, F, H, pol, k_hi, sizes[layer, s_hi], s_hi == 0, g)
@@ -612,11 +616,11 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
                 if e == -1:
                     continue
                 s = hi_slots[nl, e]
-                k = (nl * n_experts + e) * NS + s
+                k = (nl * n_experts + e) * ns + s
                 if M[RES, k]:
                     continue
                 if not stamped:
-                    _stamp_group(M, S, F, H, expert, lo, hi, row, layer, hi_slots, dyn, dyn_slot, g)
+                    _stamp_group(M, S, F, H, expert, lo, hi, row, layer, hi_slots, dyn, dyn_slot, g, ns)
                     stamped = True
                 if _admit(M, S, F, H, pol, k, sizes[nl, s], g):
                     pf_bytes[g] += sizes[nl, s]
@@ -626,39 +630,48 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
                     n_adm += 1
 
 
+def _local_slots(policy, hi_slots):
+    """The SLOTS indices the policy can use (0 first, ascending) and the local slot of each SLOTS index (-1: unused)."""
+    used = sorted({0, *np.unique(hi_slots).tolist(), *([SLOTS.index(policy.dynamic_format)] if policy.is_dynamic else [])})
+    local = np.full(NS, -1, np.int8)
+    local[used] = np.arange(len(used))
+    return used, local
+
+
 def _static_pins(groups, hi_slots, sizes, caps, n_parts: int, per_layer: bool) -> np.ndarray:
     """int64 [ids]: 1 where the static cache that holds the id pins it (StaticPinned.fit, vectorised).
 
     Every pool's cache (and, per layer, every layer's sub-cache) is fit on the calibration window's
     accesses at their high-precision slot: keys by count (descending), ties to the smaller key,
-    pinned greedily while they fit in that cache's capacity.
+    pinned greedily while they fit in that cache's capacity. Slots are local (as in `_kernel`).
     """
     n_layers, n_experts = hi_slots.shape
-    n_ids = n_layers * n_experts * NS
+    ns = sizes.shape[1]
+    n_ids = n_layers * n_experts * ns
     counts = np.zeros(n_ids, np.int64)
-    _calib_counts(groups.start, groups.layer, groups.calib, groups.expert, hi_slots, counts)
+    _calib_counts(groups.start, groups.layer, groups.calib, groups.expert, hi_slots, counts, ns)
     cand = np.flatnonzero(counts)
     order = cand[np.lexsort((cand, -counts[cand]))]
-    size = np.ascontiguousarray(sizes[order // NS // n_experts, order % NS], dtype=np.int64)
-    part = order // NS // n_experts if per_layer else np.zeros_like(order)
+    size = np.ascontiguousarray(sizes[order // ns // n_experts, order % ns], dtype=np.int64)
+    part = order // ns // n_experts if per_layer else np.zeros_like(order)
     out = np.zeros(n_ids, np.int64)
     for p, cap in enumerate(caps):
         pinned = np.zeros(n_ids, np.bool_)
         _pin_greedy(order, size, part, np.full(n_parts, cap // n_parts if per_layer else cap, np.int64), pinned)
-        mine = (np.arange(n_ids) % NS != 0) == (p == 1) if len(caps) == 2 else np.ones(n_ids, bool)
+        mine = (np.arange(n_ids) % ns != 0) == (p == 1) if len(caps) == 2 else np.ones(n_ids, bool)
         out[mine & pinned] = 1
     return out
 
 
 @numba.njit(cache=True)
-def _calib_counts(start, layer, calib, expert, hi_slots, counts):  # pragma: no cover - compiled
+def _calib_counts(start, layer, calib, expert, hi_slots, counts, ns):  # pragma: no cover - compiled
     """Accesses per id (at its high-precision slot) in the calibration window's groups."""
     n_experts = hi_slots.shape[1]
     for g in range(layer.shape[0]):
         if calib[g]:
             for a in range(start[g], start[g + 1]):
                 e = expert[a]
-                counts[(layer[g] * n_experts + e) * NS + hi_slots[layer[g], e]] += 1
+                counts[(layer[g] * n_experts + e) * ns + hi_slots[layer[g], e]] += 1
 
 
 @numba.njit(cache=True)
@@ -693,9 +706,16 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
     if pol is None and cache.policy != "belady":
         return None
     params = dict(cache.params)
+    if pol is None:  # belady: its own kernel (it ranks whole future-use chains), on SLOTS-indexed slots
+        return replay_belady(groups, cache, policy, hi_slots, sizes, link_s)
+    used_slots, local = _local_slots(policy, hi_slots)
+    ns = len(used_slots)
+    hi_slots = np.ascontiguousarray(local[hi_slots])
+    sizes = np.ascontiguousarray(np.asarray(sizes)[:, used_slots], dtype=np.int64)
+    link_s = np.ascontiguousarray(np.asarray(link_s)[:, used_slots], dtype=np.float64)
     n_layers_tr, n_experts = hi_slots.shape
     n_eids = n_layers_tr * n_experts
-    n_ids = n_eids * NS
+    n_ids = n_eids * ns
     per_layer = cache.partition == "per-layer"
     if cache.partition not in ("global", "per-layer"):
         raise ValueError(f"unknown partition {cache.partition!r}")
@@ -704,8 +724,6 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
     n_parts = int(cache.n_layers) if per_layer else 1
     if per_layer and n_parts < n_layers_tr:
         raise ValueError(f"keys of layer {n_layers_tr - 1} are outside the {n_parts} partitions")
-    if pol is None:  # belady: its own kernel (it ranks whole future-use chains)
-        return replay_belady(groups, cache, policy, hi_slots, sizes, link_s)
     share = policy.low_pool_share
     split = share is not None
     pool_caps = [int(cache.capacity_bytes)] if not split else [int(cache.capacity_bytes * (1 - share)), int(cache.capacity_bytes * share)]
@@ -738,8 +756,8 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
     prm[PER_LAYER], prm[N_PARTS], prm[N_EXPERTS], prm[N_EIDS], prm[N_IDS] = int(per_layer), n_parts, n_experts, n_eids, n_ids
     # sub-cache of every id: pool (split: slot 0 high, others low) x partition (per-layer: its layer)
     ids = np.arange(n_ids)
-    slot_of = ids % NS
-    layer_of = ids // NS // n_experts
+    slot_of = ids % ns
+    layer_of = ids // ns // n_experts
     sc_of = ((slot_of != 0) & split).astype(np.int64) * n_parts + (layer_of if per_layer else 0)
     counts = np.bincount(sc_of, minlength=n_sc)
     S = np.zeros((n_sc, N_COLS), np.int64)
@@ -765,7 +783,7 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
     M[HPOS] = -1
     M[SCOF, :n_ids] = sc_of
     M[LAYR, :n_ids] = layer_of
-    M[EID, :n_ids] = ids // NS
+    M[EID, :n_ids] = ids // ns
     if pol == STATIC:
         M[PIN, :n_ids] = _static_pins(groups, hi_slots, sizes, pool_caps, n_parts, per_layer)
     H = np.zeros(1, np.int64)
@@ -782,14 +800,17 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
     S = np.vstack([S, prm[None]])
     F = np.vstack([F, np.array([weights], np.float64)])
     dyn = policy.is_dynamic
-    dyn_slot = SLOTS.index(policy.dynamic_format) if dyn else 0
+    dyn_slot = int(local[SLOTS.index(policy.dynamic_format)]) if dyn else 0
     t1 = float(policy.t1) if dyn else 0.0
     t2 = float(policy.t2) if dyn else 0.0
     n, n_groups = groups.expert.size, groups.n_groups
     out = Outcome(np.zeros(n, np.int8), np.zeros(n, np.int8), np.zeros(n_groups, np.int64), np.zeros(n_groups, np.int64),
                   np.zeros(n_groups, np.float64), np.full(n_groups, -1, np.int64))
     _kernel(M, S, F, H, pol, groups.start, groups.layer, groups.seq, groups.expert, groups.score, groups.predicted,
-            hi_slots, np.ascontiguousarray(sizes, dtype=np.int64), np.ascontiguousarray(link_s, dtype=np.float64),
+            hi_slots, sizes, link_s,
             dyn, t1, t2, dyn_slot, split, not split, out.result, out.slot, out.prefetch_bytes, out.prefetch_loads,
-            out.prefetch_link_s, out.wait_group, np.full(n_ids, -1, np.int64))
+            out.prefetch_link_s, out.wait_group, np.full(n_ids, -1, np.int64), ns)
+    if used_slots != list(range(ns)):  # local slots back to SLOTS indices (skipped accesses stay -1)
+        served = out.slot >= 0
+        out.slot[served] = np.asarray(used_slots, np.int8)[out.slot[served]]
     return out

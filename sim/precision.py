@@ -3,7 +3,7 @@
 `native`: every expert at its GGUF format (Q4_K_M: Q4_K gate/up, Q4_K or Q6_K down).
 
 `static:SIGNAL:X%:FMT`: in every layer, the bottom X % of experts by an importance SIGNAL learned
-on a calibration window are held and moved in FMT (q2_k or q3_k) for the whole evaluation window.
+on a calibration window are held and moved in FMT (a low format, below) for the whole evaluation window.
 Signals: `freq` (times selected), `weight` (mean gate weight when selected), `mass` (frequency ×
 mean weight = summed gate weight), `random` (a seeded control). Unselected experts rank lowest;
 ties break by expert id. Ranking is per layer, so every layer demotes the same number of experts
@@ -22,13 +22,20 @@ used. What a resident LOW copy may serve is the `LOWCOPY` setting (`LOW_COPY_RUL
   high-ranked use may then compute from the low copy: a quality cost the `reload` rule does not have.
 HOBBIT used T1 = 0.6, T2 = 0.9 on Mixtral (top-2).
 
+Low formats (`LOW_FORMATS`; FMT above): `q2_k`, `q3_k` (all three expert tensors re-quantized to
+Q2_K / Q3_K) and the tensor-aware `q2_k_gu`, `q3_k_gu` (`TENSOR_AWARE_FORMATS`): only ffn_gate and
+ffn_up at Q2_K / Q3_K, ffn_down kept in the layer's native format (Q4_K, or Q6_K in the layers where
+llama.cpp's Q4_K_M recipe gives ffn_down Q6_K). Bytes: sim.profiles.ModelProfile.expert_bytes;
+compute: sim.cost.tensor_aware_split.
+
 Combinations join with `+`: `static:mass:20%:q3_k+dynamic:0.6:0.9`. `+pools:split:S` keeps
 low-precision copies in a pool of share S of the capacity (HOBBIT's separate caches) instead of
 one shared byte pool.
 
 This module is the one home of precision: the format slots a cache entry can hold (`SLOTS`,
 `LOW_FORMATS`), the parser, the static demotion sets (`static_slots`) and the dynamic rule
-(`dynamic_choice`: a score → HIGH, LOW or SKIP). The engine and `jaxmoe.quality` import them.
+(`dynamic_choice`: a score → HIGH, LOW or SKIP). The engine and `jaxmoe.quality` import them
+(`jaxmoe.quality` re-quantizes whole experts, so it takes `UNIFORM_LOW_FORMATS` only).
 """
 from __future__ import annotations
 
@@ -41,11 +48,22 @@ from sim.trace import ABSENT, Trace
 
 SIGNALS = ("freq", "weight", "mass", "random")
 NATIVE = "native"
-LOW_FORMATS = ("q2_k", "q3_k")  # the formats a precision policy may demote an expert to
-SLOTS = (NATIVE,) + LOW_FORMATS  # format slot of a cache entry: 0 = native, then the low formats
+UNIFORM_LOW_FORMATS = ("q2_k", "q3_k")  # every tensor of the expert in this format
+GATE_UP_SUFFIX = "_gu"
+# tensor-aware: ffn_gate and ffn_up in the uniform format, ffn_down at the layer's native format
+TENSOR_AWARE_FORMATS = tuple(f + GATE_UP_SUFFIX for f in UNIFORM_LOW_FORMATS)
+LOW_FORMATS = UNIFORM_LOW_FORMATS + TENSOR_AWARE_FORMATS  # the formats a precision policy may demote an expert to
+# format slot of a cache entry: 0 = native, then the low formats. New formats are appended, so a slot's
+# index never changes meaning (slot 1 is q2_k, 2 is q3_k, as jaxmoe's executors and plans assume).
+SLOTS = (NATIVE,) + LOW_FORMATS
 HIGH, LOW, SKIP = 0, 1, 2  # what the dynamic rule does with a missed expert (see dynamic_choice)
 RELOAD, SERVE = "reload", "serve"
 LOW_COPY_RULES = (RELOAD, SERVE)  # what a resident low copy may serve (module docstring)
+
+
+def gate_up_format(fmt: str) -> str | None:
+    """The gate/up format of a tensor-aware low format (`q2_k_gu` → `q2_k`); None for any other format."""
+    return fmt[: -len(GATE_UP_SUFFIX)] if fmt in TENSOR_AWARE_FORMATS else None
 
 
 @dataclass(frozen=True)
@@ -108,7 +126,8 @@ def _fraction(text: str, spec: str) -> float:
 def _low_format(text: str, spec: str) -> str:
     fmt = text.strip().lower()
     if fmt not in LOW_FORMATS:
-        raise InputError(None, f"precision {spec!r}: low format {text!r} must be one of {', '.join(LOW_FORMATS)}")
+        raise InputError(None, f"precision {spec!r}: low format {text!r} must be one of {', '.join(LOW_FORMATS)} "
+                               f"(*{GATE_UP_SUFFIX}: only ffn_gate/ffn_up demoted, ffn_down kept native)")
     return fmt
 
 

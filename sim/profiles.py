@@ -26,7 +26,7 @@ import numpy as np
 
 from sim.formats import FORMATS, get_format
 from sim.io import InputError
-from sim.precision import LOW_FORMATS
+from sim.precision import LOW_FORMATS, gate_up_format
 
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"
 GIB = 2**30
@@ -71,13 +71,59 @@ class ModelProfile:
         return 3 * self.hidden * self.expert_ffn
 
     def expert_bytes(self, layer: int, fmt: str | None = None) -> int:
-        """Bytes of one expert of `layer`: native when `fmt` is None, else all three tensors in `fmt`."""
+        """Bytes of one expert of `layer`: native when `fmt` is None, else in the low format `fmt`.
+
+        A uniform format (`q2_k`) holds all three tensors in it. A tensor-aware one (`q2_k_gu`,
+        sim.precision.TENSOR_AWARE_FORMATS) holds ffn_gate and ffn_up (hidden·ffn weights each) in
+        its gate/up format and ffn_down in the layer's native down format (`down_format`):
+        2 × bytes(hidden·ffn at e.g. Q2_K) + bytes(hidden·ffn at the native down format). Raises
+        ValueError when that down format cannot be established (see `down_format`).
+        """
         if fmt is None:
             if self.native_bytes_override is not None:
                 return self.native_bytes_override[layer]
             per_tensor = self.hidden * self.expert_ffn
             return sum(get_format(f).nbytes(per_tensor) for f in self.native_formats[layer])
+        gate_up = gate_up_format(fmt)
+        if gate_up is not None:
+            per_tensor = self.hidden * self.expert_ffn
+            return 2 * get_format(gate_up).nbytes(per_tensor) + get_format(self.down_format(layer)).nbytes(per_tensor)
         return get_format(fmt).nbytes(self.expert_weights)
+
+    def _triple_bytes(self, formats) -> int | None:
+        """Bytes of one expert whose (gate, up, down) tensors are in `formats` (None: not whole blocks)."""
+        per_tensor = self.hidden * self.expert_ffn
+        try:
+            return sum(get_format(f).nbytes(per_tensor) for f in formats)
+        except ValueError:
+            return None
+
+    def down_format(self, layer: int) -> str:
+        """The native format of `layer`'s ffn_down (what a tensor-aware low copy keeps).
+
+        Rule. Without pinned native sizes it is `native_formats[layer][2]`. When a trace pins the
+        native bytes (`native_bytes_override`: a GGUF's measured sizes, sim.profiles.model_for_trace)
+        a per-tensor format triple is trusted only if it reproduces the pinned bytes exactly: first
+        the profile's own `native_formats[layer]` (a built-in recipe, e.g. Q4_K_M's Q6_K down layers),
+        else the trace's declared format name (`native_names[layer]`: "q4_k", or "A+B_down" for gate/
+        up in A and ffn_down in B, as sim.convert names a header's bytes). If neither agrees (a GGUF
+        of another recipe, a mix the names cannot express, or no names) this raises ValueError rather
+        than guess a split: the down tensor's bytes would be wrong by up to a third of the expert.
+        """
+        formats = tuple(self.native_formats[layer])
+        pinned = None if self.native_bytes_override is None else int(self.native_bytes_override[layer])
+        if pinned is None or self._triple_bytes(formats) == pinned:
+            return formats[2]
+        named = parse_native_name(self.native_names[layer]) if self.native_names is not None else None
+        if named is not None and self._triple_bytes(named) == pinned:
+            return named[2]
+        said = f", declared {self.native_names[layer]!r}" if self.native_names is not None else ""
+        raise ValueError(
+            f"model {self.name} layer {layer}: the trace pins {pinned} native bytes per expert, which neither the "
+            f"profile's formats {'/'.join(formats)} ({self._triple_bytes(formats)} bytes){said} reproduce at "
+            f"{self.hidden * self.expert_ffn} weights per tensor, so ffn_down's native format (kept by a tensor-aware "
+            "low format) is unknown; give the trace per-layer expert_format names that match its expert_bytes "
+            "(sim.convert writes them), or use q2_k/q3_k")
 
     def native_name(self, layer: int) -> str:
         """Display name of the native format of `layer`'s experts (e.g. "q4_k+q6_k_down")."""
@@ -93,6 +139,18 @@ class ModelProfile:
     def total_expert_bytes(self) -> int:
         """Bytes of every expert of every layer at native precision."""
         return int(self.native_bytes_per_layer().sum()) * self.n_experts
+
+
+def parse_native_name(name: str) -> tuple[str, str, str] | None:
+    """(gate, up, down) formats of a native format name: "q4_k" → all three, "q4_k+q6_k_down" → Q4_K
+    gate/up with a Q6_K ffn_down (ModelProfile.native_name, sim.convert's names); None for any other name."""
+    key = name.strip().lower()
+    if key in FORMATS:
+        return (key, key, key)
+    gate_up, plus, down = key.partition("+")
+    if plus and down.endswith("_down") and gate_up in FORMATS and down[: -len("_down")] in FORMATS:
+        return (gate_up, gate_up, down[: -len("_down")])
+    return None
 
 
 # llama.cpp "_M" mixes: variant -> base K-quant of every 2-D weight; ffn_down and attn_v get Q6_K
@@ -202,7 +260,11 @@ def model_for_trace(meta, fallback: str | None = None) -> ModelProfile:
 
     A trace recorded from Qwen3-30B-A3B (or Mixtral) takes the built-in geometry; any expert_bytes
     and expert_format in the trace override the native sizes. A trace of another model must carry
-    expert_bytes and expert_weights so that the low-precision sizes can be computed.
+    expert_bytes and expert_weights so that the low-precision sizes can be computed. The trace's
+    expert_bytes become `native_bytes_override` and its expert_format `native_names`; a tensor-aware
+    low format takes ffn_down's native format from the profile's per-tensor formats or else from those
+    names, whichever reproduces the pinned bytes, and is refused when neither does
+    (`ModelProfile.down_format`).
     """
     if fallback is not None:
         get_model(fallback)  # an unknown --model is an error, never silently ignored
@@ -410,5 +472,6 @@ __all__ = [
     "load_hardware",
     "model_for_trace",
     "parse_bytes",
+    "parse_native_name",
     "use_more_bits",
 ]

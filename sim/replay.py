@@ -22,6 +22,7 @@ from pathlib import Path
 
 from sim.budget import COUNT, parse_budget_list, parse_budget_sweep, sweep_bytes
 from sim.cache import POLICY_NAMES
+from sim.engine import UNPRICED
 from sim.io import InputError, atomic_paths, check_output_path, exit_on_input_error
 from sim.precision import parse_precision
 from sim.profiles import GIB
@@ -56,8 +57,10 @@ Without any, the budget is derived from the GPU (VRAM − dense − head − KV 
 With no --policy/--precision/budget option: slru, native vs static:mass:30%:{q3_k,q2_k} and
 dynamic:0.6:0.9 at the default budget, with Δ columns against native.
 Cache policy belady with a dynamic precision policy is skipped with a note (belady needs the future).
-precision: native | static:SIGNAL:X%:FMT (SIGNAL freq|weight|mass|random, FMT q2_k|q3_k) |
+precision: native | static:SIGNAL:X%:FMT (SIGNAL freq|weight|mass|random, FMT q2_k|q3_k|q2_k_gu|q3_k_gu) |
 dynamic:T1:T2[:FMT][:reload|serve] | combinations joined by + | +pools:split:S for a separate low-precision pool.
+FMT q2_k / q3_k: the whole expert at Q2_K / Q3_K; q2_k_gu / q3_k_gu (tensor-aware): only ffn_gate and ffn_up
+at Q2_K / Q3_K, ffn_down kept at the layer's native format (Q4_K, or Q6_K in Q4_K_M's Q6_K-down layers).
 """
 
 
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> list[ReplayRecord]:
         if parsed.is_static and prep.calib_trace is None:
             raise InputError(None, f"precision {prec!r} needs a calibration window (--calib-fraction > 0)")
     budgets = _budget_values(prep, budgets_given, args)
-    smallest = int(prep.sizes.min())
+    smallest = int(prep.sizes[prep.sizes != UNPRICED].min())  # a slot the model cannot size is no expert
     for cap, how in budgets:
         if cap < smallest:
             raise InputError(None, f"budget {how} = {cap} bytes holds no expert (the smallest is {smallest} bytes): "

@@ -26,6 +26,7 @@ from sim.engine import (
     Outcome,
     build_groups,
     calibration_steps,
+    check_priced,
     oracle_predictions,
     replay,
 )
@@ -207,6 +208,7 @@ def run_prepared(prep: Prepared, cfg: ReplayConfig) -> ReplayRecord:
     model = prep.model
     capacity = cfg.capacity_bytes if cfg.capacity_bytes is not None else prep.default_capacity()[0]
     try:
+        check_priced(prep.sizes, policy.low_formats(), model)
         hi_slots = _static_slots(prep, policy, cfg.seed)
     except ValueError as exc:
         raise InputError(None, f"precision {policy.name!r}: {exc}") from None

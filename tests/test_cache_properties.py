@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from sim.cache import POLICY_NAMES, make_key, make_policy
 from sim.cache.base import key_expert_id, key_layer
+from sim.precision import SLOTS
 
 # How many examples each property runs is the hypothesis profile's (tests/conftest.py: `ci` 2,000, `dev` 100).
 EXAMPLES = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -56,7 +57,8 @@ def workloads(draw, *, equal_sizes=False, one_fmt=False, admits=True, removes=Tr
               max_pool=8, max_capacity=10, distinct_members=False):
     """Random driver-call sequences: groups of up to 3 accesses, with admits and removes in between."""
     triples = draw(st.lists(
-        st.tuples(st.integers(0, 2), st.integers(0, 3), st.integers(0, 0 if one_fmt else 1)),
+        # format ids: every format slot of the engine (sim.precision.SLOTS: native, q2_k, q3_k, q2_k_gu, q3_k_gu)
+        st.tuples(st.integers(0, 2), st.integers(0, 3), st.integers(0, 0 if one_fmt else len(SLOTS) - 1)),
         min_size=1, max_size=max_pool, unique=True))
     keys = [make_key(*t) for t in triples]
     sizes = {k: 1 if equal_sizes else draw(st.integers(1, 4)) for k in keys}

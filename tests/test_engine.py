@@ -24,8 +24,17 @@ from sim.trace import DECODE, PREFILL, Trace, TraceMeta
 EXPERT_BYTES = 1000
 
 
-def random_trace(n_steps=60, n_layers=3, n_experts=16, k=4, seed=0, n_seqs=2, prefill=5, predicted=False) -> Trace:
-    """A skewed random routing trace of a small model that only its metadata describes."""
+# Q4_K_M-style native sizes of random_trace's experts (3 tensors of 1024 weights = 4 super-blocks each;
+# ggml: Q4_K 144 and Q6_K 210 bytes per 256 weights): layers alternate Q4_K and Q4_K with a Q6_K ffn_down
+Q4_K_M_LAYERS = (("q4_k", 3 * 4 * 144), ("q4_k+q6_k_down", 2 * 4 * 144 + 4 * 210))
+
+
+def random_trace(n_steps=60, n_layers=3, n_experts=16, k=4, seed=0, n_seqs=2, prefill=5, predicted=False,
+                 native="flat") -> Trace:
+    """A skewed random routing trace of a small model that only its metadata describes.
+
+    `native`: "flat" (every expert EXPERT_BYTES, no format named) or "q4_k_m" (Q4_K_M_LAYERS by layer,
+    with their format names, so that tensor-aware low formats can be sized)."""
     rng = np.random.default_rng(seed)
     pop = rng.dirichlet(np.full(n_experts, 0.5), size=n_layers)
     experts = np.empty((n_steps, n_layers, k), np.int16)
@@ -38,8 +47,12 @@ def random_trace(n_steps=60, n_layers=3, n_experts=16, k=4, seed=0, n_seqs=2, pr
     phase = np.full(n_steps, DECODE, np.uint8)
     for s in range(n_seqs):
         phase[np.flatnonzero(seq == s)[:prefill]] = PREFILL
+    sizes = dict(expert_bytes=(EXPERT_BYTES,) * n_layers)
+    if native == "q4_k_m":
+        layers = [Q4_K_M_LAYERS[layer % 2] for layer in range(n_layers)]
+        sizes = dict(expert_bytes=tuple(b for _, b in layers), expert_format=tuple(f for f, _ in layers))
     meta = TraceMeta(model="tiny-test-moe", n_layers=n_layers, n_experts=n_experts, top_k=k,
-                     expert_bytes=(EXPERT_BYTES,) * n_layers, expert_weights=256 * 12, provenance="test")
+                     expert_weights=256 * 12, provenance="test", **sizes)
     pred = None
     if predicted:
         pred = np.array(experts)

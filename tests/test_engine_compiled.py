@@ -1,9 +1,9 @@
 """The compiled engine (sim.engine_compiled, sim.engine_belady) equals the reference engine access for access.
 
 Random small traces (prefill and decode, several sequences, trace predictions) through every
-compiled cache policy × precision policies (native, static, dynamic, combinations, split pools;
-belady: native and static, one pool) × partitions × prefetch modes × capacities: every field of
-the Outcome must be equal, exactly.
+compiled cache policy × precision policies (native, static, dynamic, combinations, split pools; every
+low format, the tensor-aware `_gu` ones included; belady: native and static, one pool) × partitions ×
+prefetch modes × capacities: every field of the Outcome must be equal, exactly.
 The hypothesis profile (tests/conftest.py: `ci` / `dev`) sets how many examples run.
 """
 import numpy as np
@@ -29,6 +29,12 @@ PRECISIONS = (
     "static:freq:50%:q2_k+pools:split:0.25",
     "dynamic:0.6:0.9+pools:split:0.4",
     "static:mass:30%:q3_k+dynamic:0.4:0.9+pools:split:0.3",
+    # tensor-aware low formats (their own slots; drawn on traces with Q4_K_M-style sizes)
+    "static:mass:30%:q2_k_gu",
+    "dynamic:0.5:0.8:q3_k_gu",
+    "static:freq:50%:q3_k_gu+dynamic:0.4:0.9:q2_k_gu",
+    "static:mass:30%:q2_k+dynamic:0.5:0.8:q2_k_gu+pools:split:0.3",
+    "dynamic:0.6:0.9:q2_k_gu+pools:split:0.4",
 )
 POLICIES = tuple(sorted(COMPILED_POLICIES)) + ("belady",)
 BELADY_PRECISIONS = tuple(p for p in PRECISIONS if "dynamic" not in p and "pools" not in p)  # what belady runs with
@@ -59,6 +65,7 @@ def _assert_same(ref, fast):
 @st.composite
 def cases(draw):
     policy = draw(st.sampled_from(POLICIES))
+    precision = draw(st.sampled_from(BELADY_PRECISIONS if policy == "belady" else PRECISIONS))
     return dict(
         seed=draw(st.integers(0, 10**6)),
         n_layers=draw(st.integers(1, 4)),
@@ -68,7 +75,9 @@ def cases(draw):
         prefill=draw(st.integers(0, 6)),
         policy=policy,
         params=draw(st.sampled_from(PARAMS.get(policy, ({},)))),
-        precision=draw(st.sampled_from(BELADY_PRECISIONS if policy == "belady" else PRECISIONS)),
+        precision=precision,
+        # a tensor-aware format needs named native formats to size its ffn_down
+        native="q4_k_m" if "_gu" in precision else draw(st.sampled_from(("flat", "q4_k_m"))),
         capacity=draw(st.one_of(st.integers(0, 16000), st.integers(1500, 9000))),  # 1.5 to 9 experts: evictions
         partition=draw(st.sampled_from(("global", "per-layer"))),
         prefetch=draw(st.sampled_from(("none", "trace", "oracle:0.7", "oracle:1.0"))),
@@ -81,7 +90,7 @@ def test_compiled_engine_equals_reference(c):
     # sim.engine.oracle_predictions needs room for k wrong experts beside the true k (else it loops)
     k = min(c["k"], c["n_experts"] // 2)
     trace = random_trace(n_steps=30, n_layers=c["n_layers"], n_experts=c["n_experts"], k=k, seed=c["seed"],
-                         n_seqs=c["n_seqs"], prefill=c["prefill"], predicted=True)
+                         n_seqs=c["n_seqs"], prefill=c["prefill"], predicted=True, native=c["native"])
     ref, fast = _outcomes(trace, c["policy"], c["precision"], c["capacity"], c["partition"], c["prefetch"], c["params"])
     _assert_same(ref, fast)
 
@@ -100,8 +109,9 @@ def test_lfu_priority_that_falls_with_the_age():
 
 @pytest.mark.parametrize("policy, precision", [
     (p, q) for p in POLICIES for q in (
-        ("native", "static:mass:30%:q3_k") if p == "belady" else
-        ("native", "static:mass:30%:q3_k+dynamic:0.5:0.8", "dynamic:0.6:0.9+pools:split:0.4"))])
+        ("native", "static:mass:30%:q3_k", "static:mass:30%:q2_k_gu") if p == "belady" else
+        ("native", "static:mass:30%:q3_k+dynamic:0.5:0.8", "dynamic:0.6:0.9+pools:split:0.4",
+         "static:mass:30%:q3_k_gu+dynamic:0.5:0.8:q2_k_gu"))])
 def test_compiled_engine_on_a_qwen_shaped_trace(policy, precision):
     """Many groups, 128 experts, top-8, oracle prefetch: long eviction chains on both paths."""
     from sim.synth import preset, synthesize
@@ -142,10 +152,12 @@ def test_belady_split_pools_run_the_reference_and_bad_parameters_are_refused():
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("partition", ["global", "per-layer"])
 @pytest.mark.parametrize("precision", ["native", "static:freq:50%:q2_k+pools:split:0.4",
-                                       "static:mass:30%:q3_k+dynamic:0.4:0.9+pools:split:0.3"])
+                                       "static:mass:30%:q3_k+dynamic:0.4:0.9+pools:split:0.3",
+                                       "static:freq:50%:q3_k_gu+dynamic:0.4:0.9:q2_k_gu+pools:split:0.3"])
 def test_static_pinning_matches_the_class_fit(seed, partition, precision):
     """The kernel's vectorised pinning equals StaticPinned.fit per pool and per layer."""
-    trace = random_trace(seed=seed, n_steps=60, n_layers=3, n_experts=12, k=3, predicted=True)
+    trace = random_trace(seed=seed, n_steps=60, n_layers=3, n_experts=12, k=3, predicted=True,
+                         native="q4_k_m" if "_gu" in precision else "flat")
     ref, fast = _outcomes(trace, "static", precision, [2500, 6000, 9000, 15000][seed], partition, "trace", {})
     _assert_same(ref, fast)
 

@@ -131,6 +131,30 @@ def test_bad_input_exits_2(tiny, tmp_path):
     assert r.returncode == 2 and not out.exists()
 
 
+def test_tensor_aware_formats_are_refused_in_one_line(tiny, tmp_path, capsys):
+    """The executor has no mixed-format kernel: a `_gu` low format fails at once, one stderr line, no output."""
+    from sim.io import InputError
+    from sim.trace import load_trace
+
+    out = tmp_path / "x.json"
+    for prec in ("native,static:mass:30%:q2_k_gu", "dynamic:0.6:0.9:q3_k_gu:serve",
+                 "static:mass:20%:q3_k+dynamic:0.6:0.9:q2_k_gu+pools:split:0.3"):
+        with pytest.raises(SystemExit) as exc:
+            offload.main([str(tiny), "--shape", "tiny", "--copy-path", "jax", "--kernel", "reference",
+                          "--precision", prec, "--out", str(out), "-q"])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "no kernel for mixed-format experts" in err[0], err
+        assert "_gu" in err[0] and not out.exists()
+    with pytest.raises(InputError, match="q3_k_gu"):  # the one adapter to the simulator refuses too
+        offload.simulator_plan(load_trace(tiny), policy="lru", precision="static:mass:30%:q3_k_gu", capacity_bytes=10**6)
+    assert offload.check_executable("static:mass:30%:q2_k+dynamic:0.6:0.9:q3_k").low_formats() == ("q2_k", "q3_k")
+    # the simulator itself prices the same configuration (the trace names its Q6_K-down layers)
+    rec = run(ReplayConfig(trace=str(tiny), capacity_bytes=10**6, precision="static:mass:30%:q2_k_gu", gpu="h200",
+                           timeline=False))
+    assert rec.low_precision_mass > 0
+
+
 def test_t_interval():
     m, lo, hi = offload.t_interval([10.0, 12.0, 11.0])
     assert m == 11.0 and lo < m < hi
