@@ -365,7 +365,7 @@ def _quant_job(args) -> tuple[int, str, float]:
     shape = a.shape
     outs = {s: np.load(f"{d}/{s}_{kind}.npy", mmap_mode="r+") for s in sets}
     qw = None
-    if any(s.endswith("i") for s in sets):
+    if _weighted(sets):
         qw = np.asarray(np.load(f"{d}/imatrix_{kind}.npy", mmap_mode="r")[layer], np.float32)  # [E, K]
     if "q4" in sets:
         q4 = quants.dequantize(quants.quantize(a, "q4_k"), "q4_k", shape)
@@ -391,22 +391,23 @@ def _quant_job(args) -> tuple[int, str, float]:
 PHASES = (("q4", "q2r", "q3r"), ("q2d",), ("q2ri",))  # essential first; later phases are dropped when late
 
 
+def _weighted(phase: tuple[str, ...]) -> bool:
+    """Whether a phase quantizes with the importance matrix (its sets end in "i")."""
+    return any(s.endswith("i") for s in phase)
+
+
 def start_quantization(experts_np: dict[str, np.ndarray], d: Path, workers: int):
     """Write the float experts (GGUF layout) to d and queue the phases that need only them (FIFO: phase by
     phase) → ({set: futures}, pool). The importance-matrix phase follows with `queue_imatrix_phase` once the
     calibration pass has measured it, so the CPUs start while the GPU still computes the imatrix."""
     d.mkdir(parents=True, exist_ok=True)
-    phases = [ph for ph in PHASES if not any(s.endswith("i") for s in ph)]
     for kind, a in experts_np.items():
         np.save(d / f"float_{kind}.npy", a)
-        for ph in PHASES:
-            for s in ph:
-                np.lib.format.open_memmap(d / f"{s}_{kind}.npy", mode="w+", dtype=np.float32, shape=a.shape).flush()
-    L = next(iter(experts_np.values())).shape[0]
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
     futs: dict[str, list] = {}
-    for ph in phases:
-        _queue(pool, futs, d, L, ph)
+    for ph in PHASES:
+        if not _weighted(ph):
+            _queue(pool, futs, d, ph)
     return futs, pool
 
 
@@ -414,13 +415,18 @@ def queue_imatrix_phase(pool, futs: dict[str, list], imatrix: dict[str, np.ndarr
     """Queue the importance-matrix-weighted phases (after the float-only ones: FIFO)."""
     for kind, a in imatrix.items():
         np.save(d / f"imatrix_{kind}.npy", np.asarray(a, np.float32))
-    L = next(iter(imatrix.values())).shape[0]
     for ph in PHASES:
-        if any(s.endswith("i") for s in ph):
-            _queue(pool, futs, d, L, ph)
+        if _weighted(ph):
+            _queue(pool, futs, d, ph)
 
 
-def _queue(pool, futs: dict[str, list], d: Path, n_layers: int, phase: tuple[str, ...]) -> None:
+def _queue(pool, futs: dict[str, list], d: Path, phase: tuple[str, ...]) -> None:
+    """Create the phase's output memmaps (the float experts' shape) and submit one job per (layer, kind)."""
+    for kind in EXPERT_KINDS:
+        shape = np.load(d / f"float_{kind}.npy", mmap_mode="r").shape
+        for s in phase:
+            np.lib.format.open_memmap(d / f"{s}_{kind}.npy", mode="w+", dtype=np.float32, shape=shape).flush()
+    n_layers = shape[0]
     jobs = [pool.submit(_quant_job, (str(d), l, kind, phase)) for l in range(n_layers) for kind in EXPERT_KINDS]
     for s in phase:
         futs[s] = jobs
