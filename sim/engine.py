@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from sim.cache.base import EXPERT_SHIFT, LAYER_SHIFT, make_key
-from sim.precision import HIGH, LOW, RELOAD, SLOTS, PrecisionPolicy, dynamic_choice, hobbit_scores
+from sim.precision import HIGH, LOW, SLOTS, PrecisionPolicy, dynamic_choice, hobbit_scores
 from sim.trace import ABSENT, DECODE, PREFILL, Trace
 
 HIT, LOADED, SKIPPED = 0, 1, 2
@@ -296,9 +296,7 @@ def replay(
     from sim.engine_compiled import COMPILED_POLICIES, replay_compiled
 
     check_priced(sizes, policy.low_formats())
-    # the compiled engine knows HOBBIT's `reload` low-copy rule only; `serve` runs on the reference
-    if fast and (cache.policy in COMPILED_POLICIES or cache.policy == "belady") \
-            and not (policy.is_dynamic and policy.low_copy != RELOAD):
+    if fast and (cache.policy in COMPILED_POLICIES or cache.policy == "belady"):
         out = replay_compiled(groups, cache, policy, hi_slots, sizes, link_s)
         if out is not None:
             return out

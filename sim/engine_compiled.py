@@ -30,7 +30,7 @@ import numpy as np
 
 from sim.cache.slru import DEFAULT_PROTECTED_SHARE
 from sim.engine_belady import replay_belady
-from sim.precision import SLOTS
+from sim.precision import SERVE, SLOTS
 
 LRU, SLRU, LFU, S3FIFO, STATIC, HOBBIT = range(6)
 COMPILED_POLICIES = {"lru": LRU, "slru": SLRU, "lfu": LFU, "s3fifo": S3FIFO, "static": STATIC, "hobbit": HOBBIT}
@@ -527,7 +527,7 @@ def _stamp_group(M, S, F, H, expert, lo, hi, row, layer, hi_slots, dyn, dyn_slot
 
 @numba.njit(cache=True, _nrt=False)
 def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
-            dyn, t1, t2, dyn_slot, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
+            dyn, t1, t2, dyn_slot, serve, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
             adm_at, ns):  # pragma: no cover - compiled
     """sim.engine.replay_reference over dense ids (see there for the rules); fills the output arrays.
 
@@ -535,6 +535,7 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
     allocated by the caller, and the atomic reference counts on each helper's array arguments cost
     more than the cache work itself on this path (measured: 0.33 s → 0.08 s on 960 k hits).
     Slots (`hi_slots`, `dyn_slot`, the columns of `sizes`/`link_s`, `slot_out`) are local: 0..ns-1.
+    `serve`: HOBBIT's `serve` low-copy rule (a resident low copy serves any use, a HIGH one included).
     """
     n_experts = hi_slots.shape[1]
     n_parts = S[-1, N_PARTS]
@@ -578,7 +579,8 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
             if dyn and score[a] > t1:
                 choice = LOW_C if score[a] <= t2 else SKIP_C
             used = -1
-            if not stamped and not M[RES, k_hi] and not (choice != HIGH_C and M[RES, k_lo]):
+            lo_ok = dyn and (choice != HIGH_C or serve)  # PrecisionPolicy.low_copy_serves
+            if not stamped and not M[RES, k_hi] and not (lo_ok and M[RES, k_lo]):
                 _stamp_group(M, S, F, H, expert, lo, hi, row, layer, hi_slots, dyn, dyn_slot, g, ns)
                 stamped = True
             if M[RES, k_hi]:
@@ -586,7 +588,7 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
                 result[a] = HIT
                 slot_out[a] = s_hi
                 used = k_hi
-            elif choice != HIGH_C and M[RES, k_lo]:
+            elif lo_ok and M[RES, k_lo]:
                 _access(M, S, F, H, pol, k_lo, sizes[layer, dyn_slot], False, g)
                 result[a] = HIT
                 slot_out[a] = dyn_slot
@@ -808,7 +810,7 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
                   np.zeros(n_groups, np.float64), np.full(n_groups, -1, np.int64))
     _kernel(M, S, F, H, pol, groups.start, groups.layer, groups.seq, groups.expert, groups.score, groups.predicted,
             hi_slots, sizes, link_s,
-            dyn, t1, t2, dyn_slot, split, not split, out.result, out.slot, out.prefetch_bytes, out.prefetch_loads,
+            dyn, t1, t2, dyn_slot, dyn and policy.low_copy == SERVE, split, not split, out.result, out.slot, out.prefetch_bytes, out.prefetch_loads,
             out.prefetch_link_s, out.wait_group, np.full(n_ids, -1, np.int64), ns)
     if used_slots != list(range(ns)):  # local slots back to SLOTS indices (skipped accesses stay -1)
         served = out.slot >= 0

@@ -29,6 +29,10 @@ PRECISIONS = (
     "static:freq:50%:q2_k+pools:split:0.25",
     "dynamic:0.6:0.9+pools:split:0.4",
     "static:mass:30%:q3_k+dynamic:0.4:0.9+pools:split:0.3",
+    # HOBBIT's `serve` low-copy rule: a resident low copy also serves a use ranked <= T1
+    "dynamic:0.6:0.9:q2_k:serve",
+    "static:mass:30%:q3_k+dynamic:0.3:0.8:q2_k:serve",
+    "dynamic:0.5:0.9:q3_k:serve+pools:split:0.3",
     # tensor-aware low formats (their own slots; drawn on traces with Q4_K_M-style sizes)
     "static:mass:30%:q2_k_gu",
     "dynamic:0.5:0.8:q3_k_gu",
