@@ -79,8 +79,8 @@ def speed_frame(rows: pd.DataFrame, units: pd.DataFrame, n_resamples: int = 2000
     return out
 
 
-_QNAME = re.compile(r"^(static)-(\w+)-([0-9.]+)-(q2r|q3r)$|^(dynamic)-([0-9.]+)-([0-9.]+)-(q2r|q3r)$")
-_QFMT = {"q2r": "q2_k", "q3r": "q3_k"}
+_QNAME = re.compile(r"^(static)-(\w+)-([0-9.]+)-(q2r|q3r|ta)$|^(dynamic)-([0-9.]+)-([0-9.]+)-(q2r|q3r|ta)$")
+_QFMT = {"q2r": "q2_k", "q3r": "q3_k", "ta": "q2_k_gu"}  # ta: gate/up re-quantized to Q2_K, ffn_down kept
 _QCURVE = re.compile(r"^static-gm-([0-9.]+)-(q2r|q3r|ta)$")  # jaxmoe.scale's demotion by gate-mass share
 _QCURVE_FMT = {"q2r": "q2_k", "q3r": "q3_k", "ta": "q2_k_gu"}
 
@@ -88,7 +88,8 @@ _QCURVE_FMT = {"q2r": "q2_k", "q3r": "q3_k", "ta": "q2_k_gu"}
 def quality_spec(name: str) -> str | None:
     """The precision spec a quality row measures (`static-mass-0.25-q2r` → static:mass:25%:q2_k), or None.
 
-    `q2r`/`q3r` are Q4_K re-quantized to Q2_K/Q3_K, what the simulator's low formats stand for. The
+    `q2r`/`q3r` are Q4_K re-quantized to Q2_K/Q3_K, what the simulator's low formats stand for; `ta`
+    (tensor-aware) re-quantizes only ffn_gate/ffn_up to Q2_K and keeps ffn_down, the simulator's `q2_k_gu`. The
     dynamic rows apply the rule to every use (high-ranked uses always at high precision), which is
     the `reload` variant; the `serve` variant's quality is not measured by that file.
     """

@@ -22,7 +22,9 @@ same `configs(panels)` list. Panels:
   `PRECISIONS`, resampled over blocks of 16 tokens (it is one sequence).
 
 Static fractions are 25 % and 50 % (not 30 %) because those are the fractions whose quality the
-48-layer model measured (results/quality-48l.json), so that the verdict has a KLD for each policy.
+48-layer model measured (results/quality-48l.json), so that the verdict has a KLD for each policy;
+the tensor-aware `q2_k_gu` policies are the ones it measured as `static-mass-0.5-ta` and
+`dynamic-0.6-0.9-ta`.
 
 Replays that cannot depend on the link (no prefetch) are shared across links and computed once;
 the timeline runs per link. Outputs (atomic): `NAME.csv` (one row per configuration), `NAME.units.csv`
@@ -35,6 +37,7 @@ import argparse
 import copy
 import hashlib
 import json
+import shlex
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -60,8 +63,9 @@ NATIVES = ("q4_k_m", "q5_k_m")
 BASE_SCENARIO = "base"
 DYN = "dynamic:0.6:0.9:q2_k"
 DYN_SERVE = "dynamic:0.6:0.9:q2_k:serve"
-STATICS = ("static:mass:25%:q2_k", "static:mass:50%:q2_k", "static:mass:50%:q3_k")
-PRECISIONS = ("native",) + STATICS + (DYN, DYN_SERVE)
+DYN_GU = "dynamic:0.6:0.9:q2_k_gu"  # tensor-aware: ffn_gate/ffn_up at Q2_K, ffn_down kept native
+STATICS = ("static:mass:25%:q2_k", "static:mass:50%:q2_k", "static:mass:50%:q3_k", "static:mass:50%:q2_k_gu")
+PRECISIONS = ("native",) + STATICS + (DYN, DYN_SERVE, DYN_GU)
 T1S, T2S = (0.3, 0.45, 0.6, 0.75), (0.8, 0.9, 0.95)
 # the synthesized workload: SEQS sequences of PREFILL + DECODE tokens, the first CALIB_SEQS calibrate
 SEQS, CALIB_SEQS, PREFILL, DECODE, SEED, PREDICT_ACCURACY = 8, 2, 16, 160, 0, 0.8
@@ -334,7 +338,7 @@ def main(argv=None) -> pd.DataFrame:
                                "sha256": hashlib.sha256(Path(a.real).read_bytes()).hexdigest()[:16]}
     rows, units, facts = run_map(panels, traces, quiet=a.quiet)
     prov = {
-        "command": "python -m analysis.mapsweep " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m analysis.mapsweep " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "base_gpu": BASE_GPU, "traces": prov_traces, "panels": [asdict(p) for p in panels],
         "configs": len(rows), "wall_s": round(time.perf_counter() - t0, 1), "cores": 1, **facts,
     }

@@ -83,7 +83,10 @@ def test_quality_spec_mapping():
     assert D.quality_spec("static-mass-0.25-q2r") == "static:mass:25%:q2_k"
     assert D.quality_spec("static-mass-0.5-q3r") == "static:mass:50%:q3_k"
     assert D.quality_spec("dynamic-0.6-0.9-q2r") == "dynamic:0.6:0.9:q2_k"
-    assert D.quality_spec("all-ta") is None and D.quality_spec("static-mass-0.5-ta") is None
+    # tensor-aware rows (ffn_gate/ffn_up at Q2_K, ffn_down kept) are the simulator's q2_k_gu
+    assert D.quality_spec("static-mass-0.5-ta") == "static:mass:50%:q2_k_gu"
+    assert D.quality_spec("dynamic-0.6-0.9-ta") == "dynamic:0.6:0.9:q2_k_gu"
+    assert D.quality_spec("all-ta") is None and D.quality_spec("static-mass-0.5-q4r") is None
 
 
 def _write_map(folder, gain_static: float, gain_dyn: float):
