@@ -405,10 +405,10 @@ def sensitivity_table(v) -> pd.DataFrame:
     from analysis.verdict import decide
 
     scen = sorted(set(v.rows["scenario"]) - {BASE_SCENARIO})
-    base = decide(v.rows)
+    base = decide(v.rows, v.rule)  # the verdict's own rule (a proxy model's bound is scaled)
     rows = []
     for sc in scen:
-        d = decide(v.rows, scenario=sc)
+        d = decide(v.rows, v.rule, scenario=sc)
         m = d.merge(base, on=["model", "gpu", "vram_gb", "pcie"], suffixes=("", "_base"))
         for _, r in m.iterrows():
             flip = bool(r["recommended"]) != bool(r["recommended_base"]) or (

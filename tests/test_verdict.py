@@ -158,3 +158,17 @@ def test_setting_table_reports_status_under_the_verdicts_rule():
     assert setting_table(df, 12, "gen4x16")["rule"].tolist() == ["baseline", "pass"]
     assert setting_table(df, 12, "gen4x16", scaled)["rule"].tolist() == ["baseline", "quality_fails"]
     assert not verdict(df, scaled).settings["recommended"].any() and verdict(df).settings["recommended"].all()
+
+
+def test_sensitivity_table_judges_under_the_verdicts_rule():
+    """The table beside the verdict must not recommend what the verdict's (scaled) rule rejects."""
+    from analysis.decision import sensitivity_table
+
+    rows = []
+    for sc in ("base", "pcie-half"):
+        rows += [native(scenario=sc), row(d=0.2, lo=0.15, hi=0.25, kld=5e-4, klo=4e-4, khi=6e-4, scenario=sc)]
+    df = pd.DataFrame(rows)
+    scaled = Rule(kld_unit=0.005)  # bound 5e-5 < the row's KLD upper bound 6e-4 < the default 0.010
+    t = sensitivity_table(verdict(df, scaled))
+    assert len(t) == 1 and t["base verdict"].iloc[0].startswith("no: best") and t["flips"].iloc[0] == ""
+    assert sensitivity_table(verdict(df))["base verdict"].iloc[0].startswith("**yes**")
