@@ -52,6 +52,7 @@ import argparse
 import hashlib
 import io
 import json
+import logging
 import os
 import sys
 from dataclasses import dataclass, fields
@@ -277,8 +278,10 @@ def _records_dask(trace: Trace, token: str, todo: list, quiet: bool, scheduler: 
 
     cluster = None
     if scheduler == LOCAL:
+        # silence_logs: a worker's heartbeat fails while the cluster shuts down and logs a traceback at
+        # ERROR; a task's own exception still reaches this process through gather
         cluster = LocalCluster(n_workers=os.cpu_count() or 1, threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+                               dashboard_address=None, silence_logs=logging.CRITICAL)
         client = Client(cluster)
     else:
         client = Client(scheduler)
