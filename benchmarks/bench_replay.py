@@ -12,7 +12,8 @@ of loading the 4× trace, preparing it and replaying it (above the RSS after imp
 
 Targets (issue 12), printed as met or not:
   * full replay with the timeline ≥ 2 M accesses/s, every configuration;
-  * hit-rate-only replay ≥ 20× the naive OrderedDict LRU's accesses/s, every configuration;
+  * hit-rate-only replay ≥ 20× the naive OrderedDict LRU's accesses/s: printed like for like (lru
+    native, the same policy as the naive loop) and for every configuration (the stricter reading);
   * time per access at 4× the trace within 1.2× of its value at 1×, every configuration;
   * peak memory ≤ 64 bytes per access.
 """
@@ -176,7 +177,14 @@ def main() -> int:
               f"{r['n4'] / r['t4'] / 1e6:8.2f} {lin:6.2f} {r['hit_rate']:8.4f}  " + " ".join("yes" if x else "NO" for x in ok))
     print(f"\nnaive OrderedDict LRU baseline: {naive_rate / 1e3:,.0f} k accesses/s (same run)")
     print(f"target full replay with timeline >= 2 M accesses/s, every configuration: {'MET' if met['rate'] else 'NOT MET'}")
-    print(f"target hit-rate replay >= 20x naive OrderedDict LRU, every configuration: {'MET' if met['naive'] else 'NOT MET'}")
+    lru = [r for r in rows if r["label"] == "lru native"]
+    if lru:  # the like-for-like reading: the same policy (LRU) and semantics as the naive loop
+        x = lru[0]["n1"] / lru[0]["th"] / naive_rate
+        print(f"target hit-rate replay >= 20x naive OrderedDict LRU, like for like (lru native): "
+              f"{'MET' if x >= TARGET_NAIVE else 'NOT MET'} ({x:.1f}x)")
+    below = [r["label"] for r in rows if r["n1"] / r["th"] / naive_rate < TARGET_NAIVE]
+    print(f"target hit-rate replay >= 20x naive OrderedDict LRU, every configuration: {'MET' if met['naive'] else 'NOT MET'}"
+          + (f" (below: {', '.join(below)})" if below else ""))
     print(f"target time/access at 4x within 1.2x of 1x, every configuration: {'MET' if met['linear'] else 'NOT MET'}")
 
     if not args.skip_memory:
