@@ -48,7 +48,13 @@ def test_save_trace_narrows_dtypes_only_when_exact(tmp_path):
         assert z["experts"].dtype == np.int16 and z["weights"].dtype == np.float32
     np.testing.assert_array_equal(load_trace(tmp_path / "b.npz").weights, t2.weights)
     assert zipfile.is_zipfile(tmp_path / "b.npz")
+    with zipfile.ZipFile(tmp_path / "a.npz") as z:  # compact files are LZMA-compressed, the default deflate
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_LZMA}
+    save_trace(t, tmp_path / "a2.npz", compact=True)
+    assert (tmp_path / "a2.npz").read_bytes() == (tmp_path / "a.npz").read_bytes()  # same trace, same bytes
     save_trace(t, tmp_path / "c.npz")  # default: the schema dtypes, as before
+    with zipfile.ZipFile(tmp_path / "c.npz") as z:
+        assert {i.compress_type for i in z.infolist()} == {zipfile.ZIP_DEFLATED}
     with np.load(tmp_path / "c.npz") as z:
         assert z["experts"].dtype == np.int16 and z["weights"].dtype == np.float32
 
