@@ -32,12 +32,14 @@ import pandas as pd
 
 from analysis import charts
 from analysis.sweep import DEFAULT_PROTECTED_SHARE, PER_LAYER_COLUMNS, SHARED_POLICY, SWEEP_COLUMNS, VRAM
+from analysis.verdict import setting_sentence
 from sim.formats import FORMATS
 from sim.io import InputError, atomic_path, exit_on_input_error
 from sim.precision import parse_precision
 from sim.profiles import GIB, PROFILE_DIR, get_model
 
 SWEEP_DIR = Path("results/sweeps")
+PRIMARY_SETTING = ("qwen3-30b-a3b Q4_K_M", 12, "gen4x16")  # the engine this project answers for: a 12 GB card
 MAP_DIR = Path("results/sweeps/map")  # python -m analysis.mapsweep: the decision map (analysis.decision)
 QUALITY48_GLOB = "results/quality-48*.json"  # the 48-layer model's quality (python -m jaxmoe.scale)
 OFFLOAD_GLOB = "results/offload/*.json"  # measured executor runs (python -m jaxmoe.offload)
@@ -897,6 +899,7 @@ def decision_facts(dec: dict | None, offload: list[dict] | None = None) -> dict 
     measured = D.measured_table(gpu_runs)
     return {
         "rule": v.rule, "rule_text": v.rule.describe(), "text": v.text,
+        "primary": setting_sentence(vin, *PRIMARY_SETTING, v.rule),
         "quality_fails": sorted(set(v.rows.loc[v.rows["status"].str.contains("quality_fails"), "precision"])),
         "kld_max": float(v.rows["kld_hi"].max()) if v.rows["kld_hi"].notna().any() else None,
         "mass_gap": _mass_gap(vin, "static:mass:50%:q2_k"),

@@ -295,6 +295,35 @@ def paragraph(decisions: pd.DataFrame, flips: pd.DataFrame, rule: Rule = RULE, n
     return text
 
 
+def setting_sentence(df: pd.DataFrame, model: str, vram_gb: float, pcie: str, rule: Rule = RULE) -> str | None:
+    """The verdict for one setting (the engine's own, e.g. Qwen3-30B-A3B Q4_K_M on a 12 GB card) in words.
+
+    Recommended: the policy and its numbers. Otherwise the fastest candidate and why it fails, and the
+    fastest one whose quality passes (its gain is then what misses). None when the setting is absent.
+    """
+    a = assess(df, rule)
+    a = a[(a["scenario"] == BASE_SCENARIO) & (a["model"] == model) & (a["vram_gb"].astype(float) == float(vram_gb))
+          & (a["pcie"] == pcie) & (a["status"] != "baseline")]
+    if a.empty:
+        return None
+    where = f"{model} on {a.iloc[0]['gpu']} ({float(vram_gb):g} GB VRAM, {pcie})"
+    passing = a[a["passes"]]
+    if len(passing):
+        best = _rank(passing).iloc[0]
+        return f"For {where}: implement {_policy(best)}: {_numbers(best)}."
+    fast = _rank(a).iloc[0]
+    text = (f"For {where}: reject. The fastest candidate, {_policy(fast)}, has {_numbers(fast)}; it fails because "
+            f"{_WHY.get(fast['status'], fast['status'])}.")
+    ok_q = a[a["quality_ok"]]
+    if len(ok_q):
+        q = _rank(ok_q).iloc[0]
+        if q.name != fast.name:
+            text += f" The fastest whose quality passes, {_policy(q)}, has {_numbers(q)}; its gain misses the threshold."
+    else:
+        text += " No candidate's quality passes here."
+    return text
+
+
 @dataclass
 class Verdict:
     """Everything the decision section needs: per-row assessment, per-setting decision, flips, text."""
@@ -320,4 +349,4 @@ def verdict(df: pd.DataFrame, rule: Rule = RULE) -> Verdict:
 
 
 __all__ = ["BASE_SCENARIO", "NATIVE_POLICY", "POLICY_KEYS", "RULE", "Rule", "SETTING_KEYS", "Verdict", "assess",
-           "decide", "paragraph", "sensitivity", "verdict"]
+           "decide", "paragraph", "sensitivity", "setting_sentence", "verdict"]

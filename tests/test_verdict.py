@@ -172,3 +172,18 @@ def test_sensitivity_table_judges_under_the_verdicts_rule():
     t = sensitivity_table(verdict(df, scaled))
     assert len(t) == 1 and t["base verdict"].iloc[0].startswith("no: best") and t["flips"].iloc[0] == ""
     assert sensitivity_table(verdict(df))["base verdict"].iloc[0].startswith("**yes**")
+
+
+def test_setting_sentence_names_the_fastest_failure_and_the_fastest_quality_pass():
+    from analysis.verdict import setting_sentence
+
+    df = pd.DataFrame([native(), row(d=0.2, lo=0.15, hi=0.25, kld=0.05), row(threshold="50%", d=0.03, kld=0.001),
+                       native(vram=8), row(vram=8, d=0.2, lo=0.15, hi=0.25, kld=0.001)])
+    t = setting_sentence(df, "qwen3-30b-a3b", 12, "gen4x16")
+    assert t.startswith("For qwen3-30b-a3b on rtx3060 (12 GB VRAM, gen4x16): reject. The fastest candidate, "
+                        "static (signal mass, threshold 30%, low format q2_k)")
+    assert "its KLD bound exceeds the quality limit" in t and "The fastest whose quality passes, static (signal mass, " \
+        "threshold 50%" in t
+    assert setting_sentence(df, "qwen3-30b-a3b", 8, "gen4x16").startswith(
+        "For qwen3-30b-a3b on rtx3060 (8 GB VRAM, gen4x16): implement static (signal mass, threshold 30%")
+    assert setting_sentence(df, "qwen3-30b-a3b", 24, "gen4x16") is None
