@@ -131,6 +131,17 @@ def load_quality48(pattern: str = QUALITY48_GLOB) -> tuple[pd.DataFrame | None, 
                           "low_mass": float(r["low_mass"]), "kld": float(r["kld"]), "kld_lo": float(r["kld_ci"][0]),
                           "kld_hi": float(r["kld_ci"][1])})
     facts["mass_curve"] = curve
+    coupled = []  # cache-coupled passes: the policy measured at the cache's operating point (issue 10 item 4)
+    for r in doc.get("coupled", []):
+        if r.get("reference") != QUALITY_REFERENCE or r.get("kld") is None or not r.get("kld_ci"):
+            continue
+        try:
+            spec = parse_precision(str(r.get("precision", ""))).name
+        except ValueError:
+            continue
+        coupled.append({"name": r["name"], "precision": spec, "low_mass": float(r["low_mass"]),
+                        "kld": float(r["kld"]), "kld_lo": float(r["kld_ci"][0]), "kld_hi": float(r["kld_ci"][1])})
+    facts["coupled_quality"] = coupled
     pairs = [p for p in doc.get("pairs", []) if p.get("reference") == QUALITY_REFERENCE and p.get("metric") == "kld"]
     facts["pairs"] = pairs
     anchor = [r for r in doc.get("rows", []) if r.get("name") == QUALITY_REFERENCE and r.get("reference") == "float"]
@@ -156,12 +167,23 @@ def curve_quality(low_format: str, low_mass: float, curve: list[dict]) -> dict |
     return min(ok, key=lambda c: c["low_mass"]) if ok else None
 
 
-def verdict_input(speed: pd.DataFrame, quality: pd.DataFrame | None, curve: list[dict] | None = None) -> pd.DataFrame:
+def coupled_quality(precision: str, low_mass: float, own: dict | None, coupled: list[dict]) -> dict | None:
+    """The measured row for a policy at `low_mass`: of its own (uncoupled) row and its cache-coupled rows, the
+    one with the least served low mass that is still ≥ `low_mass` (never a lighter one); None when none is."""
+    rows = ([own] if own is not None else []) + [c for c in coupled if c["precision"] == precision]
+    ok = [c for c in rows if np.isfinite(c["low_mass"]) and c["low_mass"] >= low_mass]
+    return min(ok, key=lambda c: (c["low_mass"], c["name"] != "policy")) if ok else None
+
+
+def verdict_input(speed: pd.DataFrame, quality: pd.DataFrame | None, curve: list[dict] | None = None,
+                  coupled: list[dict] | None = None) -> pd.DataFrame:
     """analysis.verdict's contract from the speed frame (slru, no prefetch, map + sensitivity panels).
 
-    A static policy whose own quality row served less gate mass at low precision than the replay does
-    takes its KLD from the quality-vs-gate-mass curve (`curve_quality`) when a curve point of its low
-    format served at least the replay's mass; `quality_row` names the row a KLD comes from."""
+    A policy's KLD comes from the lightest of its own quality row and its cache-coupled rows (`coupled`:
+    the quality run's `coupled P @ budget` passes) that served at least the replay's low-precision gate
+    mass (`coupled_quality`); failing that, a static policy takes the quality-vs-gate-mass curve point
+    (`curve_quality`) of its low format that served at least the replay's mass; failing both, its own row
+    stays (and counts as measured at a lighter point). `quality_row` names the row a KLD comes from."""
     if speed.empty:
         return pd.DataFrame()
     s = speed[(speed["policy"] == VERDICT_POLICY) & (speed["prefetch"] == "none")
@@ -175,11 +197,19 @@ def verdict_input(speed: pd.DataFrame, quality: pd.DataFrame | None, curve: list
     s["quality_row"] = np.where(s["kld"].notna(), "policy", "")
     for i in s.index:
         spec = parse_precision(s.at[i, "precision"])
-        if not spec.is_static or spec.is_dynamic or not curve:
+        if spec.name == "native":
             continue
-        own = pd.to_numeric(pd.Series([s.at[i, "quality_low_mass"]]), errors="coerce").iloc[0]
+        own_mass = pd.to_numeric(pd.Series([s.at[i, "quality_low_mass"]]), errors="coerce").iloc[0]
         need = float(s.at[i, "low_precision_mass"])
-        if np.isfinite(own) and own >= need:
+        own = None if not np.isfinite(s.at[i, "kld"]) else {"name": "policy", "low_mass": own_mass}
+        m = coupled_quality(spec.name, need, own, coupled or [])
+        if m is not None:
+            if m["name"] != "policy":
+                s.loc[i, ["kld", "kld_lo", "kld_hi", "quality_low_mass"]] = [m["kld"], m["kld_lo"], m["kld_hi"],
+                                                                             m["low_mass"]]
+                s.at[i, "quality_row"] = m["name"]
+            continue
+        if not spec.is_static or spec.is_dynamic or not curve:
             continue
         c = curve_quality(spec.static_format, need, curve)
         if c is not None:
@@ -208,7 +238,7 @@ def decision(sweep_dir, quality_glob: str = QUALITY48_GLOB, rule: Rule | None = 
     rows, units, provs = load_map(sweep_dir)
     quality, qfacts = load_quality48(quality_glob)
     speed = speed_frame(rows, units) if not rows.empty else pd.DataFrame()
-    vin = verdict_input(speed, quality, qfacts.get("mass_curve"))
+    vin = verdict_input(speed, quality, qfacts.get("mass_curve"), qfacts.get("coupled_quality"))
     if rule is None:
         anchor = qfacts.get("q4k_vs_float_kld")
         rule = Rule(kld_unit=anchor / Q4KM_VS_BF16_KLD) if anchor else Rule()
@@ -313,7 +343,7 @@ def measured_table(records: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(out)
 
 
-__all__ = ["ci_kld", "ci_pct", "ci_rate", "curve_quality", "decision", "interactive_chart", "link_flips", "load_map", "load_offload",
+__all__ = ["ci_kld", "ci_pct", "ci_rate", "coupled_quality", "curve_quality", "decision", "interactive_chart", "link_flips", "load_map", "load_offload",
            "load_quality48", "map_chart", "map_table", "measured_table", "paired_delta", "paired_policy_diffs",
            "panel_table", "quality_pairs_table", "quality_spec", "sensitivity_table", "setting_table",
            "speed_frame", "validation_summary", "verdict_input", "write_html"]

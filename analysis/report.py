@@ -904,6 +904,7 @@ def decision_facts(dec: dict | None, offload: list[dict] | None = None) -> dict 
         "kld_max": float(v.rows["kld_hi"].max()) if v.rows["kld_hi"].notna().any() else None,
         "mass_gap": _mass_gap(vin, "static:mass:50%:q2_k"),
         "curve_used": _curve_used(vin),
+        "coupled_used": _curve_used(vin, "coupled "),
         "n_settings": len(v.settings), "n_recommended": int(v.settings["recommended"].sum()),
         "map_table": D.map_table(v), "setting_table": D.setting_table(vin, 12, "gen4x16", v.rule),
         "sensitivity_table": D.sensitivity_table(v), "n_flips": len(v.flips), "link_flips": D.link_flips(v),
@@ -918,11 +919,12 @@ def decision_facts(dec: dict | None, offload: list[dict] | None = None) -> dict 
     }
 
 
-def _curve_used(vin: pd.DataFrame) -> list[dict]:
-    """Which policies took their KLD from a quality-vs-gate-mass curve point, and in how many settings."""
+def _curve_used(vin: pd.DataFrame, prefix: str = "static-gm-") -> list[dict]:
+    """Which policies took their KLD from a quality-vs-gate-mass curve point (or, prefix "coupled ", a
+    cache-coupled row), and in how many settings."""
     if "quality_row" not in vin:
         return []
-    c = vin[vin["quality_row"].str.startswith("static-gm-", na=False) & (vin["scenario"] == "base")]
+    c = vin[vin["quality_row"].str.startswith(prefix, na=False) & (vin["scenario"] == "base")]
     g = c.groupby(["precision", "quality_row"]).size().reset_index(name="n")
     return [{"precision": r.precision, "row": r.quality_row, "n": int(r.n)} for r in g.itertuples()]
 

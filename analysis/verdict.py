@@ -32,6 +32,11 @@ Recommend a precision policy for a setting (model, GPU, VRAM, PCIe link) only wh
    replay takes the KLD of the curve point of the same low format that served the least mass still
    ≥ the replay's (`analysis.decision.curve_quality`). This assumes a demotion's cost follows the gate
    mass it serves low; it never uses a lighter point.
+   Cache-coupled rows (added 2026-12-07, after the third quality file was read; it changes no
+   recommendation, which was checked before and after): issue 10 asks that the quality measured with
+   the cache in the loop replace the every-access-a-miss figure. A policy takes, of its own row and
+   its cache-coupled rows, the one with the least served low mass still ≥ the replay's
+   (`analysis.decision.coupled_quality`); the curve applies only when none of those serves enough.
 
 Among the policies that pass in a setting, the recommended one has the highest Δ lower bound
 (ties: lower KLD, then higher Δ). A setting where none passes is a "reject". A verdict that changes

@@ -218,3 +218,35 @@ def test_static_policy_takes_its_kld_from_the_gate_mass_curve_at_or_above_its_op
     assert D.curve_quality("q2_k", 0.31, dec["quality_facts"]["mass_curve"]) is None  # beyond the curve: unknown
     # bound = 0.010 × (1e-4 / 0.0101) ≈ 9.9e-5: 3.3e-6 passes, so the policy is recommended
     assert dec["verdict"].settings["recommended"].sum() == 1
+
+
+def test_dynamic_policy_takes_the_lightest_coupled_row_that_serves_the_replays_mass(tmp_path):
+    """Issue 10 item 4: a coupled row replaces the every-access-a-miss row when it is the lightest one that
+    still served at least the replay's low-precision mass; a lighter coupled row never counts."""
+    rows = [{"name": "q4_k", "reference": "float", "kld": 1e-4, "kld_ci": [0.9e-4, 1.1e-4]},
+            {"name": "dynamic-0.6-0.9-q2r", "reference": "q4_k", "kld": 1e-3, "kld_ci": [0.9e-3, 1.1e-3], "low_mass": 0.3}]
+    coupled = [{"name": f"coupled dynamic:0.6:0.9 @ {b}", "precision": "dynamic:0.6:0.9", "reference": ref,
+                "low_mass": m, "kld": k, "kld_ci": [k * 0.9, k * 1.1]}
+               for b, m, k in (("derived", 0.05, 1e-5), ("4GiB", 0.2, 1e-4)) for ref in ("float", "q4_k")]
+    path = tmp_path / "quality-48l.json"
+    path.write_text(json.dumps({"command": "constructed", "rows": rows, "pairs": [], "coupled": coupled,
+                                "model": {"n_layers": 48, "n_experts": 128, "top_k": 8},
+                                "setup": {"eval_chunks": 4, "n_ctx": 64}, "train": {}}))
+    quality, facts = D.load_quality48(str(path))
+    cq = facts["coupled_quality"]
+    assert [c["name"] for c in cq] == ["coupled dynamic:0.6:0.9 @ derived", "coupled dynamic:0.6:0.9 @ 4GiB"]
+    assert {c["precision"] for c in cq} == {"dynamic:0.6:0.9:q2_k"}  # parsed to the sweep's spelling
+    own = {"name": "policy", "low_mass": 0.3}
+    assert D.coupled_quality("dynamic:0.6:0.9:q2_k", 0.1, own, cq)["name"] == "coupled dynamic:0.6:0.9 @ 4GiB"
+    assert D.coupled_quality("dynamic:0.6:0.9:q2_k", 0.04, own, cq)["name"] == "coupled dynamic:0.6:0.9 @ derived"
+    assert D.coupled_quality("dynamic:0.6:0.9:q2_k", 0.25, own, cq)["name"] == "policy"  # only the own row serves enough
+    assert D.coupled_quality("dynamic:0.6:0.9:q2_k", 0.35, own, cq) is None  # heavier than every row: unknown
+    assert D.coupled_quality("dynamic:0.6:0.9:q2_k:serve", 0.01, None, cq) is None  # another rule: not this row
+    speed = pd.DataFrame([{"policy": "slru", "prefetch": "none", "panel": "map", "scenario": "base", "protected_share": None,
+                           "precision": p, "model": "qwen3-30b-a3b", "native": "q4_k_m", "vram_gb": 12, "pcie": "gen4x16",
+                           "delta": d, "delta_lo": d, "delta_hi": d, "n_units": 8, "hit_rate": 0.9, "hit_rate_lo": 0.9,
+                           "hit_rate_hi": 0.9, "low_precision_mass": m}
+                          for p, d, m in (("native", 0.0, 0.0), ("dynamic:0.6:0.9:q2_k", 0.1, 0.1))])
+    vin = D.verdict_input(speed, quality, facts["mass_curve"], cq).set_index("precision")
+    assert vin.at["dynamic:0.6:0.9:q2_k", "quality_row"] == "coupled dynamic:0.6:0.9 @ 4GiB"
+    assert vin.at["dynamic:0.6:0.9:q2_k", "kld_hi"] == pytest.approx(1.1e-4)
