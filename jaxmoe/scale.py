@@ -356,6 +356,18 @@ def imatrix_supported() -> bool:
 # Arrays on disk are in GGUF layout (rows along the contiguous dimension): gate/up [L, E, F, D], down [L, E, D, F].
 
 
+def imatrix_spread(w: np.ndarray) -> dict:
+    """How uneven an imatrix [L, E, K] is: quantiles over (layer, expert) rows of max / median column weight
+    (1 = flat; the weighted quantizer then does little), for reading a weighted copy's quality afterwards."""
+    rows = w.reshape(-1, w.shape[-1]).astype(np.float64)
+    med = np.median(rows, axis=1)
+    ratio = rows.max(axis=1) / np.where(med > 0, med, np.nan)
+    q = ([round(float(x), 3) for x in np.nanquantile(ratio, [0.5, 0.9, 0.99, 1.0])] if np.isfinite(ratio).any()
+         else [None] * 4)  # JSON has no NaN
+    return {"max_over_median_q50_q90_q99_max": q,
+            "rows_with_zero_median": int((med <= 0).sum())}
+
+
 def _quant_job(args) -> tuple[int, str, float]:
     """One (layer, kind) of the listed sets: dequantized weights into the memmaps under folder `d`.
     "q4" computes float → Q4_K; sets derived from Q4_K read it back when this job does not compute it."""
@@ -738,6 +750,7 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
     im_in = np.stack([Imatrix(facc["im_in"][l], counts[l], cfg.n_experts).quant_weights() for l in range(cfg.n_layers)])
     im_act = np.stack([Imatrix(facc["im_act"][l], counts[l], cfg.n_experts).quant_weights() for l in range(cfg.n_layers)])
     imatrix = {"gate": im_in, "up": im_in, "down": im_act}  # [L, E, K] per kind
+    imatrix_stats = {k: imatrix_spread(imatrix[k]) for k in ("gate", "down")}  # gate's is up's
     log(f"imatrix from {cal_chunks.size} calibration tokens in {time.perf_counter() - t0:.1f} s")
     if imatrix_supported():
         queue_imatrix_phase(pool, qfuts, imatrix, work)
@@ -955,7 +968,7 @@ def run(data: Path, out: Path, plan: Plan, *, work: Path, compact_out: Path | No
                   "calib_chunks": int(cal_chunks.shape[0]), "n_boot": plan.n_boot, "ci_level": 0.95,
                   "coupled_eval_chunks": Ce, "coupled_calib_chunks": Cc, "coupled_replay_s": round(coupled_replay_s, 1),
                   "sets": list(sets_done), "imatrix": imatrix_supported(), "quantize_wall_s": round(quant_s, 1),
-                  "late_sets_ready_s": late_sets,
+                  "late_sets_ready_s": late_sets, "imatrix_spread": imatrix_stats,
                   "expert_bytes_at_this_width": expert_bytes,
                   "signals": {"err": "mean ||y_Q2K − y_Q4K||² per routed calibration row (output error when demoted)",
                               "err_mass": "err × summed gate weight (MC-MoE-style frequency × weight × error)"},

@@ -158,6 +158,8 @@ def test_pipeline_end_to_end_tiny(tmp_path):
     for late in ("all-q2d", "all-q2ri", "static-mass-0.5-q2d", "static-mass-0.5-q2ri"):
         assert rows[(late, "float")]["kld"] > 0
     assert rows[("all-q2ri", "q4_k")]["kld"] != rows[("all-q2r", "q4_k")]["kld"]  # the weights changed the copy
+    spread = res["setup"]["imatrix_spread"]["down"]["max_over_median_q50_q90_q99_max"]
+    assert 1 <= spread[0] <= spread[1] <= spread[2] <= spread[3]
     work = out / "work"  # the imatrix reaches the quantizer along the weights' input axis: the weighted copy has
     for kind in SC.EXPERT_KINDS:  # the lower imatrix-weighted error against the Q4_K weights it re-quantizes
         q4, im = np.load(work / f"q4_{kind}.npy"), np.load(work / f"imatrix_{kind}.npy")[:, :, None, :]
@@ -183,3 +185,12 @@ def test_pipeline_end_to_end_tiny(tmp_path):
     assert len(np.unique(t.seq)) == SC.SMOKE.calib_seqs + SC.SMOKE.eval_seqs
     assert (out / "compact" / "qwen3moe-compact.gguf").stat().st_size > 0
     assert "| configuration | reference |" in SC.report(res)
+
+
+def test_imatrix_spread_against_brute_force():
+    w = np.random.default_rng(4).lognormal(size=(3, 5, 256))
+    w[0, 0] = 1.0  # a flat row: ratio 1
+    got = SC.imatrix_spread(w)["max_over_median_q50_q90_q99_max"]
+    ratios = sorted(float(r.max() / np.median(r)) for r in w.reshape(-1, 256))
+    assert got[-1] == pytest.approx(ratios[-1], rel=1e-3) and got[0] == pytest.approx(np.median(ratios), rel=1e-3)
+    assert min(ratios) == 1.0 and SC.imatrix_spread(np.ones((1, 2, 8)))["max_over_median_q50_q90_q99_max"] == [1.0] * 4
