@@ -55,6 +55,7 @@ CONFIGS = [
     ("slru native, oracle prefetch", "slru", "native", "oracle:0.8"),
     ("lfu dynamic, oracle prefetch", "lfu", DYN, "oracle:0.8"),
     ("s3fifo dynamic, oracle prefetch", "s3fifo", DYN, "oracle:0.8"),
+    ("slru dynamic serve", "slru", f"{DYN}:q2_k:serve", "none"),  # HOBBIT's serve rule (compiled since 2026-12-07)
 ]
 BELADY = ("belady native", "belady", "native", "none")
 TARGET_RATE, TARGET_NAIVE, TARGET_LINEAR, TARGET_BYTES = 2e6, 20.0, 1.2, 64.0
