@@ -160,19 +160,24 @@ def _policy_fields(spec: str) -> dict:
     return {"policy": "native", "signal": "", "threshold": "", "low_format": ""}
 
 
+def _lightest_serving(rows: list[dict], low_mass: float) -> dict | None:
+    """Of quality rows, the one with the least served low mass that is still ≥ `low_mass` (never a lighter
+    one; the first of equals); None when none serves enough."""
+    ok = [r for r in rows if np.isfinite(r["low_mass"]) and r["low_mass"] >= low_mass]
+    return min(ok, key=lambda r: r["low_mass"]) if ok else None
+
+
 def curve_quality(low_format: str, low_mass: float, curve: list[dict]) -> dict | None:
     """The quality-vs-gate-mass row standing in for a static policy at `low_mass`: of the curve rows of
     `low_format`, the one with the least served low mass that is still ≥ `low_mass` (never a lighter one)."""
-    ok = [c for c in curve if c["low_format"] == low_format and c["low_mass"] >= low_mass]
-    return min(ok, key=lambda c: c["low_mass"]) if ok else None
+    return _lightest_serving([c for c in curve if c["low_format"] == low_format], low_mass)
 
 
 def coupled_quality(precision: str, low_mass: float, own: dict | None, coupled: list[dict]) -> dict | None:
     """The measured row for a policy at `low_mass`: of its own (uncoupled) row and its cache-coupled rows, the
-    one with the least served low mass that is still ≥ `low_mass` (never a lighter one); None when none is."""
-    rows = ([own] if own is not None else []) + [c for c in coupled if c["precision"] == precision]
-    ok = [c for c in rows if np.isfinite(c["low_mass"]) and c["low_mass"] >= low_mass]
-    return min(ok, key=lambda c: (c["low_mass"], c["name"] != "policy")) if ok else None
+    one with the least served low mass that is still ≥ `low_mass` (the own row first among equals)."""
+    return _lightest_serving(([own] if own is not None else []) + [c for c in coupled if c["precision"] == precision],
+                             low_mass)
 
 
 def verdict_input(speed: pd.DataFrame, quality: pd.DataFrame | None, curve: list[dict] | None = None,

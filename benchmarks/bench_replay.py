@@ -166,13 +166,12 @@ def main() -> int:
           "  targets met")
     print(f"{'':36s} {'timeline':>8s} {'hits':>8s} {'(hits)':>8s} {'4x, tl':>8s} {'ns/acc':>6s} {'':>8s}"
           "  (rate, x naive, linear)")
-    met = {"rate": True, "naive": True, "linear": True}
+    met = {"rate": True, "linear": True}
     for r in rows:
         rate, hrate = r["n1"] / r["t1"], r["n1"] / r["th"]
         lin = (r["t4"] / r["n4"]) / (r["t1"] / r["n1"])
         ok = (rate >= TARGET_RATE, hrate / naive_rate >= TARGET_NAIVE, bool(lin <= TARGET_LINEAR))
         met["rate"] &= ok[0]
-        met["naive"] &= ok[1]
         met["linear"] &= ok[2]
         print(f"{r['label']:36s} {rate / 1e6:8.2f} {hrate / 1e6:8.2f} {hrate / naive_rate:8.1f} "
               f"{r['n4'] / r['t4'] / 1e6:8.2f} {lin:6.2f} {r['hit_rate']:8.4f}  " + " ".join("yes" if x else "NO" for x in ok))
@@ -184,7 +183,7 @@ def main() -> int:
         print(f"target hit-rate replay >= 20x naive OrderedDict LRU, like for like (lru native): "
               f"{'MET' if x >= TARGET_NAIVE else 'NOT MET'} ({x:.1f}x)")
     below = [r["label"] for r in rows if r["n1"] / r["th"] / naive_rate < TARGET_NAIVE]
-    print(f"target hit-rate replay >= 20x naive OrderedDict LRU, every configuration: {'MET' if met['naive'] else 'NOT MET'}"
+    print(f"target hit-rate replay >= 20x naive OrderedDict LRU, every configuration: {'NOT MET' if below else 'MET'}"
           + (f" (below: {', '.join(below)})" if below else ""))
     print(f"target time/access at 4x within 1.2x of 1x, every configuration: {'MET' if met['linear'] else 'NOT MET'}")
 

@@ -390,16 +390,15 @@ def save_trace(trace: Trace, path: str | os.PathLike, *, compact: bool = False) 
     arrays = {k: np.ascontiguousarray(a, dtype=_storage_dtype(k, a) if compact else ARRAY_DTYPES[k])
               for k, a in arrays.items()}
     arrays["meta"] = np.array(meta_json)  # 0-d unicode array
+    codec = ({"compress_type": zipfile.ZIP_LZMA} if compact
+             else {"compress_type": zipfile.ZIP_DEFLATED, "compresslevel": 1})
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", allowZip64=True) as zf:
         for key, a in arrays.items():
             buf = io.BytesIO()
             np.lib.format.write_array(buf, a, allow_pickle=False)
             info = zipfile.ZipInfo(f"{key}.npy", date_time=_ZIP_DATE)
             info.external_attr = 0o644 << 16
-            if compact:
-                zf.writestr(info, buf.getvalue(), compress_type=zipfile.ZIP_LZMA)
-            else:
-                zf.writestr(info, buf.getvalue(), compress_type=zipfile.ZIP_DEFLATED, compresslevel=1)
+            zf.writestr(info, buf.getvalue(), **codec)
 
 
 def _storage_dtype(key: str, a: np.ndarray) -> np.dtype:
