@@ -861,7 +861,7 @@ def main(argv: list[str] | None = None) -> dict:
     jobs = [(c, cp) for c in configs for cp in paths_cp]
     compiled = {c: ex.compile_plan(plans[c[0], c[1], c[3], c[4]]) for c in configs}
     doc["setup_s"]["plans"] = time.perf_counter() - t0 - doc["setup_s"]["precompile"]
-    runs = {j: dict(secs=[], token_s=[], bd=ex.new_breakdown(), executed=dict(copies=0, computed=0, tokens=0))
+    runs = {j: dict(secs=[], token_s=[], parts=[], bd=ex.new_breakdown(), executed=dict(copies=0, computed=0, tokens=0))
             for j in jobs}
     rng = np.random.default_rng(args.seed)
     show = not args.quiet
@@ -889,10 +889,12 @@ def main(argv: list[str] | None = None) -> dict:
                 for i in rng.permutation(len(mine)):
                     job = mine[i]
                     st = runs[job]
+                    before = _bd_totals(st["bd"])
                     secs = ex.run(compiled[job[0]], st["bd"] if timed else None)
                     if timed:
                         st["secs"].append(secs)
                         st["token_s"].append(ex.token_s)
+                        st["parts"].append({k: round(v - before[k], 6) for k, v in _bd_totals(st["bd"]).items()})
                         for k in st["executed"]:
                             st["executed"][k] += ex.counts[k]
                     if bar is not None:
@@ -916,6 +918,11 @@ def main(argv: list[str] | None = None) -> dict:
     return doc
 
 
+def _bd_totals(bd: dict) -> dict:
+    """Seconds so far per part of the decode loop (router wait, dispatch, copy issue, stall, head), summed over layers."""
+    return {k.removesuffix("_s"): float(np.sum(v)) for k, v in bd.items()}
+
+
 class _Deadline(Exception):
     """--deadline-s would pass during the next round: stop before it (every configuration keeps the same rounds)."""
 
@@ -931,6 +938,7 @@ def _grid_records(doc: dict, ex, jobs: list, plans: dict, runs: dict, rounds: in
         rec = dict(trace=Path(tp).name, budget=label, capacity_bytes=int(cap), policy=pol,
                    precision=plan.sim["precision"], copy_path=cpath)
         rec.update(summarize_runs(ex, plan, st["secs"][:rounds], st["bd"], st["executed"], st["token_s"][:rounds]))
+        rec["parts_s_per_run"] = st["parts"][:rounds]  # each run's loop split: which part makes a slow run slow
         doc["results"].append(rec)
 
 

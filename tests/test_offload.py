@@ -77,6 +77,10 @@ def test_executor_counts_equal_sim_replay(tiny, executed):
         assert [len(r) for r in rec["token_s_per_run"]] == [sim["tokens"]] * 2
         for toks, secs in zip(rec["token_s_per_run"], rec["seconds"]):
             assert min(toks) > 0 and sum(toks) <= secs + 1e-5
+        # each run's loop split: its parts sum to at most the run's wall time, and add up to the per-layer totals
+        parts = rec["parts_s_per_run"]
+        assert len(parts) == 2 and all(sum(p.values()) <= s + 1e-5 for p, s in zip(parts, rec["seconds"]))
+        assert sum(p["stall"] for p in parts) / 2 == pytest.approx(sum(rec["per_layer_s_per_run"]["stall"]), abs=1e-5)
     assert executed["results"][0]["capacity_bytes"] == int(total)
     # the grid is not degenerate: some configurations copy, some skip, some serve low precision
     assert any(r["misses"] > 0 for r in executed["results"]) and any(r["hits"] > 0 for r in executed["results"])
