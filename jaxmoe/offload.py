@@ -766,6 +766,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--copy-path", default="raw,jax", help="raw (cudaMemcpyAsync via CuPy) and/or jax (device_put)")
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds: runs per configuration (default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones (default: %(default)s)")
+    ap.add_argument("--interleave", choices=("token", "run"), default="token",
+                    help="within a round, alternate the configurations token by token (default) or run each one "
+                         "whole (the protocol of runs 4-5 in docs/validation.md)")
     ap.add_argument("--calib-fraction", type=float, default=0.25, help="the simulator's calibration window share")
     ap.add_argument("--seed", type=int, default=0, help="weights and static-policy seed")
     ap.add_argument("--distinct", type=int, default=2, help="distinct experts per format, replicated to all ids")
@@ -860,7 +863,9 @@ def main(argv: list[str] | None = None) -> dict:
     cal = offload_calib.CalibrationRounds(ex, paths_cp) if args.calibrate else None
     jobs = [(c, cp) for c in configs for cp in paths_cp]
     compiled = {c: ex.compile_plan(plans[c[0], c[1], c[3], c[4]]) for c in configs}
+    slices = {c: token_slices(v) for c, v in compiled.items()}
     doc["setup_s"]["plans"] = time.perf_counter() - t0 - doc["setup_s"]["precompile"]
+    doc["interleave"] = args.interleave
     runs = {j: dict(secs=[], token_s=[], parts=[], bd=ex.new_breakdown(), executed=dict(copies=0, computed=0, tokens=0))
             for j in jobs}
     rng = np.random.default_rng(args.seed)
@@ -883,9 +888,14 @@ def main(argv: list[str] | None = None) -> dict:
             for cpath in paths_cp:  # one copy-path switch per round; jobs in a fresh random order each round
                 ex.set_copy_path(cpath)
                 gc.collect()
-                if cal is not None and timed:
-                    cal.round(ex, cpath, rng)
                 mine = [j for j in jobs if j[1] == cpath]
+                if args.interleave == "token":
+                    _token_round(ex, cpath, mine, slices, runs, cal, rng, timed)
+                    if bar is not None:
+                        bar.update(task, advance=len(mine), description=f"round {rnd + 1}: {cpath}")
+                    continue
+                if cal is not None:  # warm-up rounds too: their first use of each synthetic plan is discarded
+                    cal.round(ex, cpath, rng, keep=timed)
                 for i in rng.permutation(len(mine)):
                     job = mine[i]
                     st = runs[job]
@@ -910,12 +920,67 @@ def main(argv: list[str] | None = None) -> dict:
         if bar is not None:
             bar.stop()
     if cal is not None and rounds_done:  # once, after the rounds: it also times the raw copy floor and kernels
-        doc["calibration"] = cal.result(ex)
+        doc["calibration"] = cal.result(ex) | dict(interleave=args.interleave)
         _write(Path(args.calibrate), doc["calibration"])
     doc["rounds"] = rounds_done
     doc["elapsed_s"] = time.perf_counter() - t_begin
     _write(out_path, doc)
     return doc
+
+
+def token_slices(compiled: list) -> list[list]:
+    """A compiled plan cut into its tokens (each a compiled plan of its own, ending at a token's last layer)."""
+    out, cur = [], []
+    for grp in compiled:
+        cur.append(grp)
+        if grp[2]:
+            out.append(cur)
+            cur = []
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _token_round(ex, cpath: str, mine: list, slices: dict, runs: dict, cal, rng, timed: bool) -> None:
+    """One round of copy path `cpath`, interleaved token by token: token t of every job (grid configurations and
+    the calibration's synthetic plans) runs, in a fresh random order, before any job's token t + 1.
+
+    Why: in run 5 (docs/validation.md) a whole run of this host-bound loop is uniformly fast or slow (the run's
+    median token varies as much as the run) while its consecutive tokens vary little: a slow host state lasts
+    about as long as one run. Spread over the round, each configuration's tokens sample many such states
+    instead of one. Each token starts and ends synchronised (its last layer's head waits for the argmax on
+    the host), so a token's wall time is the same whether its neighbours are its own plan's or another's.
+    """
+    units = [(("grid", j), slices[j[0]]) for j in mine]
+    head = 0.0
+    if cal is not None:
+        head = cal.head(ex, cpath, keep=timed)
+        units += [(("cal", key), token_slices(comp)) for key, comp, _, _ in cal.jobs[cpath]]
+    total = {u: 0.0 for u, _ in units}
+    toks = {u: [] for u, _ in units}
+    before = {u: _bd_totals(runs[u[1]]["bd"]) for u, _ in units if u[0] == "grid"}
+    execd = {u: dict(copies=0, computed=0, tokens=0) for u, _ in units}
+    for t in range(max(len(sl) for _, sl in units)):
+        live = [(u, sl) for u, sl in units if t < len(sl)]
+        for i in rng.permutation(len(live)):
+            u, sl = live[i]
+            secs = ex.run(sl[t], runs[u[1]]["bd"] if timed and u[0] == "grid" else None)
+            total[u] += secs
+            toks[u].append(secs)
+            for k in execd[u]:
+                execd[u][k] += ex.counts[k]
+    if not timed:
+        return
+    for u, _ in units:
+        if u[0] == "cal":
+            cal.record(cpath, u[1], total[u], head)
+            continue
+        st = runs[u[1]]
+        st["secs"].append(total[u])
+        st["token_s"].append(toks[u])
+        st["parts"].append({k: round(v - before[u][k], 6) for k, v in _bd_totals(st["bd"]).items()})
+        for k in st["executed"]:
+            st["executed"][k] += execd[u][k]
 
 
 def _bd_totals(bd: dict) -> dict:

@@ -109,15 +109,28 @@ class CalibrationRounds:
         self.samples = {c: {key: [] for key, *_ in self.jobs[c]} for c in self.paths}
         self.heads = {c: [] for c in self.paths}
 
-    def round(self, ex, cpath: str, rng: np.random.Generator) -> None:
-        """One timed run of every synthetic plan of `cpath` (the executor already on that copy path)."""
+    def head(self, ex, cpath: str, keep: bool = True) -> float:
+        """The output head's time this round (kept as a sample unless `keep` is false: a warm-up round)."""
         head = _head_s(ex)
-        self.heads[cpath].append(head)
+        if keep:
+            self.heads[cpath].append(head)
+        return head
+
+    def record(self, cpath: str, key: str, secs: float, head: float) -> None:
+        """One round's sample of synthetic plan `key`: its wall seconds less the heads, per layer."""
+        _, _, tokens, nl = next(j for j in self.jobs[cpath] if j[0] == key)
+        self.samples[cpath][key].append((secs - tokens * head) / (tokens * nl))
+
+    def round(self, ex, cpath: str, rng: np.random.Generator, keep: bool = True) -> None:
+        """One run of every synthetic plan of `cpath` (the executor already on that copy path), whole and in
+        random order; `keep` false: a warm-up round, measured but not kept."""
+        head = self.head(ex, cpath, keep)
         jobs = self.jobs[cpath]
         for i in rng.permutation(len(jobs)):
             key, compiled, tokens, nl = jobs[i]
             secs = ex.run(compiled)
-            self.samples[cpath][key].append((secs - tokens * head) / (tokens * nl))
+            if keep:
+                self.record(cpath, key, secs, head)
 
     def result(self, ex) -> dict:
         """The calibration JSON (medians over rounds; every round's value kept under "samples")."""

@@ -207,16 +207,23 @@ def test_path_nbytes_matches_architecture_table():
     assert offload_calib.path_nbytes("q3_k") == 2_027_520 and offload_calib.path_nbytes("q4_k+q6_k_down") == 3_059_712
 
 
-def test_interleaved_rounds_give_every_configuration_the_same_runs(tiny, tmp_path):
-    """Rounds: each configuration runs once per timed round; the calibration keeps one sample per round."""
+@pytest.mark.parametrize("interleave", ["token", "run"])
+def test_interleaved_rounds_give_every_configuration_the_same_runs(tiny, tmp_path, interleave):
+    """Rounds: each configuration runs once per timed round (whole, or token by token with the others); the
+    calibration keeps one sample per timed round (none from the warm-up round)."""
     grid, calib = tmp_path / "grid.json", tmp_path / "calib.json"
     doc = offload.main([str(tiny), "--shape", "tiny", "--copy-path", "jax", "--kernel", "reference", "--budget", "30%,60%",
-                        "--policy", "lru,slru", "--precision", "native", "--repeats", "3", "--warmup", "1",
-                        "--calibrate", str(calib), "--out", str(grid), "-q"])
-    assert doc["rounds"] == 3 and not doc["stopped_early"] and len(doc["results"]) == 4
+                        "--policy", "lru,slru", "--precision", "native,dynamic:0.6:0.9", "--repeats", "3", "--warmup", "1",
+                        "--interleave", interleave, "--calibrate", str(calib), "--out", str(grid), "-q"])
+    assert doc["rounds"] == 3 and not doc["stopped_early"] and len(doc["results"]) == 8 and doc["interleave"] == interleave
     for rec in doc["results"]:
         assert len(rec["seconds"]) == 3 and rec["executed_tokens"] == 3 * rec["tokens"]
+        assert rec["executed_copies"] == 3 * rec["misses"] and rec["executed_experts"] == 3 * (rec["hits"] + rec["misses"])
         assert rec["hits"] == rec["sim_hits"] and rec["misses"] == rec["sim_misses"]
+        for toks, secs in zip(rec["token_s_per_run"], rec["seconds"]):  # a round's run = its tokens
+            assert len(toks) == rec["tokens"] and sum(toks) <= secs + 1e-5
+            if interleave == "token":
+                assert sum(toks) == pytest.approx(secs, rel=1e-4, abs=1e-5)
     cal = json.loads(calib.read_text())
     samples = cal["paths"]["jax"]["samples"]
     assert cal["reps"] == 3 and all(len(v) == 3 for v in samples.values())
