@@ -415,6 +415,54 @@ def native_profile(calib: dict, head_bytes: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Noise: is a slow run slow throughout, or slowed by a few tokens?
+# ---------------------------------------------------------------------------------------------
+
+NOISE_PARTS = ("router_wait", "dispatch", "copy_issue", "stall", "head")
+
+
+def noise_rows(grid: dict) -> list[dict]:
+    """Per copy path, medians over configurations of: the CV of a configuration's run seconds across rounds;
+    the CV of its tokens within a run; the CV across rounds of each run's median token (as large as the
+    run CV: whole runs shift; much smaller: a few slow tokens do it); slow tokens (> 1.5 × the run's
+    median) per run; and per loop part its share of a run and its CV across rounds."""
+    out = []
+    for cpath in sorted({r["copy_path"] for r in grid["results"]}):
+        recs = [r for r in grid["results"] if r["copy_path"] == cpath and len(r.get("seconds", [])) >= 2
+                and r.get("token_s_per_run")]
+        if not recs:
+            continue
+        cv = lambda a: float(np.std(a, ddof=1) / np.mean(a))  # noqa: E731
+        row = dict(copy_path=cpath, configurations=len(recs), rounds=min(len(r["seconds"]) for r in recs),
+                   run_cv=float(np.median([cv(r["seconds"]) for r in recs])),
+                   token_cv=float(np.median([np.median([np.std(t) / np.mean(t) for t in r["token_s_per_run"]]) for r in recs])),
+                   run_median_token_cv=float(np.median([cv([np.median(t) for t in r["token_s_per_run"]]) for r in recs])),
+                   slow_tokens_per_run=float(np.mean([np.mean([np.sum(np.asarray(t) > 1.5 * np.median(t))
+                                                               for t in r["token_s_per_run"]]) for r in recs])),
+                   parts={})
+        if all(r.get("parts_s_per_run") for r in recs):
+            for k in NOISE_PARTS:
+                share = np.median([np.mean([p[k] for p in r["parts_s_per_run"]]) / np.mean(r["seconds"]) for r in recs])
+                spread = np.median([cv([p[k] for p in r["parts_s_per_run"]]) if np.mean([p[k] for p in r["parts_s_per_run"]]) > 0
+                                    else 0.0 for r in recs])
+                row["parts"][k] = dict(share=float(share), cv=float(spread))
+        out.append(row)
+    return out
+
+
+def noise_table(rows: list[dict]) -> str:
+    lines = ["| copy | configurations × rounds | run CV | token CV within a run | CV of the run's median token | "
+             "slow tokens per run | part: share of a run, CV across rounds |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        parts = "; ".join(f"{k} {100 * v['share']:.0f} %, {100 * v['cv']:.0f} %" for k, v in r["parts"].items()
+                          if v["share"] >= 0.005) or "—"
+        lines.append(f"| {r['copy_path']} | {r['configurations']} × {r['rounds']} | {100 * r['run_cv']:.1f} % | "
+                     f"{100 * r['token_cv']:.1f} % | {100 * r['run_median_token_cv']:.1f} % | "
+                     f"{r['slow_tokens_per_run']:.2f} | {parts} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
 # Validation: the simulator with the matching profile on each measured configuration
 # ---------------------------------------------------------------------------------------------
 
@@ -523,6 +571,8 @@ def main(argv=None):
     b.add_argument("--profile-dir", default="sim/profiles", help="folder of the <card>-offload-<path>.json profiles")
     b.add_argument("--json", help="also write the rows as JSON")
     b.add_argument("--skip-rounds", type=int, default=0, help="leave out each configuration's first N timed rounds")
+    n = sub.add_parser("noise", help="where a grid's run-to-run spread comes from: whole runs or single tokens, which loop part")
+    n.add_argument("grid", help="JSON written by python -m jaxmoe.offload (with token_s_per_run / parts_s_per_run)")
     t = sub.add_parser("grid-traces", help="write the validation grid's two traces (docs/validation.md) into a folder")
     t.add_argument("out_dir")
     t.add_argument("--default-trace", default="traces/qwen3.npz", help="the 48-layer model's trace (default: %(default)s)")
@@ -537,6 +587,16 @@ def main(argv=None):
         tiny_trace(args.out, layers=args.layers, experts=args.experts, top_k=args.top_k, seqs=args.seqs,
                    steps=args.steps, seed=args.seed)
         return args.out
+    if args.cmd == "noise":
+        try:
+            grid = json.loads(Path(args.grid).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise InputError(args.grid, f"cannot read grid JSON: {exc}") from None
+        rows = noise_rows(grid)
+        if not rows:
+            raise InputError(args.grid, "no configuration with ≥ 2 timed runs and per-token times (token_s_per_run)")
+        print(noise_table(rows))
+        return rows
     if args.cmd == "profiles":
         try:
             calib = json.loads(Path(args.calib).read_text())

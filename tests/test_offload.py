@@ -244,3 +244,22 @@ def test_skip_rounds_recomputes_every_calibration_value_from_the_later_rounds():
     assert out["hit"] == {"q4_k": {"1": 5.5}} and out["miss"] == {"q4_k": {"1": 9.0}}
     assert set(out) == set(rec)  # no stray keys
     assert rec["dense_s"] == 3.0  # the input is left as it was
+
+
+def test_noise_rows_tell_whole_run_shifts_from_slow_tokens():
+    """A configuration whose runs are uniformly scaled has run CV = CV of the run's median token; one whose
+    runs differ by a single slow token has a small median-token CV and one slow token per such run."""
+    from jaxmoe import offload_calib
+
+    base = np.array([0.03, 0.031, 0.029, 0.030])
+    scaled = [list(base * f) for f in (1.0, 1.2, 0.9)]
+    spiked = [list(base), list(np.r_[base[:3], 0.09]), list(base)]
+    grid = {"results": [dict(copy_path="raw", seconds=[sum(t) for t in runs], token_s_per_run=runs)
+                        for runs in (scaled, scaled, spiked)]}
+    (row,) = offload_calib.noise_rows(grid)
+    cv = lambda a: np.std(a, ddof=1) / np.mean(a)  # noqa: E731
+    assert row["run_cv"] == pytest.approx(cv([sum(t) for t in scaled]))  # median of (scaled, scaled, spiked)
+    assert row["run_median_token_cv"] == pytest.approx(cv([np.median(t) for t in scaled]))
+    assert row["run_median_token_cv"] == pytest.approx(row["run_cv"], rel=1e-9)
+    assert row["slow_tokens_per_run"] == pytest.approx((0 + 0 + 1 / 3) / 3)
+    assert offload_calib.noise_rows({"results": [dict(copy_path="raw", seconds=[1.0], token_s_per_run=[[1.0]])]}) == []
