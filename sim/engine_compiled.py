@@ -464,7 +464,8 @@ def _access(M, S, F, H, pol, k, size, hp_, g):  # pragma: no cover - compiled
                 H[S[sc, HOFF] + v + 1] += rc
                 S[sc, HMX] = max(S[sc, HMX], v + 1)
         S[sc, MAXL] = max(S[sc, MAXL], M[LAYR, k])
-    S[sc, TICK] += 1
+    if pol == LFU or pol == HOBBIT:  # the only policies that read the tick (last touch, TK)
+        S[sc, TICK] += 1
     if M[RES, k]:
         _on_hit(M, S, F, H, pol, sc, k, hp_)
         return True
@@ -479,7 +480,8 @@ def _admit(M, S, F, H, pol, k, size, g):  # pragma: no cover - compiled
     if M[RES, k]:
         return True
     sc = M[SCOF, k]
-    S[sc, TICK] += 1
+    if pol == LFU or pol == HOBBIT:  # the only policies that read the tick (last touch, TK)
+        S[sc, TICK] += 1
     if not _make_room(M, S, F, H, pol, sc, k, size, True, g):
         return False
     _place(M, S, F, H, pol, sc, k, size, True, g)
@@ -525,7 +527,7 @@ def _stamp_group(M, S, F, H, expert, lo, hi, row, layer, hi_slots, dyn, dyn_slot
             _stamp(M, S, F, H, (row + e) * ns + dyn_slot, g)
 
 
-@numba.njit(cache=True, _nrt=False)
+@numba.njit(cache=True, _nrt=False, inline="always")
 def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
             dyn, t1, t2, dyn_slot, serve, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
             adm_at, ns):  # pragma: no cover - compiled
@@ -630,6 +632,39 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
                     pf_link[g] += link_s[nl, s]
                     adm_at[k] = g
                     n_adm += 1
+
+
+# The kernel's entry points. `_kernel` is inlined into each; in `_kernel_lru_native` and `_kernel_slru_native`
+# the policy and the precision switches are compile-time constants, so LLVM drops every other policy's
+# branches: lru with native or static precision and one pool (the like-for-like configuration of
+# benchmarks/bench_replay.py) went from 15.8 to 12.1 ns per access on its 1× trace (2-core development
+# machine, best of 7; docs/performance.md). Every other configuration runs `_kernel_generic`, the same
+# code with the switches read at run time.
+@numba.njit(cache=True, _nrt=False)
+def _kernel_generic(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
+                    dyn, t1, t2, dyn_slot, serve, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
+                    adm_at, ns):  # pragma: no cover - compiled
+    _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
+            dyn, t1, t2, dyn_slot, serve, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait, adm_at, ns)
+
+
+@numba.njit(cache=True, _nrt=False)
+def _kernel_lru_native(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
+                       dyn, t1, t2, dyn_slot, serve, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
+                       adm_at, ns):  # pragma: no cover - compiled
+    _kernel(M, S, F, H, LRU, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
+            False, t1, t2, dyn_slot, False, False, True, result, slot_out, pf_bytes, pf_loads, pf_link, wait, adm_at, ns)
+
+
+@numba.njit(cache=True, _nrt=False)
+def _kernel_slru_native(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
+                        dyn, t1, t2, dyn_slot, serve, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
+                        adm_at, ns):  # pragma: no cover - compiled
+    _kernel(M, S, F, H, SLRU, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
+            False, t1, t2, dyn_slot, False, False, True, result, slot_out, pf_bytes, pf_loads, pf_link, wait, adm_at, ns)
+
+
+SPECIALISED = {LRU: _kernel_lru_native, SLRU: _kernel_slru_native}  # policies with a native-precision, one-pool entry
 
 
 def _local_slots(policy, hi_slots):
@@ -808,7 +843,8 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
     n, n_groups = groups.expert.size, groups.n_groups
     out = Outcome(np.zeros(n, np.int8), np.zeros(n, np.int8), np.zeros(n_groups, np.int64), np.zeros(n_groups, np.int64),
                   np.zeros(n_groups, np.float64), np.full(n_groups, -1, np.int64))
-    _kernel(M, S, F, H, pol, groups.start, groups.layer, groups.seq, groups.expert, groups.score, groups.predicted,
+    kernel = SPECIALISED.get(pol, _kernel_generic) if not dyn and not split else _kernel_generic
+    kernel(M, S, F, H, pol, groups.start, groups.layer, groups.seq, groups.expert, groups.score, groups.predicted,
             hi_slots, sizes, link_s,
             dyn, t1, t2, dyn_slot, dyn and policy.low_copy == SERVE, split, not split, out.result, out.slot, out.prefetch_bytes, out.prefetch_loads,
             out.prefetch_link_s, out.wait_group, np.full(n_ids, -1, np.int64), ns)
