@@ -747,9 +747,11 @@ EPILOG = """examples:
 budgets: derived:GPU = the simulator's derived expert budget of hardware profile GPU (12 GB cards:
 derived:rtx3060-12gb); N% = share of all native expert bytes; or bytes (9GiB, 9.5GB).
 Timing in interleaved rounds: --warmup untimed rounds, then --repeats timed rounds; each round runs every
-configuration once per copy path, in a fresh seeded random order (and, with --calibrate, one round of the
-calibration's synthetic plans), so slow drift of the host-bound loop spreads over all configurations and
-shows in their intervals instead of biasing whichever ran last. tokens/s = the plan's decoded tokens / wall
+configuration once per copy path (and, with --calibrate, the calibration's synthetic plans, warm-up rounds
+included), so slow drift of the host-bound loop spreads over all configurations and shows in their
+intervals instead of biasing whichever ran last. --interleave token (default): within a round, token t of
+every configuration and plan runs, in a fresh seeded random order, before any token t+1; --interleave run:
+each configuration's run whole, the configurations in a fresh seeded random order. tokens/s = the plan's decoded tokens / wall
 time (first dense dispatch → last token's argmax on the host); the interval is a 95 % t-interval over rounds.
 Only the simulator's evaluation window is executed: its calibration window warms the (logical) cache.
 """

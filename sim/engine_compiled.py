@@ -637,8 +637,8 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
 # The kernel's entry points. `_kernel` is inlined into each; in `_kernel_lru_native` and `_kernel_slru_native`
 # the policy and the precision switches are compile-time constants, so LLVM drops every other policy's
 # branches: lru with native or static precision and one pool (the like-for-like configuration of
-# benchmarks/bench_replay.py) went from 15.8 to 12.1 ns per access on its 1× trace (2-core development
-# machine, best of 7; docs/performance.md). Every other configuration runs `_kernel_generic`, the same
+# benchmarks/bench_replay.py) went from 15.8 to about 11 ns per access on its 1× trace, with the tick below
+# (2-core development machine, best of 7; docs/performance.md). Every other configuration runs `_kernel_generic`, the same
 # code with the switches read at run time.
 @numba.njit(cache=True, _nrt=False)
 def _kernel_generic(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
