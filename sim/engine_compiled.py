@@ -634,20 +634,13 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
                     n_adm += 1
 
 
-# The kernel's entry points. `_kernel` is inlined into each; in `_kernel_lru_native` and `_kernel_slru_native`
+# The kernel's specialised entry points. `_kernel` is inlined into each (called from Python it compiles as
+# usual: that is the generic entry); in `_kernel_lru_native` and `_kernel_slru_native`
 # the policy and the precision switches are compile-time constants, so LLVM drops every other policy's
 # branches: lru with native or static precision and one pool (the like-for-like configuration of
 # benchmarks/bench_replay.py) went from 15.8 to about 11 ns per access on its 1× trace, with the tick below
-# (2-core development machine, best of 7; docs/performance.md). Every other configuration runs `_kernel_generic`, the same
-# code with the switches read at run time.
-@numba.njit(cache=True, _nrt=False)
-def _kernel_generic(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
-                    dyn, t1, t2, dyn_slot, serve, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
-                    adm_at, ns):  # pragma: no cover - compiled
-    _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
-            dyn, t1, t2, dyn_slot, serve, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait, adm_at, ns)
-
-
+# (2-core development machine, best of 7; docs/performance.md). Every other configuration runs `_kernel`
+# itself, the same code with the switches read at run time.
 @numba.njit(cache=True, _nrt=False)
 def _kernel_lru_native(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
                        dyn, t1, t2, dyn_slot, serve, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
@@ -843,7 +836,7 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
     n, n_groups = groups.expert.size, groups.n_groups
     out = Outcome(np.zeros(n, np.int8), np.zeros(n, np.int8), np.zeros(n_groups, np.int64), np.zeros(n_groups, np.int64),
                   np.zeros(n_groups, np.float64), np.full(n_groups, -1, np.int64))
-    kernel = SPECIALISED.get(pol, _kernel_generic) if not dyn and not split else _kernel_generic
+    kernel = SPECIALISED.get(pol, _kernel) if not dyn and not split else _kernel
     kernel(M, S, F, H, pol, groups.start, groups.layer, groups.seq, groups.expert, groups.score, groups.predicted,
             hi_slots, sizes, link_s,
             dyn, t1, t2, dyn_slot, dyn and policy.low_copy == SERVE, split, not split, out.result, out.slot, out.prefetch_bytes, out.prefetch_loads,
