@@ -440,7 +440,22 @@ def noise_rows(grid: dict) -> list[dict]:
                    slow_tokens_per_run=float(np.mean([np.mean([np.sum(np.asarray(t) > 1.5 * np.median(t))
                                                                for t in r["token_s_per_run"]]) for r in recs])),
                    parts={})
+        # a shift common to every configuration of a round vs what is left per run (log seconds, rounds kept alike)
+        n_r = row["rounds"]
+        logs = np.log(np.array([r["seconds"][:n_r] for r in recs], float))
+        dev = logs - logs.mean(axis=1, keepdims=True)
+        row["round_effect"] = [float(v) for v in dev.mean(axis=0)]
+        row["run_residual_sd"] = float((dev - dev.mean(axis=0)).std())
         if all(r.get("parts_s_per_run") for r in recs):
+            row["part_corr"] = {}
+            for a, b in (("router_wait", "dispatch"), ("dispatch", "copy_issue")):
+                xa, xb = [], []
+                for r in recs:
+                    va = np.log([max(p[a], 1e-12) for p in r["parts_s_per_run"]])
+                    vb = np.log([max(p[b], 1e-12) for p in r["parts_s_per_run"]])
+                    xa += list(va - va.mean())
+                    xb += list(vb - vb.mean())
+                row["part_corr"][f"{a}~{b}"] = float(np.corrcoef(xa, xb)[0, 1])
             for k in NOISE_PARTS:
                 share = np.median([np.mean([p[k] for p in r["parts_s_per_run"]]) / np.mean(r["seconds"]) for r in recs])
                 spread = np.median([cv([p[k] for p in r["parts_s_per_run"]]) if np.mean([p[k] for p in r["parts_s_per_run"]]) > 0
@@ -459,6 +474,12 @@ def noise_table(rows: list[dict]) -> str:
         lines.append(f"| {r['copy_path']} | {r['configurations']} × {r['rounds']} | {100 * r['run_cv']:.1f} % | "
                      f"{100 * r['token_cv']:.1f} % | {100 * r['run_median_token_cv']:.1f} % | "
                      f"{r['slow_tokens_per_run']:.2f} | {parts} |")
+    lines += ["", "| copy | round effect (mean log-deviation of a round's runs, per round) | per-run residual (sd of log) | "
+              "correlation of the parts' log-deviations across runs |", "|---|---|---|---|"]
+    for r in rows:
+        corr = "; ".join(f"{k.replace('~', ' vs ')} {v:.2f}" for k, v in r.get("part_corr", {}).items()) or "—"
+        lines.append(f"| {r['copy_path']} | {', '.join(f'{100 * v:+.1f} %' for v in r['round_effect'])} | "
+                     f"{100 * r['run_residual_sd']:.1f} % | {corr} |")
     return "\n".join(lines)
 
 

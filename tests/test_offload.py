@@ -262,4 +262,11 @@ def test_noise_rows_tell_whole_run_shifts_from_slow_tokens():
     assert row["run_median_token_cv"] == pytest.approx(cv([np.median(t) for t in scaled]))
     assert row["run_median_token_cv"] == pytest.approx(row["run_cv"], rel=1e-9)
     assert row["slow_tokens_per_run"] == pytest.approx((0 + 0 + 1 / 3) / 3)
+    # a slowdown common to every configuration of a round is all round effect: log f - mean(log f), no residual
+    f = np.array([1.0, 1.2, 0.9])
+    common = {"results": [dict(copy_path="jax", seconds=list(c * f), token_s_per_run=[[c * x] for x in f])
+                          for c in (0.5, 2.0)]}
+    (row,) = offload_calib.noise_rows(common)
+    assert row["round_effect"] == pytest.approx(list(np.log(f) - np.log(f).mean()))
+    assert row["run_residual_sd"] == pytest.approx(0.0, abs=1e-12)
     assert offload_calib.noise_rows({"results": [dict(copy_path="raw", seconds=[1.0], token_s_per_run=[[1.0]])]}) == []
