@@ -904,11 +904,7 @@ def main(argv: list[str] | None = None) -> dict:
                     before = _bd_totals(st["bd"])
                     secs = ex.run(compiled[job[0]], st["bd"] if timed else None)
                     if timed:
-                        st["secs"].append(secs)
-                        st["token_s"].append(ex.token_s)
-                        st["parts"].append({k: round(v - before[k], 6) for k, v in _bd_totals(st["bd"]).items()})
-                        for k in st["executed"]:
-                            st["executed"][k] += ex.counts[k]
+                        _keep_run(st, secs, ex.token_s, before, ex.counts)
                     if bar is not None:
                         bar.update(task, advance=1, description=f"round {rnd + 1}: {cpath} {job[0][3]} {job[0][4]} {job[0][1]}")
             last_round_s = time.perf_counter() - t_round
@@ -977,12 +973,17 @@ def _token_round(ex, cpath: str, mine: list, slices: dict, runs: dict, cal, rng,
         if u[0] == "cal":
             cal.record(cpath, u[1], total[u], head)
             continue
-        st = runs[u[1]]
-        st["secs"].append(total[u])
-        st["token_s"].append(toks[u])
-        st["parts"].append({k: round(v - before[u][k], 6) for k, v in _bd_totals(st["bd"]).items()})
-        for k in st["executed"]:
-            st["executed"][k] += execd[u][k]
+        _keep_run(runs[u[1]], total[u], toks[u], before[u], execd[u])
+
+
+def _keep_run(st: dict, secs: float, token_s: list, before: dict, executed: dict) -> None:
+    """Keep one timed run of a configuration: its seconds, per-token seconds, loop split (its breakdown's
+    totals now less `before`, taken when the run began) and what it executed."""
+    st["secs"].append(secs)
+    st["token_s"].append(token_s)
+    st["parts"].append({k: round(v - before[k], 6) for k, v in _bd_totals(st["bd"]).items()})
+    for k in st["executed"]:
+        st["executed"][k] += executed[k]
 
 
 def _bd_totals(bd: dict) -> dict:
