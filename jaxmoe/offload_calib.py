@@ -370,12 +370,15 @@ def executor_profile(calib: dict, cpath: str, head_bytes: int) -> dict:
                           "note": "per layer: dense dispatch + router top-k to the host + the executor's bookkeeping "
                                   f"(bf16 attention over a masked KV cache; {rec['dense_s_at_ctx_cap'] * 1e6:.1f} us at "
                                   "the cache's full length)"},
-        "timeline": {"overlap_resident": False, "copy_job_fixed_s": job,
+        "timeline": {"overlap_resident": False, "split_launches": True, "copy_job_per_format": cpath == "jax",
+                     "copy_job_fixed_s": job,
                      "note": "the executor is host-bound: its 'compute' is the host's launch dispatch, and the host "
                              "issues a layer's copies only after dispatching the resident launch, so nothing the host "
                              "pays overlaps the copy (overlap_resident false; docs/validation.md, model change 3). "
-                             "Each layer's copies are one job with this fixed cost (the first copy's extra over the "
-                             "per-expert slope: issue + stream wait)"},
+                             "Its hits and misses of one format are two launches (split_launches, model change 4). "
+                             "A layer's copies are one job with this fixed cost (the first copy's extra over the "
+                             "per-expert slope: issue + stream wait); the jax path pays it once per kernel path "
+                             "with misses (one device_put and one scatter each: copy_job_per_format, change 5)"},
         "notes": ("vram_gbps = head_bytes / measured head time (bf16 head, argmax to the host), so the simulator's "
                   "head term equals the measured one. Curve: marginal seconds per missing expert in a layer's copy "
                   "job, at the GGUF size of each kernel path (pool rows are the repacked planes, "

@@ -197,12 +197,14 @@ def _mark_codes(start, layer, result, slot, acc_tokens, tok_index, n_tok, used):
 
 @numba.njit(cache=True)
 def _price_groups(start, layer, result, slot, acc_tokens, tok_index, n_tok, table, link_s, split,
-                  compute, link, resident):  # pragma: no cover - compiled
+                  compute, link, resident, jobs):  # pragma: no cover - compiled
     """Per group, in access order: summed compute (launch part once per slot) and demand link seconds.
 
-    `split`: resident and missing experts of one slot are separate launches (an engine that computes
-    its hits while the misses copy), and `resident` gets the hits' part of the compute."""
+    `split`: resident and missing experts of one slot are separate launches (an engine that launches
+    its hits before its misses land), and `resident` gets the hits' part of the compute. `jobs`: the
+    number of slots with a miss in the group."""
     seen = np.full(2 * N_SLOTS, -1, np.int64)
+    seen_miss = np.full(N_SLOTS, -1, np.int64)
     for g in range(layer.shape[0]):
         la = layer[g]
         for a in range(start[g], start[g + 1]):
@@ -217,6 +219,9 @@ def _price_groups(start, layer, result, slot, acc_tokens, tok_index, n_tok, tabl
             seen[launch] = g
             if r == LOADED:
                 link[g] += link_s[la, s]
+                if seen_miss[s] != g:
+                    jobs[g] += 1
+                    seen_miss[s] = g
             elif split:
                 resident[g] += part
 
@@ -231,8 +236,11 @@ def group_costs(groups: AccessGroups, outcome: Outcome, model: ModelProfile, hw:
     format share one launch); the output head runs after a token's last layer; dense time per
     layer and group (`decode_only`: every group has one token, priced once per layer). One
     compiled pass over the accesses (linear, no sort); each distinct (layer, slot, tokens) is
-    priced once. `acc_layer` is unused (kept for callers). With `tl.overlap_resident` a group's
-    resident and missing experts are separate launches and `resident_compute_s` holds the former.
+    priced once. `acc_layer` is unused (kept for callers). With `tl.overlap_resident` or
+    `tl.split_launches` a group's resident and missing experts are separate launches and
+    `resident_compute_s` holds the former. With `tl.copy_job_per_format` every format with misses
+    beyond the first adds `tl.copy_job_fixed_s` to the group's demand link seconds (the timeline adds
+    the first one to every demand job).
     """
     g = groups
     tokens = g.acc_tokens
@@ -247,10 +255,13 @@ def group_costs(groups: AccessGroups, outcome: Outcome, model: ModelProfile, hw:
     table[codes] = compute.price(codes, tok_vals)
     comp = np.zeros(g.n_groups)
     link = np.zeros(g.n_groups)
-    split = bool(tl is not None and tl.overlap_resident)
+    split = bool(tl is not None and tl.separate_miss_launch)
     resident = np.zeros(g.n_groups)
+    jobs = np.zeros(g.n_groups, np.int64)
     _price_groups(g.start, g.layer, outcome.result, outcome.slot, tokens, tok_index, tok_vals.size, table,
-                  np.ascontiguousarray(link_s, dtype=np.float64), split, comp, link, resident)
+                  np.ascontiguousarray(link_s, dtype=np.float64), split, comp, link, resident, jobs)
+    if tl is not None and tl.copy_job_per_format:
+        link = link + np.maximum(jobs - 1, 0) * tl.copy_job_fixed_s
     head = head_s(hw, model.head_bytes)
     if decode_only:
         per_layer = np.array([dense_s(hw, 1, int(b)) for b in model.dense_bytes])

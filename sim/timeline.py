@@ -16,6 +16,13 @@ Engine behaviours (a `TimelineModel`, read from a hardware profile's optional "t
   jaxmoe.offload does). Off: the whole group waits for its copies (the original model).
 - `copy_job_fixed_s`: a fixed cost added to each group's demand copy job (per-layer copy batching:
   issue and stream synchronisation paid once per layer, on top of each expert's link time).
+- `split_launches`: a layer's resident and missing experts of one format are separate launches, each
+  paying the launch's fixed part, whether or not they overlap the copies (jaxmoe.offload launches its
+  hits before it issues the copies and its misses after they land). Implied by `overlap_resident`.
+- `copy_job_per_format`: each format with misses in a layer is a copy job of its own, each paying
+  `copy_job_fixed_s` (jaxmoe.offload's jax path: one `device_put` and one scatter per kernel path).
+The last two are priced in `sim.cost.group_costs` (launch parts and demand link seconds); the
+schedule below is the same.
 
 `reference_schedule` computes the same schedule as a plain recurrence; tests hold the two equal.
 """
@@ -45,13 +52,22 @@ class TimelineModel:
 
     overlap_resident: bool = False
     copy_job_fixed_s: float = 0.0
+    split_launches: bool = False
+    copy_job_per_format: bool = False
+
+    @property
+    def separate_miss_launch(self) -> bool:
+        """Resident and missing experts of one format are priced as two launches."""
+        return self.overlap_resident or self.split_launches
 
     @classmethod
     def from_profile(cls, raw: dict) -> "TimelineModel":
         """The "timeline" object of a hardware profile JSON (absent: defaults)."""
         t = (raw or {}).get("timeline") or {}
         return cls(overlap_resident=bool(t.get("overlap_resident", False)),
-                   copy_job_fixed_s=float(t.get("copy_job_fixed_s", 0.0)))
+                   copy_job_fixed_s=float(t.get("copy_job_fixed_s", 0.0)),
+                   split_launches=bool(t.get("split_launches", False)),
+                   copy_job_per_format=bool(t.get("copy_job_per_format", False)))
 
 
 @dataclass(frozen=True)
