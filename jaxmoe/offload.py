@@ -31,8 +31,8 @@ Copy paths (`--copy-path`):
   raw  cudaMemcpyAsync (CuPy) from pinned host memory straight into the pool arrays' device memory
        (CuPy views of the JAX buffers through DLPack), on a copy stream, waited for before the
        missing experts' launch (what a native engine pays).
-  jax  one `jax.device_put` per layer of all the layer's missing experts' pinned_host arrays, then
-       one jitted, donated scatter per format into the pool (JAX's cheapest host→device path).
+  jax  per kernel path with misses in the layer: one `jax.device_put` of those experts' pinned_host
+       arrays, then one jitted, donated scatter into that path's pool (JAX's cheapest host→device path).
 
 Output: one JSON (results/offload/*.json) with, per (trace, cache policy, precision policy, budget,
 copy path): decode tokens/s of each repeat with a 95 % t-interval, hit rate, bytes copied, and a per-
