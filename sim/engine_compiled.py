@@ -60,7 +60,7 @@ N_ROWS = 22
 STGT, GCAP = range(2)
 NO_SEQ = -(1 << 62)
 # columns of the parameter row S[-1]
-MOVE_THR, HOB_LAYERS, PER_LAYER, N_PARTS, N_EXPERTS, N_EIDS, N_IDS, HOB_PRUNE = 3, 8, 9, 10, 11, 12, 13, 14
+MOVE_THR, HOB_LAYERS, PER_LAYER, N_PARTS, N_EXPERTS, N_EIDS, N_IDS, HOB_PRUNE, ONE_SC = 3, 8, 9, 10, 11, 12, 13, 14, 15
 
 
 # ---- linked lists ------------------------------------------------------------------------
@@ -446,7 +446,7 @@ def _place(M, S, F, H, pol, sc, k, size, prefetch, g):  # pragma: no cover - com
 @numba.njit(cache=True, _nrt=False, inline="always")
 def _access(M, S, F, H, pol, k, size, hp_, g):  # pragma: no cover - compiled
     """CachePolicy.access: True on a hit; on a miss make room and insert (or bypass)."""
-    sc = M[SCOF, k]
+    sc = 0 if S[-1, ONE_SC] else M[SCOF, k]  # one sub-cache (global, one pool): skip the id's row
     if pol == HOBBIT:  # _before_access: count the expert's uses in this sub-cache's sequence
         eid = (sc // S[-1, N_PARTS]) * S[-1, N_EIDS] + M[EID, k]
         v = M[USES, eid]
@@ -784,6 +784,7 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
         prm[HOB_LAYERS] = int(hob_layers) if hob_layers else 0
         prm[HOB_PRUNE] = int(all(np.isfinite(w) and w >= 0 for w in weights))
     prm[PER_LAYER], prm[N_PARTS], prm[N_EXPERTS], prm[N_EIDS], prm[N_IDS] = int(per_layer), n_parts, n_experts, n_eids, n_ids
+    prm[ONE_SC] = int(n_sc == 1)
     # sub-cache of every id: pool (split: slot 0 high, others low) x partition (per-layer: its layer)
     ids = np.arange(n_ids)
     slot_of = ids % ns
