@@ -299,26 +299,12 @@ def paired_delta(runs_policy, runs_native) -> tuple[float, float, float] | None:
     return t_interval(np.asarray(runs_policy, float) / np.asarray(runs_native, float) - 1)
 
 
-def validation_summary(records: list[dict]) -> pd.DataFrame:
-    """Per measured file and copy path: how far the simulator's tok/s is from the executor's (|error|)."""
-    rows = [r for r in records if r.get("simulated") is not None]
-    if not rows:
-        return pd.DataFrame()
-    df = pd.DataFrame(rows)
-    df["err"] = df["simulated"] / df["measured"] - 1
-    out = []
-    for (f, dev, cp), g in df.groupby(["file", "device", "copy_path"], sort=True):
-        e = g["err"].to_numpy()
-        out.append({"file": f, "device": dev, "copy path": cp, "configurations": len(e),
-                    "mean abs. error": f"{np.abs(e).mean() * 100:.1f} %", "median error": _p(float(np.median(e))),
-                    "max abs. error": f"{np.abs(e).max() * 100:.1f} %", "within ±5 %": f"{int((np.abs(e) <= 0.05).sum())} of {len(e)}"})
-    return pd.DataFrame(out)
-
-
-def measured_table(records: list[dict]) -> pd.DataFrame:
-    """Measured Δ tok/s vs native (paired by round, with its interval) beside simulated, and the validation error."""
+def measured_deltas(records: list[dict]) -> list[dict]:
+    """Per low-bit configuration: measured Δ tok/s against native with the same file, trace, budget, cache and
+    copy path (paired by round where the run interleaved: (mean, lo, hi), else the ratio of means and no
+    interval) and the simulated Δ (nan where not simulated), with both records."""
     if not records:
-        return pd.DataFrame()
+        return []
     df = pd.DataFrame(records)
     if "copy_path" not in df:
         df["copy_path"] = "?"
@@ -334,22 +320,58 @@ def measured_table(records: list[dict]) -> pd.DataFrame:
             paired = paired_delta(r.get("runs"), b.get("runs"))
             meas = paired[0] if paired else r["measured"] / b["measured"] - 1
             sim = (r["simulated"] / b["simulated"] - 1) if r["simulated"] is not None and b["simulated"] else np.nan
+            out.append({"key": key, "native": b, "policy": r, "measured": meas, "paired": paired, "simulated": sim})
+    return out
 
-            def tps(x):
-                ci = x["measured_ci"]
-                return f"{x['measured']:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci is not None and len(ci) == 2 else "")
-            out.append({"file": key[0], "device": f"{r['platform']}:{r['device']}", "trace": key[1],
-                        "budget": key[2], "cache": key[3], "copy path": key[4], "precision": r["precision"],
-                        "native tok/s [95 % CI over rounds]": tps(b), "policy tok/s [95 % CI]": tps(r),
-                        "measured Δ tok/s [95 % CI, paired by round]":
-                            _p(meas) + (f" [{_p(paired[1])}, {_p(paired[2])}]" if paired else ""),
-                        "simulated Δ tok/s": _p(sim),
-                        "error (sim − measured)": _p(sim - meas) if np.isfinite(sim) else "–"})
+
+def validation_summary(records: list[dict]) -> pd.DataFrame:
+    """Per measured file and copy path: how far the simulator's tok/s is from the executor's (|error|), and how
+    far its Δ tok/s of the low-bit policies against native is from the measured Δ (points)."""
+    rows = [r for r in records if r.get("simulated") is not None]
+    if not rows:
+        return pd.DataFrame()
+    df = pd.DataFrame(rows)
+    df["err"] = df["simulated"] / df["measured"] - 1
+    deltas = {}
+    for d in measured_deltas(rows):
+        if np.isfinite(d["simulated"]):
+            deltas.setdefault((d["key"][0], d["key"][4]), []).append(d)
+    out = []
+    for (f, dev, cp), g in df.groupby(["file", "device", "copy_path"], sort=True):
+        e = g["err"].to_numpy()
+        ds = deltas.get((f, cp), [])
+        diff = np.array([d["simulated"] - d["measured"] for d in ds])
+        inside = sum(1 for d in ds if d["paired"] and d["paired"][1] <= d["simulated"] <= d["paired"][2])
+        n_paired = sum(1 for d in ds if d["paired"])
+        out.append({"file": f, "device": dev, "copy path": cp, "configurations": len(e),
+                    "mean abs. error": f"{np.abs(e).mean() * 100:.1f} %", "median error": _p(float(np.median(e))),
+                    "max abs. error": f"{np.abs(e).max() * 100:.1f} %", "within ±5 %": f"{int((np.abs(e) <= 0.05).sum())} of {len(e)}",
+                    "Δ tok/s, sim − measured: mean / max abs. (points)":
+                        f"{np.abs(diff).mean() * 100:.1f} / {np.abs(diff).max() * 100:.1f} ({len(diff)} low-bit)" if len(diff) else "–",
+                    "simulated Δ inside the measured Δ's 95 % CI": f"{inside} of {n_paired}" if n_paired else "–"})
+    return pd.DataFrame(out)
+
+
+def measured_table(records: list[dict]) -> pd.DataFrame:
+    """Measured Δ tok/s vs native (paired by round, with its interval) beside simulated, and the validation error."""
+    def tps(x):
+        ci = x["measured_ci"]
+        return f"{x['measured']:.1f}" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci is not None and len(ci) == 2 else "")
+    out = []
+    for d in measured_deltas(records):
+        key, b, r, meas, paired, sim = d["key"], d["native"], d["policy"], d["measured"], d["paired"], d["simulated"]
+        out.append({"file": key[0], "device": f"{r['platform']}:{r['device']}", "trace": key[1],
+                    "budget": key[2], "cache": key[3], "copy path": key[4], "precision": r["precision"],
+                    "native tok/s [95 % CI over rounds]": tps(b), "policy tok/s [95 % CI]": tps(r),
+                    "measured Δ tok/s [95 % CI, paired by round]":
+                        _p(meas) + (f" [{_p(paired[1])}, {_p(paired[2])}]" if paired else ""),
+                    "simulated Δ tok/s": _p(sim),
+                    "error (sim − measured)": _p(sim - meas) if np.isfinite(sim) else "–"})
     return pd.DataFrame(out)
 
 
 __all__ = ["ci_kld", "ci_pct", "ci_rate", "coupled_quality", "curve_quality", "decision", "interactive_chart", "link_flips", "load_map", "load_offload",
-           "load_quality48", "map_chart", "map_table", "measured_table", "paired_delta", "paired_policy_diffs",
+           "load_quality48", "map_chart", "map_table", "measured_deltas", "measured_table", "paired_delta", "paired_policy_diffs",
            "panel_table", "quality_pairs_table", "quality_spec", "sensitivity_table", "setting_table",
            "speed_frame", "validation_summary", "verdict_input", "write_html"]
 

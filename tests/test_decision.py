@@ -193,6 +193,11 @@ def test_measured_delta_paired_by_round_and_validation_replaces_its_grid(tmp_pat
     want = f"+{d.mean() * 100:.1f} % [{(d.mean() - half) * 100:+.1f} %, +{(d.mean() + half) * 100:.1f} %]"
     assert t.iloc[0]["measured Δ tok/s [95 % CI, paired by round]"] == want
     assert t.iloc[0]["simulated Δ tok/s"] == "+4.0 %"
+    # the summary: tok/s error per cell, and the simulated Δ against the measured one (|+4.0 − 6.7| points)
+    v = D.validation_summary(recs).iloc[0]
+    assert (v["configurations"], v["within ±5 %"]) == (2, "0 of 2")  # errors 50/45 − 1 = +11 %, 52/48 − 1 = +8 %
+    assert v["Δ tok/s, sim − measured: mean / max abs. (points)"] == f"{(d.mean() - 0.04) * 100:.1f} / {(d.mean() - 0.04) * 100:.1f} (1 low-bit)"
+    assert v["simulated Δ inside the measured Δ's 95 % CI"] == "1 of 1"
 
 
 def test_static_policy_takes_its_kld_from_the_gate_mass_curve_at_or_above_its_operating_point(tmp_path):
