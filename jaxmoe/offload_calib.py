@@ -11,8 +11,9 @@ layer (R chained calls inside one jit, so no dispatch cost).
 `python -m jaxmoe.offload_calib profiles CALIB.json` (CPU) turns those measurements into hardware
 profiles in the simulator's schema: `<card>-offload-raw` and `<card>-offload-jax` (what this
 executor pays, including JAX's dispatch: `timeline.overlap_resident` off, `split_launches` on, a
-per-layer copy-job fixed cost, per kernel path on the jax path; see sim/timeline.py), and `<card>-native` (the raw copy floor + device kernel and dense times:
-what a native CUDA engine would pay without JAX's dispatch).
+per-layer copy-job fixed cost, per kernel path on the jax path; see sim/timeline.py), and
+`<card>-native` (the raw copy floor + device kernel and dense times: what a native CUDA engine would
+pay without JAX's dispatch).
 
 `python -m jaxmoe.offload_calib validate GRID.json` (CPU) runs the simulator with the matching
 profile on every measured configuration and prints the predicted-vs-measured table (markdown).

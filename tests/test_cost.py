@@ -1,4 +1,6 @@
 """sim.cost.group_costs: launch parts and copy jobs per engine behaviour, by hand and against a brute force."""
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -88,8 +90,7 @@ def brute_force_costs(groups, outcome, compute, link_s, tl):
 
 @pytest.mark.parametrize("tl", BEHAVIOURS, ids=repr)
 def test_group_costs_equal_brute_force_on_a_replay(prep, tl):
-    tl = TimelineModel(overlap_resident=tl.overlap_resident, split_launches=tl.split_launches,
-                       copy_job_per_format=tl.copy_job_per_format, copy_job_fixed_s=2e-5)
+    tl = dataclasses.replace(tl, copy_job_fixed_s=2e-5)
     pol = parse_precision("static:mass:30%:q2_k+dynamic:0.5:0.8")
     slots = static_slots(prep.calib_trace, pol, 3, 16, 0)
     out = replay(prep.groups, CacheSpec("slru", 9000, n_layers=3), pol, slots, prep.sizes, prep.link_s)
