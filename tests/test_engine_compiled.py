@@ -126,6 +126,35 @@ def test_compiled_engine_on_a_qwen_shaped_trace(policy, precision):
     _assert_same(ref, fast)
 
 
+@pytest.mark.parametrize("policy", sorted(COMPILED_POLICIES))
+def test_int64_rows_and_the_lfu_rerun_give_the_same_outcome(policy, monkeypatch):
+    """M's rows are int32 where their values are bounded (sim.engine_compiled._m_dtype); the int64 rows a
+    longer trace gets, and the int64 rerun after an LFU priority outgrew int32 (forced here by lowering
+    the limit to 3), must replay exactly as the reference does."""
+    import sim.engine_compiled as ec
+    from sim.synth import preset, synthesize
+
+    trace = synthesize(preset("qwen3-30b-a3b", n_seqs=2, prefill_tokens=8, decode_tokens=16, seed=5))
+    cap = int(0.2 * trace.meta.n_layers * trace.meta.n_experts * 2_654_208)
+    prep = prepare(ReplayConfig(trace=trace, calib_fraction=0.3, prefetch="oracle:0.8", seed=1))
+    spec = CacheSpec(policy, cap, "global", trace.meta.n_layers, {})
+    for precision in ("native", "static:mass:30%:q3_k+dynamic:0.5:0.8"):  # a specialised entry, the generic one
+        pol = parse_precision(precision)
+        slots = static_slots(prep.calib_trace, pol, trace.meta.n_layers, trace.meta.n_experts, 0)
+        ref = replay(prep.groups, spec, pol, slots, prep.sizes, prep.link_s, fast=False)
+        dtypes, limits = [], []
+        monkeypatch.setattr(ec, "_m_dtype", lambda *a, f=ec._m_dtype: dtypes.append(f(*a)) or dtypes[-1])
+        _assert_same(ref, replay_compiled(prep.groups, spec, pol, slots, prep.sizes, prep.link_s))
+        assert dtypes == [np.int32]  # this trace's rows are int32
+        monkeypatch.setattr(ec, "_m_dtype", lambda *a: np.int64)
+        _assert_same(ref, replay_compiled(prep.groups, spec, pol, slots, prep.sizes, prep.link_s))
+        monkeypatch.undo()
+        monkeypatch.setattr(ec, "_k_max", lambda dt: limits.append(np.dtype(dt)) or (3 if dt == np.int32 else 2**62))
+        _assert_same(ref, replay_compiled(prep.groups, spec, pol, slots, prep.sizes, prep.link_s))
+        assert limits == [np.dtype(np.int32)] + ([np.dtype(np.int64)] if policy == "lfu" else [])
+        monkeypatch.undo()
+
+
 def test_belady_counts_a_victim_once():
     """Found by comparing the compiled belady with the reference: the class's heap kept an item from an
     earlier stay of a key that was admitted again with the same next use, and the admission test counted
