@@ -649,49 +649,29 @@ def _kernel(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_s
                     n_adm += 1
 
 
-# The kernel's specialised entry points. `_kernel` is inlined into each (called from Python it compiles as
-# usual: that is the generic entry); in these the policy and the precision switches are compile-time
-# constants, so LLVM drops every other policy's branches, and in the `_one` entries the number of format
+# The kernel's specialised entry points (`_specialised`). `_kernel` is inlined into each (called from Python it
+# compiles as usual: that is the generic entry); in these the policy and the precision switches are compile-time
+# constants, so LLVM drops every other policy's branches, and in the one-slot entries the number of format
 # slots is the constant 1 (native precision: no slot lookup, no multiply in an entry's id). lru with
 # native or static precision and one pool (the like-for-like configuration of benchmarks/bench_replay.py)
 # went from 15.8 to about 11 ns per access on its 1x trace with the policy constant, and from 10.9 to 9.7
 # with the slot count constant too (int32 rows in both; 2-core development machine; docs/performance.md). Every other
 # configuration runs `_kernel` itself, the same code with the switches read at run time.
-@numba.njit(cache=True, _nrt=False)
-def _kernel_lru_native(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
-                       dyn, t1, t2, dyn_slot, serve, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
-                       adm_at, ns):  # pragma: no cover - compiled
-    _kernel(M, S, F, H, LRU, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
-            False, t1, t2, dyn_slot, False, False, True, result, slot_out, pf_bytes, pf_loads, pf_link, wait, adm_at, ns)
-
-
-@numba.njit(cache=True, _nrt=False)
-def _kernel_lru_one(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
-                    dyn, t1, t2, dyn_slot, serve, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
-                    adm_at, ns):  # pragma: no cover - compiled
-    _kernel(M, S, F, H, LRU, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
-            False, t1, t2, 0, False, False, True, result, slot_out, pf_bytes, pf_loads, pf_link, wait, adm_at, 1)
-
-
-@numba.njit(cache=True, _nrt=False)
-def _kernel_slru_native(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
-                        dyn, t1, t2, dyn_slot, serve, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
-                        adm_at, ns):  # pragma: no cover - compiled
-    _kernel(M, S, F, H, SLRU, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
-            False, t1, t2, dyn_slot, False, False, True, result, slot_out, pf_bytes, pf_loads, pf_link, wait, adm_at, ns)
-
-
-@numba.njit(cache=True, _nrt=False)
-def _kernel_slru_one(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
-                     dyn, t1, t2, dyn_slot, serve, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
-                     adm_at, ns):  # pragma: no cover - compiled
-    _kernel(M, S, F, H, SLRU, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
-            False, t1, t2, 0, False, False, True, result, slot_out, pf_bytes, pf_loads, pf_link, wait, adm_at, 1)
+def _specialised(policy: int, one_slot: bool):
+    """`_kernel` compiled with `policy` and the precision switches (no dynamic part, one pool) as constants,
+    and with `ns` = 1 where `one_slot` (the closure's values are compile-time constants to numba)."""
+    @numba.njit(cache=True, _nrt=False)
+    def entry(M, S, F, H, pol, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
+              dyn, t1, t2, dyn_slot, serve, split, shared, result, slot_out, pf_bytes, pf_loads, pf_link, wait,
+              adm_at, ns):  # pragma: no cover - compiled
+        _kernel(M, S, F, H, policy, start, glayer, gseq, expert, score, predicted, hi_slots, sizes, link_s,
+                False, t1, t2, 0 if one_slot else dyn_slot, False, False, True, result, slot_out, pf_bytes, pf_loads,
+                pf_link, wait, adm_at, 1 if one_slot else ns)
+    return entry
 
 
 # (policy, one format slot) -> entry, for native or static precision in one pool
-SPECIALISED = {(LRU, False): _kernel_lru_native, (LRU, True): _kernel_lru_one,
-               (SLRU, False): _kernel_slru_native, (SLRU, True): _kernel_slru_one}
+SPECIALISED = {(p, one): _specialised(p, one) for p in (LRU, SLRU) for one in (False, True)}
 
 
 def _local_slots(policy, hi_slots):
