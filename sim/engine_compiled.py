@@ -63,9 +63,10 @@ NO_SEQ = -(1 << 62)
 # columns of the parameter row S[-1]
 MOVE_THR, HOB_LAYERS, PER_LAYER, N_PARTS, N_EXPERTS, N_EIDS, N_IDS, HOB_PRUNE, ONE_SC, K_MAX, K_WIDE = 3, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17
 # M's width: int32 halves the rows the hot loop walks (replay + tally, 1x benchmark trace: lru native
-# 13.3 -> 12.0 ns per access, lfu 26.4 -> 23.4; docs/performance.md) and holds every row's values when they are bounded as _m_dtype checks. LFU's
-# priorities K = count + L have no such bound: each one is checked against K_MAX as it is set, and a
-# replay that exceeded it sets K_WIDE and is run again with int64 rows.
+# 13.3 -> 12.0 ns per access, lfu 26.4 -> 23.4; docs/performance.md) and holds every row's values when
+# they are bounded as _m_dtype checks. LFU's priorities K = count + L have no such bound: each one is
+# checked against K_MAX as it is set, and a replay that exceeded it sets K_WIDE and is run again with
+# int64 rows.
 INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -836,15 +837,19 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
     S[:, MAXL] = -1
     n_sent = n_ids + 3 * n_sc
     n, n_groups = groups.expert.size, groups.n_groups
-    M = np.zeros((N_ROWS, n_sent), _m_dtype(n, groups.predicted.shape[1] * n_groups, n_sent, sizes))
-    M[PRV] = M[NXT] = np.arange(n_sent)  # sentinels point at themselves (empty lists)
-    M[STAMP] = -2
-    M[HPOS] = -1
-    M[SCOF, :n_ids] = sc_of
-    M[LAYR, :n_ids] = layer_of
-    M[EID, :n_ids] = ids // ns
-    if pol == STATIC:
-        M[PIN, :n_ids] = _static_pins(groups, hi_slots, sizes, pool_caps, n_parts, per_layer)
+    pins = _static_pins(groups, hi_slots, sizes, pool_caps, n_parts, per_layer) if pol == STATIC else 0
+
+    def new_rows(dtype):  # M before the replay
+        M = np.zeros((N_ROWS, n_sent), dtype)
+        M[PRV] = M[NXT] = np.arange(n_sent)  # sentinels point at themselves (empty lists)
+        M[STAMP] = -2
+        M[HPOS] = -1
+        M[SCOF, :n_ids] = sc_of
+        M[LAYR, :n_ids] = layer_of
+        M[EID, :n_ids] = ids // ns
+        M[PIN, :n_ids] = pins
+        return M
+
     H = np.zeros(1, np.int64)
     if pol == HOBBIT:  # each sub-cache's two histograms, as wide as its uses can grow
         width = _uses_bound(groups, n_layers_tr) + 2  # per layer of the trace
@@ -874,10 +879,11 @@ def replay_compiled(groups, cache, policy, hi_slots, sizes, link_s):
                np.full(n_ids, -1, np.int64), ns)
         return out
 
-    retry = (M.astype(np.int64), S.copy()) if pol == LFU and M.dtype == np.int32 else None
+    M = new_rows(_m_dtype(n, groups.predicted.shape[1] * n_groups, n_sent, sizes))
+    S0 = S.copy() if pol == LFU and M.dtype == np.int32 else None
     out = run(M, S)
     if S[-1, K_WIDE]:  # an LFU priority outgrew the int32 rows: again from the start, with int64 rows
-        out = run(*retry)
+        out = run(new_rows(np.int64), S0)
     if used_slots != list(range(ns)):  # local slots back to SLOTS indices (skipped accesses stay -1)
         served = out.slot >= 0
         out.slot[served] = np.asarray(used_slots, np.int8)[out.slot[served]]
